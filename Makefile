@@ -1,0 +1,46 @@
+# One-file entry: `make demo` and `make test` work on a fresh machine with only Python 3.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch: a bare `torch` requirement can pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= demo_output
+PYTEST_ARGS ?=
+
+.PHONY: help venv install tools test demo lint clean
+
+help:
+	@echo "make demo   - set up a virtual environment, install, run the demo on the synthetic cohort"
+	@echo "make test   - same set-up, then run the test suite"
+	@echo "make lint   - ruff"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $@
+
+venv: $(BIN)/python
+install: $(VENV)/.installed
+
+# The npm bids-validator 1.x (the validator fMRIPrep uses), local to the checkout.
+.tools/node_modules/.bin/bids-validator:
+	mkdir -p .tools
+	npm install --silent --no-audit --no-fund --prefix .tools bids-validator@1
+
+tools: .tools/node_modules/.bin/bids-validator
+
+test: install tools
+	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo: install tools
+	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/brainage-xai-demo $(DEMO_DIR)
+
+lint: install
+	$(BIN)/ruff check brainage_xai tests benchmarks
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info

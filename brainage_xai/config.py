@@ -1,0 +1,93 @@
+"""The one configuration object of a run.
+
+The command line fills a :class:`Config`; every stage reads its settings from it, and
+the run writes it to ``OUTPUT_DIR/logs/`` as TOML at start so that a run can be repeated
+exactly (as fMRIPrep's ``config.toml``). Nothing here does any science.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAP_PRESETS = ("volume", "stiffness")
+DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+
+
+@dataclass
+class Config:
+    """Settings of one run; paths are absolute ``Path`` objects."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str  # "participant" or "group"
+    participant_label: list[str] | None = None  # without "sub-"
+    derivatives: dict[str, Path] = field(default_factory=dict)
+    bids_filter_file: Path | None = None
+    bids_filters: dict | None = None  # the parsed filter file
+    map: str = "volume"
+    target: list[str] = field(default_factory=lambda: ["age"])
+    resolution: int = 2  # model grid voxel size in mm
+    work_dir: Path | None = None
+    n_cpus: int | None = None
+    device: str = "auto"
+    random_seed: int = 0
+    skip_bids_validation: bool = False
+    allow_resample: bool = False  # resample maps whose grid is MNI but not the model's
+    model: Path | None = None
+    layer: str | None = None
+    ranks: tuple[int, int] | None = None
+    l1: float | None = None  # --lambda
+    rank_grid: list[int] | None = None
+    lambda_grid: list[float] | None = None
+    tune: int = 0
+    epochs: int | None = None
+    verbose: int = 0
+    quiet: bool = False
+    run_uuid: str = field(
+        default_factory=lambda: f"{_dt.datetime.now():%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"
+    )
+
+    @property
+    def log_dir(self) -> Path:
+        return self.output_dir / "logs"
+
+    @property
+    def work(self) -> Path:
+        """The work directory (``-w``); by default the hidden ``OUTPUT_DIR/.work``."""
+        return self.work_dir if self.work_dir is not None else self.output_dir / ".work"
+
+    def to_dict(self) -> dict:
+        """A TOML-serialisable dict (paths as strings, ``None`` left out)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, dict):
+                value = {k: str(v) if isinstance(v, Path) else v for k, v in value.items()}
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    def write_toml(self) -> Path:
+        """Write the configuration to ``logs/config-<run_uuid>.toml`` and return its path."""
+        import tomli_w
+
+        from .utils.io import write_text
+
+        env = {
+            k: os.environ[k]
+            for k in ("SINGULARITY_NAME", "APPTAINER_NAME", "DOCKER_IMAGE", "BRAINAGE_XAI_CONTAINER")
+            if k in os.environ
+        }
+        doc = {"run": self.to_dict(), "environment": env}
+        path = self.log_dir / f"config-{self.run_uuid}.toml"
+        return write_text(path, tomli_w.dumps(doc))

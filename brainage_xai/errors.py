@@ -1,0 +1,66 @@
+"""Exit codes and the exceptions that carry them.
+
+Exit codes follow the BIDS-Apps 2.0 draft (BEP027), as listed in DESIGN.md. Code that
+finds bad input raises one of these exceptions with a one-line message; the command line
+catches them, prints ``brainage-xai: error: <message>`` and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
+
+EX_OK = 0
+EX_FAILURE = 1
+EX_USAGE = 2  # argparse's own code; 64 is accepted as the BEP027 equivalent
+EX_USAGE_BEP027 = 64
+EX_BIDS_INVALID = 16
+EX_NO_MATCH = 18
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_CANTCREAT = 73
+
+
+class BrainAgeXAIError(Exception):
+    """Base class: an error the user can act on, with an exit code."""
+
+    exit_code = EX_FAILURE
+
+    def __init__(self, message: str, *, exit_code: int | None = None):
+        # One line only: the CLI prints it as is.
+        super().__init__(" ".join(str(message).split()))
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(BrainAgeXAIError):
+    """Wrong call (unknown label, conflicting options)."""
+
+    exit_code = EX_USAGE
+
+
+class BIDSValidationError(BrainAgeXAIError):
+    """The input dataset failed BIDS validation."""
+
+    exit_code = EX_BIDS_INVALID
+
+
+class NoMatchError(BrainAgeXAIError):
+    """Filters matched no files."""
+
+    exit_code = EX_NO_MATCH
+
+
+class DataError(BrainAgeXAIError):
+    """Input data is present but unusable (not in MNI space, NaN, corrupt, 4D, ...)."""
+
+    exit_code = EX_DATAERR
+
+
+class MissingInputError(BrainAgeXAIError):
+    """A required input (map, column, template, model) is missing."""
+
+    exit_code = EX_NOINPUT
+
+
+class OutputError(BrainAgeXAIError):
+    """The output (or work) directory cannot be created or written."""
+
+    exit_code = EX_CANTCREAT
