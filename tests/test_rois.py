@@ -1,0 +1,129 @@
+"""RoI maps: stride geometry, upsampling, combined map, atlas naming, files on disk."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from _tiny import mni_affine, tiny_net
+from torch import nn
+
+from brainage_xai import rois
+from brainage_xai.errors import DataError
+
+SHAPE = (21, 23, 19)
+
+
+def _centroid_of_receptive_field(net, j):
+    """Receptive-field centre of feature voxel j, measured with all-positive weights."""
+    net = tiny_net()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+    x = torch.ones((1, 1, *SHAPE), requires_grad=True)
+    feats = {}
+    net.features.register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
+    net(x)
+    feats["a"][0, :, j[0], j[1], j[2]].sum().backward()
+    g = x.grad[0, 0].numpy()
+    idx = np.indices(SHAPE)
+    return np.array([(idx[a] * g).sum() / g.sum() for a in range(3)])
+
+
+def test_feature_geometry_matches_receptive_field_centre():
+    net = tiny_net()
+    geo = rois.feature_geometry(net, "features", SHAPE)
+    assert geo.feature_shape == (6, 6, 5)
+    assert geo.stride == (4.0, 4.0, 4.0)
+    assert geo.offset == (0.0, 0.0, 0.0)
+    j = (2, 2, 2)
+    measured = _centroid_of_receptive_field(net, j)
+    np.testing.assert_allclose(measured, np.array(geo.stride) * j + geo.offset, atol=1e-6)
+
+
+def test_feature_geometry_valid_padding_shifts_offset():
+    net = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Conv3d(2, 2, 2, stride=2), nn.ReLU())
+    geo = rois.feature_geometry(net, "2", (16, 16, 16))
+    # 3x3 valid conv: centre +1; 2x2 stride-2 conv: centre +0.5 at stride 1
+    assert geo.stride == (2.0, 2.0, 2.0)
+    assert geo.offset == (1.5, 1.5, 1.5)
+
+
+def test_unknown_layer_is_a_clear_error():
+    with pytest.raises(DataError, match="not a module"):
+        rois.feature_geometry(tiny_net(), "nope", SHAPE)
+
+
+def test_upsample_places_feature_voxels_on_their_input_voxels():
+    geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (1.0, 0.0, 2.0))
+    fmap = np.zeros(geo.feature_shape)
+    fmap[2, 3, 1] = 1.0
+    up = rois.upsample(fmap, geo)
+    assert up.shape == SHAPE
+    assert np.unravel_index(np.argmax(up), SHAPE) == (9, 12, 6)
+    # trilinear: half way between two feature centres is half the value
+    assert up[9, 12, 6] == pytest.approx(1.0)
+    assert up[11, 12, 6] == pytest.approx(0.5)
+    # beyond the last feature centre the edge value holds
+    const = rois.upsample(np.full(geo.feature_shape, 3.0), geo)
+    np.testing.assert_allclose(const, 3.0)
+
+
+def test_downsample_then_upsample_and_resolution_ceiling():
+    geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    const = np.full(SHAPE, 2.0)
+    np.testing.assert_allclose(rois.downsample(const, geo), 2.0)
+    big = np.zeros(SHAPE, bool)
+    big[2:14, 4:18, 3:15] = True
+    small = np.zeros(SHAPE, bool)
+    small[9:11, 9:11, 9:11] = True
+    ceil_big = rois.resolution_ceiling(big, geo)
+    ceil_small = rois.resolution_ceiling(small, geo)
+    assert 0.8 < ceil_big <= 1.0
+    assert ceil_small < ceil_big
+
+
+def test_roi_components_dseg_and_atlas_on_template_grid(tmp_path, rng):
+    geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    affine = mni_affine(4.0)
+    template = nib.Nifti1Image(rng.random(SHAPE).astype(np.float32), affine)
+    u3 = np.zeros((int(np.prod(geo.feature_shape)), 2))
+    left = np.zeros(geo.feature_shape)
+    left[0:2, 1:5, 1:4] = 1.0
+    right = np.zeros(geo.feature_shape)
+    right[4:6, 1:5, 1:4] = 2.0  # column scale is arbitrary
+    u3[:, 0] = left.ravel()
+    u3[:, 1] = right.ravel()
+    atlas = np.zeros(SHAPE, np.int16)
+    atlas[: SHAPE[0] // 2] = 1
+    atlas[SHAPE[0] // 2 :] = 2
+    atlas_img = nib.Nifti1Image(atlas, affine)
+    out = rois.write_rois(
+        tmp_path, u3, geo, template, prefix="space-MNI152NLin2009cAsym_res-4",
+        atlas_img=atlas_img, atlas_labels={1: "left <hemisphere>", 2: "right"},
+    )
+    comps = nib.load(out["components"])
+    assert comps.shape == (*SHAPE, 2)
+    np.testing.assert_allclose(comps.affine, affine)
+    assert out["components"].name == "space-MNI152NLin2009cAsym_res-4_desc-rois_components.nii.gz"
+    dseg = nib.load(out["dseg"])
+    np.testing.assert_allclose(dseg.affine, affine)
+    labels = np.asarray(dseg.dataobj)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    # each RoI's peak voxel carries its own label, regardless of column scale
+    for r in range(2):
+        peak = np.unravel_index(np.argmax(comps.get_fdata()[..., r]), SHAPE)
+        assert labels[peak] == r + 1
+    table = out["rois_table"]
+    assert list(table["region"]) == ["left <hemisphere>", "right"]
+    assert table.loc[0, "overlap"].startswith("left <hemisphere> 100%")
+    assert (tmp_path / "rois.json").exists()
+    dseg_tsv = (tmp_path / "space-MNI152NLin2009cAsym_res-4_desc-rois_dseg.tsv").read_text()
+    assert dseg_tsv.splitlines()[0].split("\t")[:2] == ["index", "name"]
+
+
+def test_wrong_u3_shape_is_reported():
+    geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    with pytest.raises(DataError, match=r"expected \(180, R\)"):
+        rois.columns_to_feature_maps(np.ones((100, 3)), geo.feature_shape)
