@@ -127,3 +127,55 @@ def test_wrong_u3_shape_is_reported():
     geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
     with pytest.raises(DataError, match=r"expected \(180, R\)"):
         rois.columns_to_feature_maps(np.ones((100, 3)), geo.feature_shape)
+
+
+# --- loadings against age -------------------------------------------------------------
+
+from brainage_xai import loadings as ld  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ("line", "linear"),
+        ("hinge", "piecewise-linear"),
+        ("wave", "non-linear"),
+        ("noise", "none"),
+    ],
+)
+def test_fit_trajectory_names_the_relation(rng, shape, expected):
+    age = rng.uniform(8, 80, 240).round()
+    noise = rng.normal(0, 0.05, age.size)
+    y = {
+        "line": 0.02 * age,
+        "hinge": np.where(age < 45, 1.0, 1.0 - 0.04 * (age - 45)),
+        "wave": np.sin(age / 72 * 3 * np.pi),
+        "noise": np.zeros_like(age),
+    }[shape] + noise
+    fit = ld.fit_trajectory(age, y)
+    assert fit["relation"] == expected
+    if shape == "hinge":
+        assert 38 <= fit["breakpoint"] <= 52
+        assert fit["slope_after"] < -0.03 and abs(fit["slope_before"]) < 0.01
+
+
+def test_describe_and_plot_loadings(rng):
+    import pandas as pd
+
+    age = rng.uniform(10, 70, 90)
+    table = pd.DataFrame({"RoI 1": 0.1 * age + rng.normal(0, 0.5, 90),
+                          "RoI 2": rng.normal(0, 1, 90)})
+    out = ld.describe_loadings(table, age, coefficients=[1.5, -0.2])
+    assert list(out["roi"]) == ["RoI 1", "RoI 2"]
+    assert out.loc[0, "relation"] == "linear" and "rise linearly" in out.loc[0, "statement"]
+    assert out.loc[1, "relation"] == "none"
+    assert out["coefficient"].tolist() == [1.5, -0.2]
+    split = np.array(["train"] * 60 + ["validation"] * 15 + ["test"] * 15)
+    fig = ld.plot_loadings(table, age, split)
+    assert len([a for a in fig.axes if a.get_visible()]) == 2
+    assert len(fig.axes[0].collections) == 3  # one scatter per split
+
+
+def test_fit_trajectory_needs_enough_subjects():
+    with pytest.raises(DataError, match="at least 10 subjects"):
+        ld.fit_trajectory([1, 2, 3], [1, 2, 3])
