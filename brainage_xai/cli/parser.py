@@ -1,0 +1,287 @@
+"""The command-line parser (BIDS-App conventions, as fMRIPrep and MRIQC).
+
+The parser only parses and checks the call: paths exist, OUTPUT_DIR is not inside
+BIDS_DIR, labels are stripped of ``sub-`` and well formed, the filter file is JSON. A
+wrong call fails through ``parser.error`` (exit 2). Checks that need the dataset (are the
+labels in it?) and all the work happen in :mod:`brainage_xai.cli.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from .._version import __version__
+from ..config import DEVICES_HELP, MAP_PRESETS, Config
+
+_LABEL = re.compile(r"[0-9A-Za-z]+")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; {value!r} was provided") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; {value!r} was provided")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; {value!r} was provided") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0; {value!r} was provided")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; {value!r} was provided") from None
+    if not number >= 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0; {value!r} was provided")
+    return number
+
+
+def _resolution(value: str) -> int:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a voxel size in mm; {value!r} was provided") from None
+    if not number.is_integer() or not 1 <= number <= 16:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of mm between 1 and 16; {value!r} was provided"
+        )
+    return int(number)
+
+
+def _device(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"expected {DEVICES_HELP}; {value!r} was provided")
+    return value
+
+
+def _derivative(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep:  # a bare path is named after its folder, as fMRIPrep does
+        path, name = value, Path(value).name
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH or PATH; {value!r} was provided")
+    return name, Path(path).expanduser().absolute()
+
+
+def _rank_grid(value: str) -> list[int]:
+    """``5``, ``2:20`` (inclusive) or ``2,4,8``."""
+    try:
+        if ":" in value:
+            lo, hi = (int(v) for v in value.split(":"))
+            ranks = list(range(lo, hi + 1))
+        else:
+            ranks = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected ranks as N, LO:HI or N,N,...; {value!r} was provided"
+        ) from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be >= 1; {value!r} was provided")
+    return ranks
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one worth reading."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``brainage-xai`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="brainage-xai",
+        description=(
+            "brainage-xai: predict age from MNI-registered brain maps with a 3D ResNet and "
+            "explain it at dataset level (constrained non-negative Tucker decomposition "
+            "of the last layer's activations). A BIDS-App."
+        ),
+        epilog=(
+            "Exit codes: 0 ok, 1 failure, 2 usage, 16 BIDS validation failed, 18 filters "
+            "matched no files, 65 bad data, 66 missing input, 73 cannot create output."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
+    parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
+    parser.add_argument(
+        "analysis_level", choices=["participant", "group"], help="which level to run"
+    )
+    parser.add_argument("--version", action="version", version=f"brainage-xai {__version__}")
+
+    g = parser.add_argument_group("selecting the data")
+    g.add_argument(
+        "--participant-label", "--participant_label", dest="participant_label", nargs="+",
+        metavar="LABEL", help="subjects to process, with or without 'sub-' (default: all)",
+    )
+    g.add_argument(
+        "--derivatives", nargs="+", type=_derivative, metavar="NAME=PATH",
+        help="derivative datasets holding the MNI-space maps (default: BIDS_DIR and "
+        "BIDS_DIR/derivatives/*)",
+    )
+    g.add_argument(
+        "--bids-filter-file", "--bids_filter_file", dest="bids_filter_file", type=Path,
+        metavar="FILE", help="PyBIDS query (JSON) that selects the map; overrides --map's preset",
+    )
+    g.add_argument(
+        "--map", choices=MAP_PRESETS, default="volume",
+        help="map preset: 'volume' (gray-matter probseg) or 'stiffness' (desc-stiffness mremap)",
+    )
+    g.add_argument(
+        "--target", nargs="+", action="extend", metavar="COLUMN",
+        help="numeric participants.tsv column(s) to predict (default: age)",
+    )
+    g.add_argument(
+        "--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
+        action="store_true", help="do not run the BIDS validator on BIDS_DIR",
+    )
+
+    g = parser.add_argument_group("preprocessing")
+    g.add_argument(
+        "--resolution", type=_resolution, default=2, metavar="MM",
+        help="voxel size of the model grid in mm",
+    )
+    g.add_argument(
+        "--allow-resample", action="store_true",
+        help="accept maps declared in another MNI152 space (e.g. MNI152NLin6Asym). Maps "
+        "on a different grid of MNI152NLin2009cAsym are always resampled",
+    )
+
+    g = parser.add_argument_group("group level")
+    g.add_argument("--model", type=Path, metavar="PATH", help="trained model (safetensors); skips training")
+    g.add_argument("--layer", metavar="NAME", help="layer whose activations are decomposed (default: last)")
+    g.add_argument("--ranks", nargs=2, type=_positive_int, metavar=("R1", "R2"), help="decomposition ranks; skips the rank sweep")
+    g.add_argument("--lambda", dest="l1", type=_non_negative_float, metavar="L", help="l1 penalty on the spatial factor; skips the lambda sweep")
+    g.add_argument("--rank-grid", type=_rank_grid, metavar="LO:HI", help="ranks of the sweep (e.g. 2:20)")
+    g.add_argument("--lambda-grid", nargs="+", type=_non_negative_float, metavar="L", help="lambdas of the sweep")
+    g.add_argument("--tune", type=_non_negative_int, default=0, metavar="N", help="TPE trials of hyperparameter tuning (0: none)")
+    g.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs")
+    g.add_argument("--dask-scheduler", metavar="ADDR", help="dask scheduler address for the sweeps")
+
+    g = parser.add_argument_group("resources and reproducibility")
+    g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="work directory (default: OUTPUT_DIR/.work)")
+    g.add_argument("--n-cpus", "--nprocs", dest="n_cpus", type=_positive_int, metavar="N", help="CPUs to use")
+    g.add_argument("--device", type=_device, default="auto", help=DEVICES_HELP)
+    g.add_argument("--random-seed", type=_non_negative_int, default=0, metavar="N", help="seed of splits, initialisation and training")
+
+    g = parser.add_argument_group("messages")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv for debug)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
+    return parser
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def parse_args(argv=None) -> Config:
+    """Parse and check a command line; return the run's :class:`~brainage_xai.config.Config`.
+
+    Errors in the call exit with status 2 through ``parser.error``.
+    """
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+
+    bids_dir = opts.bids_dir.expanduser().absolute()
+    if not bids_dir.is_dir():
+        parser.error(f"BIDS_DIR {opts.bids_dir} does not exist or is not a folder")
+    bids_real = bids_dir.resolve()
+    output_dir = opts.output_dir.expanduser().absolute()
+    if _is_within(output_dir.resolve(), bids_real):
+        parser.error(
+            f"OUTPUT_DIR {opts.output_dir} is BIDS_DIR or inside it; BIDS_DIR is never written "
+            "to: choose a folder outside it"
+        )
+    work_dir = opts.work_dir.expanduser().absolute() if opts.work_dir else None
+    if work_dir is not None and _is_within(work_dir.resolve(), bids_real):
+        parser.error(f"--work-dir {opts.work_dir} is inside BIDS_DIR; choose a folder outside it")
+
+    labels = None
+    if opts.participant_label:
+        labels = []
+        for raw in opts.participant_label:
+            label = raw[len("sub-") :] if raw.startswith("sub-") else raw
+            if not _LABEL.fullmatch(label):
+                parser.error(f"participant label {raw!r} is not a BIDS label ([0-9A-Za-z]+, optional 'sub-')")
+            labels.append(label)
+        labels = list(dict.fromkeys(labels))
+
+    derivatives = {}
+    for name, path in opts.derivatives or []:
+        if not _LABEL.fullmatch(name.replace("-", "").replace("_", "")):
+            parser.error(f"--derivatives name {name!r} must be letters, digits, '-' or '_'")
+        if not path.is_dir():
+            parser.error(f"--derivatives {name}={path} does not exist or is not a folder")
+        derivatives[name] = path
+
+    bids_filters = None
+    filter_file = None
+    if opts.bids_filter_file is not None:
+        filter_file = opts.bids_filter_file.expanduser().absolute()
+        if not filter_file.is_file():
+            parser.error(f"--bids-filter-file {opts.bids_filter_file} does not exist")
+        try:
+            bids_filters = json.loads(filter_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            parser.error(f"--bids-filter-file {opts.bids_filter_file} is not valid JSON: {exc}")
+        if not isinstance(bids_filters, dict):
+            parser.error(f"--bids-filter-file {opts.bids_filter_file} must hold a JSON object")
+
+    model = None
+    if opts.model is not None:
+        model = opts.model.expanduser().absolute()
+        if not model.exists():
+            parser.error(f"--model {opts.model} does not exist")
+
+    kwargs = {
+        "bids_dir": bids_dir,
+        "output_dir": output_dir,
+        "analysis_level": opts.analysis_level,
+        "participant_label": labels,
+        "derivatives": derivatives,
+        "bids_filter_file": filter_file,
+        "bids_filters": bids_filters,
+        "map": opts.map,
+        "target": list(dict.fromkeys(opts.target)) if opts.target else ["age"],
+        "resolution": opts.resolution,
+        "work_dir": work_dir,
+        "n_cpus": opts.n_cpus,
+        "device": opts.device,
+        "random_seed": opts.random_seed,
+        "skip_bids_validation": opts.skip_bids_validation,
+        "allow_resample": opts.allow_resample,
+        "model": model,
+        "layer": opts.layer,
+        "ranks": tuple(opts.ranks) if opts.ranks else None,
+        "l1": opts.l1,
+        "rank_grid": opts.rank_grid,
+        "lambda_grid": opts.lambda_grid,
+        "tune": opts.tune,
+        "epochs": opts.epochs,
+        "verbose": opts.verbose,
+        "quiet": opts.quiet,
+    }
+    fields = set(Config.__dataclass_fields__)
+    config = Config(**{k: v for k, v in kwargs.items() if k in fields})
+    if "dask_scheduler" in fields:
+        config.dask_scheduler = opts.dask_scheduler
+    elif opts.dask_scheduler is not None:
+        # Config has no field for it yet: keep it on the object for the group level.
+        object.__setattr__(config, "dask_scheduler", opts.dask_scheduler)
+    return config

@@ -1,0 +1,170 @@
+"""The ``brainage-xai`` entry point: wire a parsed configuration to the levels.
+
+No science here. ``main`` sets up writable caches, checks that OUTPUT_DIR can be written,
+starts logging (console and ``OUTPUT_DIR/logs/``), writes the run configuration as TOML,
+validates BIDS_DIR, and dispatches to the participant or group level. Errors the user can
+act on (:class:`~brainage_xai.errors.BrainAgeXAIError`) become one line on stderr and
+the documented exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import EX_FAILURE, BrainAgeXAIError, OutputError
+
+LOGGER = logging.getLogger("brainage_xai")
+
+
+def _writable(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError:
+        return False
+    return True
+
+
+def setup_environment() -> None:
+    """Point caches to writable places and keep every library offline.
+
+    Under Singularity/Apptainer HOME is often read-only or missing; matplotlib and
+    TemplateFlow would then fail on their first write.
+    """
+    os.environ.setdefault("TEMPLATEFLOW_AUTOUPDATE", "0")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    home = Path(os.environ.get("HOME") or tempfile.gettempdir())
+    if "MPLCONFIGDIR" not in os.environ and not _writable(home / ".config" / "matplotlib"):
+        cache = Path(tempfile.gettempdir()) / f"brainage-xai-{os.getuid()}" / "matplotlib"
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ["MPLCONFIGDIR"] = str(cache)
+
+
+def check_output_dir(path: Path) -> None:
+    """Create OUTPUT_DIR (or the work dir) and prove it writable, else exit 73."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {path}: {exc.strerror}") from exc
+    if not _writable(path):
+        raise OutputError(f"output folder {path} is not writable")
+
+
+def setup_logging(config) -> Path:
+    """Console and file logging; returns the log file path.
+
+    ``--quiet`` leaves warnings only, ``-v`` adds debug messages; the file in
+    ``OUTPUT_DIR/logs/`` always has everything.
+    """
+    level = logging.WARNING if config.quiet else (logging.DEBUG if config.verbose else logging.INFO)
+    LOGGER.setLevel(logging.DEBUG)
+    LOGGER.propagate = False
+    for handler in list(LOGGER.handlers):
+        LOGGER.removeHandler(handler)
+        handler.close()
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+
+        console = RichHandler(show_path=False, rich_tracebacks=False)
+        console.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    console.setLevel(level)
+    LOGGER.addHandler(console)
+
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = config.log_dir / f"brainage-xai_{config.analysis_level}_{config.run_uuid}.log"
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    LOGGER.addHandler(handler)
+    return log_file
+
+
+def _close_logging() -> None:
+    for handler in list(LOGGER.handlers):
+        LOGGER.removeHandler(handler)
+        handler.close()
+
+
+def _run_group(config) -> int:
+    try:
+        from ..group import run as run_group
+    except ModuleNotFoundError as exc:
+        if exc.name != "brainage_xai.group":
+            raise
+        print("brainage-xai: group level is not implemented yet", file=sys.stderr)
+        return EX_FAILURE
+    return int(run_group(config) or 0)
+
+
+def run(config) -> int:
+    """Run one level with a parsed configuration; returns the exit code."""
+    setup_environment()
+    check_output_dir(config.output_dir)
+    if config.work_dir is not None:
+        check_output_dir(config.work_dir)
+    log_file = setup_logging(config)
+    try:
+        config.write_toml()
+    except OSError as exc:
+        raise OutputError(f"cannot write the run configuration to {config.log_dir}: {exc}") from exc
+    LOGGER.info("brainage-xai %s level on %s -> %s", config.analysis_level, config.bids_dir, config.output_dir)
+    LOGGER.debug("log file: %s", log_file)
+
+    if config.skip_bids_validation:
+        LOGGER.info("BIDS validation skipped (--skip-bids-validation)")
+    else:
+        from ..bids import validate_dataset
+
+        if validate_dataset(config.bids_dir, config.participant_label):
+            LOGGER.info("BIDS validation passed")
+
+    if config.analysis_level == "participant":
+        from ..participant import run as run_participant
+
+        return int(run_participant(config) or 0)
+    return _run_group(config)
+
+
+def main(argv=None) -> int:
+    """``brainage-xai BIDS_DIR OUTPUT_DIR {participant,group} [options]``.
+
+    Returns the exit code (0 ok; see ``--help`` for the others) instead of exiting, so
+    that the demo and tests can call it.
+    """
+    from .parser import parse_args
+
+    try:
+        config = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    try:
+        return run(config)
+    except BrainAgeXAIError as exc:
+        LOGGER.debug("error", exc_info=True)
+        print(f"brainage-xai: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("brainage-xai: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        LOGGER.error("unexpected failure", exc_info=True)
+        print(
+            f"brainage-xai: error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
+            f"(details in {config.log_dir})",
+            file=sys.stderr,
+        )
+        return EX_FAILURE
+    finally:
+        _close_logging()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
