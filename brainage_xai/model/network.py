@@ -1,0 +1,194 @@
+"""The pre-activation 3D ResNet that predicts age from a brain map.
+
+The architecture is the paper's (section 4.1.2): a 3 x 3 x 3 stem convolution, five
+blocks of pre-activation residual units (He et al. 2016b) with 3, 4, 6, 4 and 3 units and
+8, 16, 32, 64 and 128 channels, stride 2 on entering blocks 2 to 5, a final BN-ReLU,
+global average pooling and a linear head with one output per target. Widths and depths
+are parameters so that tests and small demos can use a narrow network.
+
+The activation that the decomposition explains is a BN-ReLU output, so it is
+non-negative: for the last block it is the network's final BN-ReLU; for an earlier block
+``k`` it is the first BN-ReLU of block ``k + 1``, which is block ``k``'s output after
+pre-activation, on block ``k``'s (finer) grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+PAPER_WIDTHS = (8, 16, 32, 64, 128)
+PAPER_DEPTHS = (3, 4, 6, 4, 3)
+
+
+class PreActUnit(nn.Module):
+    """A pre-activation residual unit: (BN-ReLU-Conv3d) twice plus a shortcut.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Channels in and out.
+    stride : int
+        Stride of the first convolution (2 on entering a block that halves the grid).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.preact = nn.Sequential(nn.BatchNorm3d(in_channels), nn.ReLU(inplace=False))
+        self.conv1 = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm3d(out_channels)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_channels != out_channels:
+            # He et al. 2016b: a projection shortcut takes the pre-activated input.
+            self.shortcut = nn.Conv3d(in_channels, out_channels, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.preact(x)
+        residual = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = self.conv2(self.relu2(self.bn2(out)))
+        return out + residual
+
+
+class PreActResNet3d(nn.Module):
+    """Pre-activation 3D ResNet regressor.
+
+    Parameters
+    ----------
+    widths : sequence of int
+        Channels of each block (paper: 8, 16, 32, 64, 128).
+    depths : sequence of int
+        Residual units in each block (paper: 3, 4, 6, 4, 3).
+    n_outputs : int
+        Outputs of the linear head (one per target).
+    in_channels : int
+        Channels of the input map (1).
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = PAPER_WIDTHS,
+        depths: Sequence[int] = PAPER_DEPTHS,
+        n_outputs: int = 1,
+        in_channels: int = 1,
+    ):
+        super().__init__()
+        widths, depths = tuple(int(w) for w in widths), tuple(int(d) for d in depths)
+        if len(widths) != len(depths) or not widths:
+            raise ValueError(
+                f"widths and depths must have the same non-zero length; got {widths} and {depths}"
+            )
+        if min(widths) < 1 or min(depths) < 1:
+            raise ValueError(f"widths and depths must be positive; got {widths} and {depths}")
+        self.widths, self.depths = widths, depths
+        self.n_outputs, self.in_channels = int(n_outputs), int(in_channels)
+        self.stem = nn.Conv3d(in_channels, widths[0], 3, padding=1, bias=False)
+        blocks = []
+        channels = widths[0]
+        for b, (width, depth) in enumerate(zip(widths, depths)):
+            units = [PreActUnit(channels, width, stride=1 if b == 0 else 2)]
+            units += [PreActUnit(width, width) for _ in range(depth - 1)]
+            blocks.append(nn.Sequential(*units))
+            channels = width
+        self.blocks = nn.ModuleList(blocks)
+        self.final = nn.Sequential(nn.BatchNorm3d(channels), nn.ReLU(inplace=False))
+        self.pool = nn.AdaptiveAvgPool3d(1)
+        self.head = nn.Linear(channels, self.n_outputs)
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm3d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # -- architecture description ------------------------------------------------------
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Names of the activations that can be decomposed (``block1`` ... ``blockN``)."""
+        return tuple(f"block{b + 1}" for b in range(len(self.widths)))
+
+    @property
+    def default_layer(self) -> str:
+        """The last block's final BN-ReLU, the paper's choice."""
+        return self.layers[-1]
+
+    def architecture(self) -> dict:
+        """A JSON-serialisable description from which :func:`build_network` rebuilds it."""
+        return {
+            "name": "PreActResNet3d",
+            "widths": list(self.widths),
+            "depths": list(self.depths),
+            "n_outputs": self.n_outputs,
+            "in_channels": self.in_channels,
+        }
+
+    def check_layer(self, layer: str | None) -> str:
+        """Return ``layer`` (or the default) after checking that the network has it."""
+        if layer is None:
+            return self.default_layer
+        if layer not in self.layers:
+            raise ValueError(f"'layer' must be one of {list(self.layers)}. {layer!r} was provided.")
+        return layer
+
+    def activation_module_name(self, layer: str | None = None) -> str:
+        """Name (as in ``named_modules()``) of the BN-ReLU whose output is ``layer``."""
+        b = self.layers.index(self.check_layer(layer))
+        return "final" if b == len(self.widths) - 1 else f"blocks.{b + 1}.0.preact"
+
+    def activation_module(self, layer: str | None = None) -> nn.Module:
+        """The BN-ReLU module whose output is the activation ``layer``."""
+        return self.get_submodule(self.activation_module_name(layer))
+
+    def layer_stride(self, layer: str | None = None) -> int:
+        """Input voxels per feature voxel along each axis at ``layer``."""
+        return 2 ** self.layers.index(self.check_layer(layer))
+
+    def layer_channels(self, layer: str | None = None) -> int:
+        """Channels of the activation ``layer``."""
+        return self.widths[self.layers.index(self.check_layer(layer))]
+
+    def feature_shape(self, input_shape: Sequence[int], layer: str | None = None) -> tuple:
+        """Spatial shape of the activation ``layer`` for an input of ``input_shape``."""
+        shape = [int(s) for s in input_shape]
+        for _ in range(self.layers.index(self.check_layer(layer))):
+            # A 3-wide convolution with stride 2 and padding 1.
+            shape = [(s - 1) // 2 + 1 for s in shape]
+        return tuple(shape)
+
+    def feature_affine(self, input_affine: np.ndarray, layer: str | None = None) -> np.ndarray:
+        """World affine of the activation grid of ``layer``.
+
+        A stride-2 convolution with padding 1 centres output voxel ``j`` on input voxel
+        ``2 j``, so feature voxel ``j`` sits on input voxel ``stride * j`` (offset 0): the
+        grid is the input grid subsampled, not stretched over the image.
+        """
+        scale = np.diag([float(self.layer_stride(layer))] * 3 + [1.0])
+        return np.asarray(input_affine, dtype=float) @ scale
+
+    # -- forward -------------------------------------------------------------------------
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The final BN-ReLU activation, ``(batch, channels, *grid)``."""
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.final(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def build_network(architecture: dict) -> PreActResNet3d:
+    """Rebuild a network from :meth:`PreActResNet3d.architecture`."""
+    if architecture.get("name", "PreActResNet3d") != "PreActResNet3d":
+        raise ValueError(f"unknown architecture {architecture.get('name')!r}")
+    return PreActResNet3d(
+        widths=architecture["widths"],
+        depths=architecture["depths"],
+        n_outputs=architecture.get("n_outputs", 1),
+        in_channels=architecture.get("in_channels", 1),
+    )
