@@ -209,11 +209,17 @@ def container_info() -> dict | None:
     return None
 
 
-def write_dataset_description(output_dir: str | os.PathLike, bids_dir: str | os.PathLike) -> Path:
+def write_dataset_description(
+    output_dir: str | os.PathLike,
+    bids_dir: str | os.PathLike,
+    derivatives: dict | None = None,
+) -> Path:
     """Write OUTPUT_DIR's ``dataset_description.json`` (a BIDS-derivatives dataset).
 
     ``GeneratedBy`` carries the name, version, code URL and, when run in one, the
-    container; ``SourceDatasets`` points at BIDS_DIR (with its DOI when it declares one).
+    container; ``SourceDatasets`` points at BIDS_DIR (with its DOI when it declares one);
+    ``DatasetLinks`` names BIDS_DIR ``raw`` and each ``--derivatives`` dataset by its
+    name, so that the ``bids:<name>:<path>`` URIs in sidecars resolve.
     """
     bids_dir = Path(bids_dir).absolute()
     source = {"URL": bids_dir.as_uri()}
@@ -240,7 +246,10 @@ def write_dataset_description(output_dir: str | os.PathLike, bids_dir: str | os.
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
         "SourceDatasets": [source],
-        "DatasetLinks": {"raw": bids_dir.as_uri()},
+        "DatasetLinks": {
+            "raw": bids_dir.as_uri(),
+            **{name: Path(p).absolute().as_uri() for name, p in (derivatives or {}).items()},
+        },
         "HowToAcknowledge": "Please cite brainage-xai as described in CITATION.md.",
     }
     return write_json(Path(output_dir) / "dataset_description.json", desc)
@@ -295,8 +304,9 @@ def init_output_dir(
     bids_dir: str | os.PathLike,
     resolution: float = 2,
     space: str = DEFAULT_SPACE,
+    derivatives: dict | None = None,
 ) -> None:
     """Write the dataset-level files of OUTPUT_DIR (description, .bidsignore, citation)."""
-    write_dataset_description(output_dir, bids_dir)
+    write_dataset_description(output_dir, bids_dir, derivatives)
     write_bidsignore(output_dir)
     write_citation(output_dir, resolution, space)

@@ -1,0 +1,504 @@
+"""The group report: one self-contained ``report.html`` (inline images, no network).
+
+:func:`render_group_report` takes a context dict (keys below, all optional but
+``title``) and writes the page atomically. Figures are drawn here from the tables and
+images in the context and embedded as ``data:`` URIs (SVG for plots, PNG for brain
+views); the interactive RoI viewer is nilearn's ``view_img`` document (its JavaScript
+inlined by nilearn) inside an ``iframe srcdoc``, so the file can be mailed or opened from
+a cluster without a server. Every value from the dataset (labels, column names) goes
+through Jinja2 autoescape, so a label with HTML in it is shown as text.
+
+Context keys
+------------
+title : str
+summary : dict
+    Label -> value rows of the run summary (data, map, target, split sizes, grid, layer,
+    ranks, lambda).
+metrics : DataFrame or list of dict
+    Rows of predictor x split metrics (network, linear model on loadings, network head on
+    the reconstruction, mean predictor).
+predictions : DataFrame
+    ``participant_id``, ``split``, the target column and ``predicted_<target>``.
+target : str
+    Target name (default ``age``).
+scree : dict
+    Mode name -> singular values (1D).
+rank_sweep : DataFrame
+    ``R1``, ``R2``, ``train_error``, ``val_error``; with ``ranks`` (R1, R2) and
+    ``rank_reason`` (str).
+lambda_sweep : DataFrame
+    ``lambda``, ``val_mae`` (optionally ``train_mae``); with ``lambda`` (the choice).
+rois_img, dseg_img, background_img, mask_img : nibabel images
+    RoI components (4D), combined map, template for display, brain mask.
+rois_table : DataFrame
+    ``rois.tsv``.
+loadings : DataFrame
+    ``participant_id``, ``split``, the target column and one column per RoI.
+loading_fits : DataFrame
+    :func:`brainage_xai.loadings.describe_loadings` output (computed when missing).
+gradcam_img : nibabel image
+    Average GradCAM on the template grid.
+occlusion : tuple of DataFrame
+    ``(table, null)`` from :func:`brainage_xai.occlusion.occlusion_test`.
+methods : str
+    Methods text (a default with citations is used when missing).
+versions : dict
+    Software versions (filled in when missing).
+subjects : list of dict
+    ``{"label": ..., "href": ...}`` links to the per-subject pages.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import platform
+import re
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+#: The package data folder with the report templates.
+TEMPLATE_PACKAGE = ("brainage_xai", "data/reports")
+
+DEFAULT_METHODS = (
+    "A pre-activation 3D ResNet (He et al., 2016) was trained to predict {target} from "
+    "template-registered brain maps. The activations of one convolutional layer over all "
+    "subjects form a tensor (subjects x channels x voxels), decomposed by a constrained "
+    "non-negative Tucker decomposition with diagonal core faces (Kossaifi et al., 2016; "
+    "Zhou et al., 2015), solved by hierarchical alternating least squares (Cichocki et al., "
+    "2007). Ranks were chosen from scree plots and the held-out reconstruction error "
+    "(Kneedle, Satopaa et al., 2011), the l1 penalty on the spatial factor by the "
+    "validation error of a linear model on the voxel-averaged reconstruction. Each column "
+    "of the spatial factor, upsampled to the template with the network's stride geometry, "
+    "is a region of interest (RoI); the matching column of the subject factor holds the "
+    "subjects' loadings. GradCAM (Selvaraju et al., 2017), averaged over subjects, is the "
+    "baseline; at a last layer followed by global average pooling and a linear head it "
+    "equals CAM (Zhou et al., 2016). Faithfulness was tested by occluding each RoI with the "
+    "training mean and comparing the test MAE increase with that of random blobs of the "
+    "same volume."
+)
+
+CITATIONS = [
+    "He K, Zhang X, Ren S, Sun J (2016). Identity mappings in deep residual networks. ECCV.",
+    "Kossaifi J, Panagakis Y, Anandkumar A, Pantic M (2016). TensorLy: Tensor learning in "
+    "Python. arXiv:1610.09555.",
+    "Zhou G, Cichocki A, Zhao Q, Xie S (2015). Efficient nonnegative Tucker decompositions: "
+    "algorithms and uniqueness. IEEE Trans Image Process 24(12).",
+    "Cichocki A, Zdunek R, Amari S (2007). Hierarchical ALS algorithms for nonnegative "
+    "matrix and 3D tensor factorization. ICA.",
+    "Satopaa V, Albrecht J, Irwin D, Raghavan B (2011). Finding a 'kneedle' in a haystack. "
+    "ICDCS Workshops.",
+    "Selvaraju RR et al. (2017). Grad-CAM: visual explanations from deep networks via "
+    "gradient-based localization. ICCV.",
+    "Zhou B, Khosla A, Lapedriza A, Oliva A, Torralba A (2016). Learning deep features for "
+    "discriminative localization. CVPR.",
+    "Kokhlikyan N et al. (2020). Captum: a unified and generic model interpretability "
+    "library for PyTorch. arXiv:2009.07896.",
+    "Abraham A et al. (2014). Machine learning for neuroimaging with scikit-learn "
+    "(nilearn). Front Neuroinform 8:14.",
+]
+
+_VERSION_PACKAGES = (
+    "brainage-xai", "torch", "numpy", "scipy", "tensorly", "scikit-learn", "nibabel",
+    "nilearn", "pybids", "captum", "jinja2", "matplotlib",
+)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_uri(fig, fmt: str = "svg", dpi: int = 90) -> str:
+    """Close ``fig`` and return it as a ``data:`` URI (SVG or PNG)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    _plt().close(fig)
+    mime = "image/svg+xml" if fmt == "svg" else "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def _display_uri(display, dpi: int = 80) -> str:
+    """A nilearn display as a PNG ``data:`` URI."""
+    buf = io.BytesIO()
+    display.savefig(buf, dpi=dpi)
+    display.close()
+    return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that made the results."""
+    out = {"python": platform.python_version()}
+    for name in _VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _records(table) -> dict | None:
+    """A table as ``{"columns": [...], "rows": [[...]]}`` with readable numbers."""
+    if table is None:
+        return None
+    df = pd.DataFrame(table)
+    rows = []
+    for row in df.itertuples(index=False):
+        cells = []
+        for value in row:
+            if isinstance(value, float | np.floating):
+                cells.append("n/a" if not np.isfinite(value) else f"{value:.4g}")
+            elif value is None or (isinstance(value, float) and np.isnan(value)):
+                cells.append("n/a")
+            else:
+                cells.append(str(value))
+        rows.append(cells)
+    return {"columns": [str(c) for c in df.columns], "rows": rows}
+
+
+# -- figures --------------------------------------------------------------------------
+
+
+def plot_predictions(predictions: pd.DataFrame, target: str = "age"):
+    """Predicted against true target, coloured by split, with the identity line."""
+    plt = _plt()
+    pred_col = f"predicted_{target}"
+    fig, ax = plt.subplots(figsize=(4, 4))
+    colours = {"train": "#4c72b0", "validation": "#dd8452", "test": "#55a868"}
+    for split, part in predictions.groupby("split", sort=False):
+        ax.scatter(part[target], part[pred_col], s=10, alpha=0.75, label=str(split),
+                   color=colours.get(str(split)))
+    lims = [np.nanmin(predictions[[target, pred_col]].to_numpy()),
+            np.nanmax(predictions[[target, pred_col]].to_numpy())]
+    ax.plot(lims, lims, color="k", lw=0.8)
+    ax.set_xlabel(f"true {target}")
+    ax.set_ylabel(f"predicted {target}")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_scree(scree: dict):
+    """Singular values of each unfolding (log scale)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(scree), figsize=(3.2 * len(scree), 2.8), squeeze=False)
+    for ax, (name, values) in zip(axes[0], scree.items()):
+        values = np.asarray(values, dtype=float)
+        ax.semilogy(np.arange(1, values.size + 1), values, "o-", ms=3)
+        ax.set_title(str(name), fontsize=9)
+        ax.set_xlabel("rank")
+        ax.set_ylabel("singular value")
+    fig.tight_layout()
+    return fig
+
+
+def plot_rank_sweep(sweep: pd.DataFrame, ranks=None):
+    """Validation-error heat map over (R1, R2) and error curves against R1."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.3))
+    grid = sweep.pivot_table(index="R1", columns="R2", values="val_error")
+    im = ax1.imshow(grid.to_numpy(), origin="lower", aspect="auto", cmap="viridis",
+                    extent=[grid.columns.min() - 0.5, grid.columns.max() + 0.5,
+                            grid.index.min() - 0.5, grid.index.max() + 0.5])
+    fig.colorbar(im, ax=ax1, label="validation error")
+    ax1.set_xlabel("R2")
+    ax1.set_ylabel("R1")
+    r2 = ranks[1] if ranks is not None else sweep["R2"].max()
+    part = sweep[sweep["R2"] == r2].sort_values("R1")
+    if part.empty:
+        part = sweep.groupby("R1", as_index=False)[["train_error", "val_error"]].min()
+    ax2.plot(part["R1"], part["train_error"], "o-", ms=3, label="train")
+    ax2.plot(part["R1"], part["val_error"], "o-", ms=3, label="validation")
+    if ranks is not None:
+        ax1.plot(ranks[1], ranks[0], marker="*", color="w", ms=12, mec="k")
+        ax2.axvline(ranks[0], color="k", ls="--", lw=0.8, label=f"chosen R1 = {ranks[0]}")
+    ax2.set_xlabel("R1")
+    ax2.set_ylabel("relative error")
+    ax2.set_title(f"R2 = {r2}", fontsize=9)
+    ax2.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lambda_sweep(sweep: pd.DataFrame, chosen=None):
+    """Linear-model MAE against the l1 penalty, the choice marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 3))
+    lam = sweep["lambda"].to_numpy(dtype=float)
+    positive = lam > 0
+    x = np.where(positive, lam, np.nan)
+    for col, label in (("train_mae", "train"), ("val_mae", "validation")):
+        if col in sweep:
+            ax.plot(lam[positive], sweep[col].to_numpy()[positive], "o-", ms=3, label=label)
+    if (~positive).any():
+        ax.axhline(sweep.loc[~positive, "val_mae"].iloc[0], color="0.5", ls=":",
+                   label="lambda = 0 (validation)")
+    if np.isfinite(x).any():
+        ax.set_xscale("log")
+    if chosen is not None and chosen > 0:
+        ax.axvline(chosen, color="k", ls="--", lw=0.8, label=f"chosen {chosen:g}")
+    ax.set_xlabel("lambda (l1 on U3)")
+    ax.set_ylabel("MAE")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _index_img(img, r):
+    from nilearn.image import index_img
+
+    return index_img(img, r)
+
+
+def roi_mosaics(rois_img, background_img=None, names=None) -> list[dict]:
+    """Per RoI: a glass brain and axial slices (PNG data URIs)."""
+    from nilearn import plotting
+
+    out = []
+    n = rois_img.shape[3]
+    names = names or [f"RoI {r + 1}" for r in range(n)]
+    for r in range(n):
+        vol = _index_img(rois_img, r)
+        peak = float(np.max(vol.get_fdata()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            glass = plotting.plot_glass_brain(vol, display_mode="lyrz", colorbar=False,
+                                              threshold=0.2 * peak if peak > 0 else None,
+                                              cmap="hot", plot_abs=False)
+            slices = plotting.plot_stat_map(vol, bg_img=background_img, display_mode="z",
+                                            cut_coords=6, colorbar=False, cmap="hot",
+                                            threshold=0.2 * peak if peak > 0 else None,
+                                            draw_cross=False, annotate=False)
+        out.append({"name": names[r], "glass": _display_uri(glass),
+                    "slices": _display_uri(slices)})
+    return out
+
+
+def combined_map_uri(dseg_img, background_img=None) -> str:
+    """The combined RoI map (each voxel coloured by its strongest RoI)."""
+    from nilearn import plotting
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        display = plotting.plot_roi(dseg_img, bg_img=background_img, display_mode="ortho",
+                                    cmap="tab10", colorbar=True, draw_cross=False)
+    return _display_uri(display)
+
+
+def glass_uri(img, title=None) -> str:
+    from nilearn import plotting
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        display = plotting.plot_glass_brain(img, display_mode="lyrz", cmap="hot",
+                                            plot_abs=False, colorbar=True, title=title)
+    return _display_uri(display)
+
+
+def viewer_html(img, background_img=None, title: str = "") -> str:
+    """nilearn's interactive viewer as a standalone page (for ``iframe srcdoc``).
+
+    The page's favicon link (a remote URL) is dropped: the report makes no request.
+    """
+    from nilearn.plotting import view_img
+
+    data = np.asarray(img.dataobj, dtype=float)
+    peak = float(np.max(np.abs(data))) if data.size else 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        view = view_img(img, bg_img=background_img if background_img is not None else False,
+                        threshold=0.2 * peak if peak > 0 else None, cmap="hot",
+                        symmetric_cmap=False, title=title, black_bg=False)
+    html = view.get_standalone()
+    return re.sub(r"<link[^>]*rel=\"?(shortcut )?icon\"?[^>]*>", "", html)
+
+
+def roi_gradcam_correlations(rois_img, gradcam_img, mask=None) -> pd.DataFrame:
+    """Spatial correlation of the GradCAM average with each RoI, on the template grid."""
+    from ..rois import spatial_correlation
+
+    rois = np.asarray(rois_img.dataobj, dtype=float)
+    cam = np.asarray(gradcam_img.dataobj, dtype=float)
+    within = None if mask is None else np.asarray(
+        mask.dataobj if hasattr(mask, "dataobj") else mask, dtype=bool)
+    return pd.DataFrame({
+        "roi": [f"RoI {r + 1}" for r in range(rois.shape[3])],
+        "correlation_with_gradcam": [
+            spatial_correlation(rois[..., r], cam, within) for r in range(rois.shape[3])
+        ],
+    })
+
+
+# -- rendering ------------------------------------------------------------------------
+
+
+def environment():
+    """The Jinja2 environment of the report templates (autoescape on)."""
+    import jinja2
+
+    try:  # the package-wide environment (filters, globals), when the package has one
+        from . import environment as shared_environment
+
+        return shared_environment()
+    except ImportError:
+        pass
+    from .._version import __version__
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader(*TEMPLATE_PACKAGE),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals.update(version=__version__)
+    return env
+
+
+def _base_template(env) -> str:
+    """The shared base page when the package has one, else the group report's own."""
+    try:
+        env.get_template("base.html")
+        return "base.html"
+    except Exception:  # noqa: BLE001 - any lookup failure means: use ours
+        return "group_base.html"
+
+
+def build_page(context: dict) -> dict:
+    """Turn the context (tables, images) into what the template shows."""
+    target = context.get("target", "age")
+    page: dict = {
+        "title": context.get("title", f"brainage-xai group report ({target})"),
+        "target": target,
+        "summary": list((context.get("summary") or {}).items()),
+        "metrics": _records(context.get("metrics")),
+        "subjects": context.get("subjects") or [],
+        "sections": [],
+    }
+    figs: dict[str, str] = {}
+    preds = context.get("predictions")
+    if preds is not None and f"predicted_{target}" in preds:
+        figs["predictions"] = figure_uri(plot_predictions(preds, target))
+    if context.get("scree"):
+        figs["scree"] = figure_uri(plot_scree(context["scree"]))
+    if context.get("rank_sweep") is not None:
+        figs["rank_sweep"] = figure_uri(plot_rank_sweep(context["rank_sweep"],
+                                                        context.get("ranks")))
+    if context.get("lambda_sweep") is not None:
+        figs["lambda_sweep"] = figure_uri(plot_lambda_sweep(context["lambda_sweep"],
+                                                            context.get("lambda")))
+    page["ranks"] = context.get("ranks")
+    page["rank_reason"] = context.get("rank_reason")
+    page["lambda"] = context.get("lambda")
+    bg = context.get("background_img")
+    rois_img = context.get("rois_img")
+    page["rois_table"] = _records(context.get("rois_table"))
+    page["mosaics"] = roi_mosaics(rois_img, bg) if rois_img is not None else []
+    if context.get("dseg_img") is not None:
+        figs["combined"] = combined_map_uri(context["dseg_img"], bg)
+    page["viewers"] = []
+    if rois_img is not None:
+        for r in range(rois_img.shape[3]):
+            page["viewers"].append({
+                "name": f"RoI {r + 1}",
+                "html": viewer_html(_index_img(rois_img, r), bg, title=f"RoI {r + 1}"),
+            })
+    loadings = context.get("loadings")
+    fits = context.get("loading_fits")
+    if loadings is not None:
+        from ..loadings import describe_loadings, plot_loadings
+
+        roi_cols = [c for c in loadings.columns if str(c).startswith("RoI")]
+        split = loadings["split"] if "split" in loadings else None
+        figs["loadings"] = figure_uri(plot_loadings(loadings, loadings[target], split,
+                                                    roi_columns=roi_cols, target=target))
+        if fits is None:
+            fits = describe_loadings(loadings, loadings[target], roi_columns=roi_cols,
+                                     target=target)
+    page["statements"] = [] if fits is None else list(fits["statement"])
+    if fits is not None:
+        keep = [c for c in ("roi", "relation", "pearson_r", "slope", "breakpoint",
+                            "cv_rmse_linear", "cv_rmse_piecewise", "cv_rmse_smooth",
+                            "coefficient") if c in fits]
+        page["loading_fits"] = _records(fits[keep])
+    else:
+        page["loading_fits"] = None
+    cam = context.get("gradcam_img")
+    page["gradcam_table"] = None
+    if cam is not None:
+        figs["gradcam"] = glass_uri(cam, "GradCAM average")
+        if rois_img is not None:
+            page["gradcam_table"] = _records(
+                roi_gradcam_correlations(rois_img, cam, context.get("mask_img")))
+    occ = context.get("occlusion")
+    page["occlusion_table"] = None
+    if occ is not None:
+        from ..occlusion import plot_occlusion
+
+        table, null = occ
+        figs["occlusion"] = figure_uri(plot_occlusion(table, null, unit=context.get(
+            "target_unit", "years" if target == "age" else "target units")))
+        page["occlusion_table"] = _records(table)
+    page["figures"] = figs
+    page["methods"] = context.get("methods") or DEFAULT_METHODS.format(target=target)
+    page["citations"] = context.get("citations") or CITATIONS
+    page["versions"] = list((context.get("versions") or software_versions()).items())
+    return page
+
+
+def render_group_report(context: dict, out_path) -> Path:
+    """Render ``report.html`` from ``context`` (see the module docstring) atomically.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_path``.
+    """
+    from ..utils.io import write_text
+
+    env = environment()
+    page = build_page(context)
+    html = env.get_template("group.html").render(
+        page=page,
+        base_template=_base_template(env),
+        generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    )
+    return write_text(out_path, html)
+
+
+def subject_rois(participant_id: str, predictions: pd.DataFrame | None,
+                 loadings: pd.DataFrame | None, target: str = "age") -> dict:
+    """Context for the per-subject RoI partial (``group_subject_rois.html``).
+
+    Returns
+    -------
+    dict
+        ``predicted``, ``true``, ``gap``, ``split`` and ``loadings`` (list of
+        ``(roi, value, percentile among all subjects)``).
+    """
+    out: dict = {"participant_id": participant_id, "target": target, "loadings": []}
+    if predictions is not None:
+        row = predictions.loc[predictions["participant_id"] == participant_id]
+        if not row.empty:
+            row = row.iloc[0]
+            out["true"] = row.get(target)
+            out["predicted"] = row.get(f"predicted_{target}")
+            out["gap"] = row.get("brain_age_gap", out["predicted"] - out["true"])
+            out["split"] = row.get("split")
+    if loadings is not None:
+        row = loadings.loc[loadings["participant_id"] == participant_id]
+        if not row.empty:
+            for col in [c for c in loadings.columns if str(c).startswith("RoI")]:
+                value = float(row.iloc[0][col])
+                pct = float((loadings[col] < value).mean() * 100)
+                out["loadings"].append((col, f"{value:.4g}", f"{pct:.0f}"))
+    return out
