@@ -46,6 +46,9 @@ class Config:
     lambda_grid: list[float] | None = None
     tune: int = 0
     epochs: int | None = None
+    # Network widths/depths per block; None: the paper's (8..128 channels, 3-4-6-4-3 units).
+    widths: list[int] | None = None
+    depths: list[int] | None = None
     verbose: int = 0
     quiet: bool = False
     run_uuid: str = field(

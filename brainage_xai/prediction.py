@@ -1,0 +1,223 @@
+"""Predictions, brain-age gap with age-bias correction, metrics and a plot.
+
+Age-bias correction (de Lange & Cole 2020; the linear correction of Smith et al. 2019
+and Cole et al.): brain-age models regress towards the mean, so the raw gap
+``predicted - age`` correlates negatively with age. On the training and validation
+subjects only (never the test subjects) we fit ``predicted = a * age + b`` and report
+``predicted_corrected = (predicted - b) / a`` and ``gap_corrected = predicted_corrected
+- age``. Smith et al.'s simple model (regress the gap on age and keep the residual)
+gives the same corrected gap multiplied by ``a``. The uncorrected gap and metrics are
+always reported too: the correction uses the true age, so corrected metrics flatter.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .model.training import SPLITS
+from .utils.io import atomic_path, write_json, write_tsv
+
+LOGGER = logging.getLogger("brainage_xai.prediction")
+
+#: Splits on which the bias correction is fitted.
+CORRECTION_SPLITS = ("train", "val")
+
+
+def columns(target: str) -> dict:
+    """Column names of ``target`` in ``predictions.tsv`` (``age`` gets brain-age names)."""
+    gap = "brain_age_gap" if target == "age" else f"{target}_gap"
+    return {
+        "true": target,
+        "predicted": f"predicted_{target}",
+        "gap": gap,
+        "gap_corrected": f"{gap}_corrected",
+        "predicted_corrected": f"predicted_{target}_corrected",
+    }
+
+
+def fit_bias_correction(true, predicted) -> dict:
+    """Fit ``predicted = slope * true + intercept`` (least squares)."""
+    true, predicted = np.asarray(true, float), np.asarray(predicted, float)
+    slope, intercept = np.polyfit(true, predicted, 1)
+    return {"slope": float(slope), "intercept": float(intercept)}
+
+
+def apply_bias_correction(true, predicted, correction: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Corrected prediction and corrected gap; ``NaN`` when the slope is near zero.
+
+    A model that predicts nearly the same value for everyone has no age trend to undo:
+    dividing by its slope would only amplify noise.
+    """
+    true, predicted = np.asarray(true, float), np.asarray(predicted, float)
+    if abs(correction["slope"]) < 1e-3:
+        nan = np.full_like(predicted, np.nan)
+        return nan, nan
+    corrected = (predicted - correction["intercept"]) / correction["slope"]
+    return corrected, corrected - true
+
+
+def regression_metrics(true, predicted, train_mean: float) -> dict:
+    """MAE, MSE, Pearson r and the MAE of always predicting ``train_mean``."""
+    true, predicted = np.asarray(true, float), np.asarray(predicted, float)
+    err = predicted - true
+    r = float(np.corrcoef(true, predicted)[0, 1]) if len(true) > 1 and np.std(predicted) > 0 else float("nan")
+    return {
+        "n": int(len(true)),
+        "mae": float(np.mean(np.abs(err))),
+        "mse": float(np.mean(err**2)),
+        "r": r,
+        "mean_predictor_mae": float(np.mean(np.abs(true - train_mean))),
+    }
+
+
+def prediction_table(split: pd.Series, targets: pd.DataFrame, predicted: np.ndarray):
+    """Build ``predictions.tsv`` and fit the bias correction.
+
+    Parameters
+    ----------
+    split : pandas.Series
+        Split (``train``/``val``/``test``) indexed by participant label.
+    targets : pandas.DataFrame
+        True values, indexed by participant label, one column per target.
+    predicted : numpy.ndarray
+        ``(n, n_targets)`` in the order of ``targets``' rows and columns.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+    corrections : dict
+        Per target: slope, intercept and the splits they were fitted on.
+    """
+    predicted = np.asarray(predicted, float).reshape(len(targets), -1)
+    labels = list(targets.index)
+    table = pd.DataFrame({"participant_id": [f"sub-{s}" for s in labels], "split": split.loc[labels].to_numpy()})
+    fit_on = table["split"].isin(CORRECTION_SPLITS).to_numpy()
+    corrections = {}
+    for j, target in enumerate(targets.columns):
+        col = columns(target)
+        true = targets[target].to_numpy(float)
+        corr = fit_bias_correction(true[fit_on], predicted[fit_on, j])
+        corrected, gap_corrected = apply_bias_correction(true, predicted[:, j], corr)
+        table[col["true"]] = true
+        table[col["predicted"]] = predicted[:, j]
+        table[col["gap"]] = predicted[:, j] - true
+        table[col["gap_corrected"]] = gap_corrected
+        table[col["predicted_corrected"]] = corrected
+        corrections[target] = {**corr, "fitted_on": list(CORRECTION_SPLITS), "method": "de Lange & Cole 2020"}
+    return table, corrections
+
+
+def data_dictionary(targets) -> dict:
+    """JSON sidecar of ``predictions.tsv``."""
+    doc = {
+        "participant_id": {"Description": "Participant label"},
+        "split": {
+            "Description": "Data split of the participant",
+            "Levels": {"train": "training set", "val": "validation set (early stopping, "
+                       "tuning)", "test": "held-out test set"},
+        },  # fmt: skip
+    }
+    for target in targets:
+        col = columns(target)
+        doc[col["true"]] = {"Description": f"True {target} (participants.tsv)"}
+        doc[col["predicted"]] = {"Description": f"{target} predicted by the network"}
+        doc[col["gap"]] = {"Description": f"Uncorrected gap: predicted minus true {target}"}
+        doc[col["gap_corrected"]] = {
+            "Description": f"Gap after linear bias correction: corrected prediction minus true {target}; "
+            "correction predicted = a * true + b fitted on train and val only (de Lange & Cole "
+            "2020), corrected = (predicted - b) / a"
+        }
+        doc[col["predicted_corrected"]] = {"Description": f"Bias-corrected predicted {target}"}
+        if target == "age":
+            for key in ("true", "predicted", "gap", "gap_corrected", "predicted_corrected"):
+                doc[col[key]]["Units"] = "years"
+    return doc
+
+
+def compute_metrics(table: pd.DataFrame, targets, corrections: dict) -> dict:
+    """``metrics.json``: per target and split, uncorrected and corrected metrics."""
+    out = {"targets": list(targets), "splits": list(SPLITS), "metrics": {}, "bias_correction": corrections}
+    train = table["split"] == "train"
+    for target in targets:
+        col = columns(target)
+        train_mean = float(table.loc[train, col["true"]].mean())
+        per_split = {}
+        for name in SPLITS:
+            rows = table[table["split"] == name]
+            if rows.empty:
+                continue
+            m = regression_metrics(rows[col["true"]], rows[col["predicted"]], train_mean)
+            corrected = rows[col["predicted_corrected"]].to_numpy(float)
+            m["mae_corrected"] = float(np.mean(np.abs(corrected - rows[col["true"]].to_numpy(float))))
+            m["mae_ratio_to_mean_predictor"] = m["mae"] / m["mean_predictor_mae"] if m["mean_predictor_mae"] else None
+            per_split[name] = m
+        out["metrics"][target] = per_split
+    return out
+
+
+def figure_path(group_dir: Path, target: str) -> Path:
+    """Where the predicted-against-true plot of ``target`` goes."""
+    return Path(group_dir) / "figures" / f"target-{target}_desc-predictions_scatter.svg"
+
+
+def plot_predictions(table: pd.DataFrame, target: str, metrics: dict, path: Path) -> Path:
+    """Scatter of predicted against true ``target``, one panel per split (SVG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    col = columns(target)
+    true, pred = table[col["true"]], table[col["predicted"]]
+    lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+    pad = 0.05 * (hi - lo or 1.0)
+    splits = [s for s in SPLITS if (table["split"] == s).any()]
+    fig, axes = plt.subplots(1, len(splits), figsize=(3.6 * len(splits), 3.6), sharex=True, sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, splits):
+        rows = table["split"] == name
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", lw=1, zorder=0)
+        ax.scatter(true[rows], pred[rows], s=12, alpha=0.8)
+        m = metrics["metrics"][target][name]
+        ax.set_title(f"{name} (n={m['n']})\nMAE {m['mae']:.2f}, r {m['r']:.2f}", fontsize=9)
+        ax.set_xlabel(f"true {target}")
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_aspect("equal")
+    axes[0].set_ylabel(f"predicted {target}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="svg")
+    plt.close(fig)
+    return Path(path)
+
+
+def write_predictions(group_dir, split: pd.Series, targets: pd.DataFrame, predicted) -> dict:
+    """Write ``predictions.tsv`` (+ JSON), ``metrics.json`` and one plot per target.
+
+    Returns
+    -------
+    dict
+        ``{"table": DataFrame, "metrics": dict, "paths": [Path, ...]}``.
+    """
+    group_dir = Path(group_dir)
+    table, corrections = prediction_table(split, targets, predicted)
+    metrics = compute_metrics(table, targets.columns, corrections)
+    paths = [
+        write_tsv(group_dir / "predictions.tsv", table, sidecar=data_dictionary(targets.columns)),
+        group_dir / "predictions.json",
+        write_json(group_dir / "metrics.json", metrics),
+    ]
+    for target in targets.columns:
+        paths.append(plot_predictions(table, target, metrics, figure_path(group_dir, target)))
+        test = metrics["metrics"][target].get("test")
+        if test:
+            LOGGER.info(
+                "%s: test MAE %.2f (mean predictor %.2f), r %.2f",
+                target, test["mae"], test["mean_predictor_mae"], test["r"],
+            )  # fmt: skip
+    return {"table": table, "metrics": metrics, "paths": paths}
