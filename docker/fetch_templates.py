@@ -1,0 +1,91 @@
+"""Fetch the TemplateFlow files brainage-xai uses into ``TEMPLATEFLOW_HOME``.
+
+Run at image build time (the only time the image goes online), so that a run on a
+compute node without internet finds every template it needs::
+
+    TEMPLATEFLOW_HOME=/opt/templateflow python docker/fetch_templates.py
+
+``--list`` prints the files each query selects without downloading anything (it reads
+TemplateFlow's bundled file index), which is how the tests check that every query
+selects exactly one file. The build fails when a query matches no file or several, or
+when a download comes back empty, instead of shipping an image that would try to fetch
+at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+TEMPLATE = "MNI152NLin2009cAsym"
+RESOLUTIONS = (1, 2)
+
+# One file per query. The T1w, brain mask and GM probability map are the registration
+# check's reference and the model grid's source; the atlases name the RoIs (Schaefer
+# 2018 cortical parcels with their label table, Harvard-Oxford subcortical structures).
+QUERIES: list[dict] = [
+    *(
+        query
+        for res in RESOLUTIONS
+        for query in (
+            {"resolution": res, "desc": None, "suffix": "T1w"},
+            {"resolution": res, "desc": "brain", "suffix": "T1w"},
+            {"resolution": res, "desc": "brain", "suffix": "mask"},
+            {"resolution": res, "label": "GM", "suffix": "probseg"},
+            {
+                "resolution": res,
+                "atlas": "Schaefer2018",
+                "desc": "100Parcels7Networks",
+                "suffix": "dseg",
+                "extension": ".nii.gz",
+            },
+            {"resolution": res, "atlas": "HOSPA", "desc": "th25", "suffix": "dseg"},
+        )
+    ),
+    {
+        "atlas": "Schaefer2018",
+        "desc": "100Parcels7Networks",
+        "suffix": "dseg",
+        "extension": ".tsv",
+    },
+]
+
+
+def _select(api, query: dict) -> str:
+    found = api.ls(TEMPLATE, **query)
+    if len(found) != 1:
+        names = [os.path.basename(str(p)) for p in found]
+        raise SystemExit(
+            f"fetch_templates: query {query} must select exactly one file of "
+            f"tpl-{TEMPLATE}, it selected {len(found)}: {names}"
+        )
+    return str(found[0])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--list", action="store_true", help="print the selected files, download nothing"
+    )
+    args = parser.parse_args(argv)
+
+    from templateflow import api
+
+    paths = [_select(api, query) for query in QUERIES]
+    if args.list:
+        print("\n".join(paths))
+        return 0
+    for query in QUERIES:
+        api.get(TEMPLATE, **query)
+    empty = [p for p in paths if not os.path.isfile(p) or os.path.getsize(p) == 0]
+    if empty:
+        print(f"fetch_templates: download failed for {empty}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(f"{os.path.getsize(p):>12}  {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
