@@ -14,11 +14,11 @@ import pandas as pd
 
 from .errors import DataError
 
-#: A fit within this relative margin of the best cross-validated RMSE counts as good as
-#: the best; the simplest such fit names the relation.
-TOLERANCE = 0.03
-#: A best fit must beat the constant by this relative margin to claim any relation.
-MIN_GAIN = 0.05
+#: One-standard-error rule: a fit whose cross-validated squared error exceeds the best
+#: fit's by less than this many standard errors of the paired difference is as good as
+#: the best, and the simplest such fit names the relation (constant < linear <
+#: piecewise-linear < smooth).
+N_SE = 1.0
 
 
 def _linear(x, y):
@@ -60,14 +60,26 @@ def _smooth(x, y):
 FITS = {"linear": _linear, "piecewise": _hinge, "smooth": _smooth}
 
 
-def _cv_rmse(x, y, fitter, n_splits: int, seed: int) -> float:
+def _cv_errors(x, y, fitter, n_splits: int, seed: int) -> np.ndarray:
+    """Held-out squared error of every subject (same folds for every fit)."""
     from sklearn.model_selection import KFold
 
-    errors = []
+    errors = np.empty_like(y)
     for train, test in KFold(n_splits, shuffle=True, random_state=seed).split(x):
         predict, _ = fitter(x[train], y[train])
-        errors.append((predict(x[test]) - y[test]) ** 2)
-    return float(np.sqrt(np.mean(np.concatenate(errors))))
+        errors[test] = (predict(x[test]) - y[test]) ** 2
+    return errors
+
+
+def _constant(x, y):
+    mean = float(np.mean(y))
+    return (lambda t: np.full(np.shape(t), mean)), {}
+
+
+def _as_good(errors: np.ndarray, best: np.ndarray) -> bool:
+    diff = errors - best
+    se = diff.std(ddof=1) / np.sqrt(diff.size) if diff.size > 1 else 0.0
+    return bool(diff.mean() <= N_SE * se)
 
 
 def fit_trajectory(age, loading, *, n_splits: int = 5, seed: int = 0) -> dict:
@@ -98,29 +110,22 @@ def fit_trajectory(age, loading, *, n_splits: int = 5, seed: int = 0) -> dict:
             f"need at least {2 * n_splits} subjects with 4 distinct ages to fit loadings "
             f"on age; got {x.size} subjects with {np.unique(x).size} distinct ages"
         )
-    const = float(np.sqrt(np.mean((y - y.mean()) ** 2) * x.size / (x.size - 1)))
-    out: dict = {"n": int(x.size), "cv_rmse_constant": const}
+    out: dict = {"n": int(x.size)}
     out["pearson_r"] = float(np.corrcoef(x, y)[0, 1]) if y.std() > 0 else 0.0
-    curves = {}
-    for name, fitter in FITS.items():
-        out[f"cv_rmse_{name}"] = _cv_rmse(x, y, fitter, n_splits, seed) if y.std() > 0 else const
+    curves, errors = {}, {}
+    for name, fitter in {"constant": _constant, **FITS}.items():
+        errors[name] = _cv_errors(x, y, fitter, n_splits, seed)
+        out[f"cv_rmse_{name}"] = float(np.sqrt(errors[name].mean()))
         curves[name], params = fitter(x, y)
         if name == "linear":
             out["slope"] = float(params["slope"])
         elif name == "piecewise":
             out.update({k: float(v) for k, v in params.items()})
     out["curves"] = curves
-    errs = {k: out[f"cv_rmse_{k}"] for k in FITS}
-    best = min(errs.values())
-    if best > (1 - MIN_GAIN) * const:
-        relation = "none"
-    elif errs["linear"] <= (1 + TOLERANCE) * best:
-        relation = "linear"
-    elif errs["piecewise"] <= (1 + TOLERANCE) * best:
-        relation = "piecewise-linear"
-    else:
-        relation = "non-linear"
-    out["relation"] = relation
+    best = errors[min(errors, key=lambda k: errors[k].mean())]
+    names = {"constant": "none", "linear": "linear", "piecewise": "piecewise-linear",
+             "smooth": "non-linear"}
+    out["relation"] = next(names[k] for k in names if _as_good(errors[k], best))
     return out
 
 

@@ -130,7 +130,8 @@ def figure_uri(fig, fmt: str = "svg", dpi: int = 90) -> str:
 def _display_uri(display, dpi: int = 80) -> str:
     """A nilearn display as a PNG ``data:`` URI."""
     buf = io.BytesIO()
-    display.savefig(buf, dpi=dpi)
+    fig = display.frame_axes.figure
+    fig.savefig(buf, format="png", dpi=dpi, facecolor=fig.get_facecolor())
     display.close()
     return f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 

@@ -1,0 +1,180 @@
+"""The group report: self-contained, renders in headless Chromium, escapes dataset text."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from _tiny import tiny_net
+
+from brainage_xai import gradcam, occlusion, rois
+from brainage_xai.reports import group as report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+EVIL_LABEL = '<img src=x onerror="alert(1)">'
+EVIL_COLUMN = "<b>MAE</b>"
+
+CHECKER = """<script>
+window.__errors = [];
+window.addEventListener('error', function (e) {
+  window.__errors.push(String(e.message || (e.target && (e.target.src || e.target.outerHTML))));
+}, true);
+var __oe = console.error;
+console.error = function () { window.__errors.push([].join.call(arguments, ' ')); __oe.apply(console, arguments); };
+window.addEventListener('load', function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var bad = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                .map(function (i) { return i.alt; });
+  var frames = 0, frameImgs = 0, frameBad = [];
+  document.querySelectorAll('iframe').forEach(function (f) {
+    try {
+      var d = f.contentDocument; frames++;
+      Array.prototype.forEach.call(d.images, function (i) {
+        frameImgs++;
+        if (!(i.complete && i.naturalWidth > 0)) frameBad.push(f.title);
+      });
+    } catch (err) { frameBad.push('inaccessible ' + f.title); }
+  });
+  var out = document.createElement('pre'); out.id = '__check';
+  out.textContent = JSON.stringify({n: imgs.length, bad: bad, frames: frames,
+    frameImgs: frameImgs, frameBad: frameBad, errors: window.__errors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def context():
+    """A full report context from real small images, a real tiny network and real fits."""
+    from nilearn.datasets import load_mni152_template
+
+    rng = np.random.default_rng(0)
+    template = load_mni152_template(resolution=8)
+    shape = template.shape
+    brain = template.get_fdata() > 0.2 * template.get_fdata().max()
+    net = tiny_net()
+    geo = rois.feature_geometry(net, "features", shape)
+    n_rois = 3
+    u3 = np.zeros((int(np.prod(geo.feature_shape)), n_rois))
+    for r, centre in enumerate([(2, 3, 3), (4, 4, 3), (3, 5, 4)]):
+        fmap = np.zeros(geo.feature_shape)
+        fmap[centre] = 1.0
+        fmap[tuple(np.clip(np.array(centre) + 1, 0, np.array(geo.feature_shape) - 1))] = 0.5
+        u3[:, r] = fmap.ravel()
+    atlas = np.where(np.indices(shape)[0] < shape[0] // 2, 1, 2) * brain
+    comps = rois.roi_components(u3, geo, template, mask=brain)
+    dseg, _ = rois.combined_dseg(comps)
+    table = rois.atlas_overlap(comps, nib.Nifti1Image(atlas.astype(np.int16), template.affine),
+                               {1: "left <hemisphere>", 2: "right"})
+    n = 30
+    age = rng.uniform(10, 80, n)
+    ids = [f"sub-{i:02d}" for i in range(n)]
+    ids[0] = EVIL_LABEL
+    split = np.array(["train"] * 18 + ["validation"] * 6 + ["test"] * 6)
+    predictions = pd.DataFrame({"participant_id": ids, "split": split, "age": age,
+                                "predicted_age": age + rng.normal(0, 4, n)})
+    loadings = predictions[["participant_id", "split", "age"]].copy()
+    loadings["RoI 1"] = 0.02 * age + rng.normal(0, 0.1, n)
+    loadings["RoI 2"] = np.maximum(age - 45, 0) * 0.05 + rng.normal(0, 0.1, n)
+    loadings["RoI 3"] = rng.normal(0, 1, n)
+    inputs = [rng.random(shape).astype(np.float32) for _ in range(6)]
+    cam_img, _ = gradcam.average_gradcam(net, "features", inputs, geo, template, mask=brain)
+    occ = occlusion.occlusion_test(
+        occlusion.torch_predictor(net, scale=10, shift=40), np.stack(inputs), age[-6:],
+        rois.roi_masks(comps), np.mean(inputs, axis=0), brain, n_random=20,
+        zooms=(8.0, 8.0, 8.0))
+    r12 = [(a, b, 0.5 / a + 0.01 * b, 0.6 / a + 0.02 * b + 0.05) for a in range(2, 7)
+           for b in range(2, 7)]
+    return {
+        "title": "Group report <test>",
+        "summary": {"Subjects": n, "Map": "volume", "Dataset <name>": "sim & co"},
+        "metrics": pd.DataFrame({"predictor": ["network", "mean predictor"],
+                                 "split": ["test", "test"], EVIL_COLUMN: [4.2, 15.1]}),
+        "predictions": predictions,
+        "scree": {f"mode-{k}": np.sort(rng.random(10))[::-1] for k in (1, 2, 3)},
+        "rank_sweep": pd.DataFrame(r12, columns=["R1", "R2", "train_error", "val_error"]),
+        "ranks": (3, 4), "rank_reason": "knee of the validation error",
+        "lambda_sweep": pd.DataFrame({"lambda": [0.0, 0.01, 0.1, 1.0],
+                                      "val_mae": [5.0, 4.8, 4.6, 6.0]}),
+        "lambda": 0.1,
+        "rois_img": comps, "dseg_img": dseg, "rois_table": table,
+        "background_img": template, "mask_img": nib.Nifti1Image(brain.astype(np.uint8),
+                                                                 template.affine),
+        "loadings": loadings, "gradcam_img": cam_img, "occlusion": occ,
+        "subjects": [{"label": i, "href": f"{i}.html"} for i in ids[:3]],
+    }
+
+
+@pytest.fixture(scope="module")
+def rendered(context, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    report.render_group_report(context, out)
+    return out
+
+
+def test_report_is_self_contained_and_escapes_dataset_text(rendered):
+    html = rendered.read_text()
+    # no request leaves the file: every src is a data URI, no remote link or script
+    assert not re.findall(r"""(?:src|href)=["'](?:https?:)?//""", html)
+    srcs = re.findall(r"""<img[^>]*\ssrc=["']([^"']+)""", html)
+    assert srcs and all(s.startswith("data:image/") for s in srcs)
+    assert EVIL_LABEL not in html and "&lt;img src=x onerror=" in html
+    assert "<b>MAE</b>" not in html and "&lt;b&gt;MAE&lt;/b&gt;" in html
+    assert "Group report &lt;test&gt;" in html
+    assert "left &lt;hemisphere&gt;" in html
+    for section in ("summary", "ranks", "rois", "loadings", "gradcam", "occlusion", "methods"):
+        assert f'id="{section}"' in html
+    assert "equals CAM" in html and "Selvaraju" in html
+    assert "RoI 1: loadings rise linearly" in html
+    assert html.count('class="viewer"') == 3
+
+
+def _chromium(args, cwd):
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--allow-file-access-from-files", "--hide-scrollbars", "--enable-logging=stderr",
+         "--v=0", "--virtual-time-budget=15000", f"--user-data-dir={cwd}/profile", *args],
+        capture_output=True, text=True, timeout=120, cwd=cwd,
+    )
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(rendered, tmp_path):
+    html = rendered.read_text()
+    checked = tmp_path / "checked.html"
+    checked.write_text(html.replace("<head>", "<head>\n" + CHECKER, 1))
+    dom = _chromium(["--dump-dom", checked.as_uri()], tmp_path)
+    match = re.search(r'<pre id="__check">(.*?)</pre>', dom.stdout, re.S)
+    assert match, dom.stderr[-2000:]
+    result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert result["n"] >= 10 and result["bad"] == []
+    assert result["frames"] == 3 and result["frameImgs"] >= 3 and result["frameBad"] == []
+    assert result["errors"] == []
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line
+               and re.search(r"Uncaught|Error|Failed to load", line)]
+    assert console == []
+    # the escaped label is text on the page, not an element
+    assert "&lt;img src=x onerror=" in dom.stdout and 'onerror="alert(1)">' not in dom.stdout
+
+    shot = tmp_path / "shot.png"
+    run = _chromium([f"--screenshot={shot}", "--window-size=1200,1600", rendered.as_uri()],
+                    tmp_path)
+    assert shot.exists(), run.stderr[-2000:]
+    import matplotlib.image as mpimg
+
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1600, 1200)
+    assert pixels.std() > 0.05
+    assert len(np.unique((pixels.reshape(-1, 3) * 255).astype(np.uint8), axis=0)) > 50
+
+
+def test_subject_partial_renders_loadings(context):
+    info = report.subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
+    assert [roi for roi, _, _ in info["loadings"]] == ["RoI 1", "RoI 2", "RoI 3"]
+    html = report.environment().get_template("group_subject_rois.html").render(subject=info)
+    assert "predicted age" in html and "RoI 3" in html
+    assert info["gap"] == pytest.approx(info["predicted"] - info["true"])
