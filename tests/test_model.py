@@ -1,0 +1,151 @@
+"""The network, its weights on disk and the activation tensor."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from brainage_xai.activations import (
+    iter_activations,
+    load_activation_tensor,
+    participant_activations_path,
+    write_activation_tensor,
+)
+from brainage_xai.errors import DataError, MissingInputError
+from brainage_xai.model import PAPER_DEPTHS, PAPER_WIDTHS, PreActResNet3d, load_model, save_model
+from brainage_xai.model.data import check_grid, load_maps
+from brainage_xai.model.io import read_metadata
+from brainage_xai.rois import feature_geometry
+
+SHAPE = (13, 15, 11)  # uneven on purpose
+
+
+def small_net(n_outputs=1, seed=0):
+    torch.manual_seed(seed)
+    return PreActResNet3d(widths=(3, 4, 6), depths=(1, 2, 1), n_outputs=n_outputs).eval()
+
+
+def inputs(rng, n=3):
+    return torch.from_numpy(rng.normal(size=(n, 1, *SHAPE)).astype(np.float32))
+
+
+def test_default_is_the_papers_architecture():
+    model = PreActResNet3d()
+    assert model.widths == PAPER_WIDTHS == (8, 16, 32, 64, 128)
+    assert model.depths == PAPER_DEPTHS == (3, 4, 6, 4, 3)
+    assert [len(b) for b in model.blocks] == [3, 4, 6, 4, 3]
+    assert [b[0].conv1.stride for b in model.blocks] == [(1, 1, 1)] + [(2, 2, 2)] * 4
+    # Pre-activation units: BN-ReLU before every convolution.
+    unit = model.blocks[2][1]
+    assert isinstance(unit.preact[0], torch.nn.BatchNorm3d) and isinstance(unit.preact[1], torch.nn.ReLU)
+    assert model.layers == ("block1", "block2", "block3", "block4", "block5")
+    assert model.default_layer == "block5" and model.activation_module_name() == "final"
+    # 2 mm FSL-size grid gives the 6 x 7 x 6 of DESIGN.md at the last block.
+    assert model.feature_shape((91, 109, 91)) == (6, 7, 6)
+
+
+def test_multi_output_head(rng):
+    model = small_net(n_outputs=2)
+    assert model(inputs(rng)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("layer", ["block1", "block2", "block3"])
+def test_layer_grid_matches_hook_and_stride_tracer(rng, layer):
+    model = small_net()
+    (act,) = iter_activations(model, inputs(rng), layer, batch_size=3)
+    assert act.shape == (3, model.layer_channels(layer), *model.feature_shape(SHAPE, layer))
+    assert act.min() >= 0  # a BN-ReLU output
+    # The RoI code derives the geometry from the network's convolutions on its own.
+    geom = feature_geometry(model, model.activation_module_name(layer), SHAPE)
+    assert geom.feature_shape == model.feature_shape(SHAPE, layer)
+    assert geom.stride == (model.layer_stride(layer),) * 3 and geom.offset == (0.0, 0.0, 0.0)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine[:3, 3] = [-70, -100, -50]
+    expected = affine.copy()
+    expected[:3, :3] *= model.layer_stride(layer)
+    np.testing.assert_allclose(model.feature_affine(affine, layer), expected)
+
+
+def test_head_on_pooled_activation_is_the_prediction(rng):
+    model = small_net()
+    x = inputs(rng)
+    (act,) = iter_activations(model, x, batch_size=8)
+    pooled = torch.from_numpy(act.reshape(act.shape[0], act.shape[1], -1).mean(axis=2))
+    with torch.no_grad():
+        np.testing.assert_allclose(model.head(pooled).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_layer_is_refused():
+    with pytest.raises(ValueError, match=r"'layer' must be one of \['block1', 'block2', 'block3'\]"):
+        small_net().check_layer("block9")
+
+
+def test_save_load_roundtrip_without_pickle(tmp_path, rng):
+    model = small_net(n_outputs=2)
+    x = inputs(rng)
+    path = save_model(tmp_path / "model.safetensors", model, {"targets": ["age", "bmi"], "seed": 3})
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert raw[8:9] == b"{" and json.loads(raw[8 : 8 + header_len])  # a safetensors header, not a pickle
+    meta_json = json.loads(path.with_suffix(".json").read_text())
+    assert meta_json["architecture"]["widths"] == [3, 4, 6] and meta_json["targets"] == ["age", "bmi"]
+    assert {"torch", "brainage_xai", "numpy", "python"} <= set(meta_json["versions"])
+    assert read_metadata(tmp_path) == meta_json  # a folder works, header == JSON
+    loaded, meta = load_model(tmp_path)
+    assert not loaded.training and meta["seed"] == 3
+    with torch.no_grad():
+        np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(MissingInputError, match="not found"):
+        load_model(tmp_path / "absent.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04not a safetensors file")
+    with pytest.raises(DataError, match="not a readable safetensors file"):
+        load_model(bad)
+
+
+def test_activation_tensor_roundtrip(tmp_path, rng):
+    model = small_net()
+    x = inputs(rng, n=5)
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    meta = write_activation_tensor(
+        tmp_path, iter_activations(model, x, "block2", batch_size=2), subjects=list("abcde"),
+        split=["train", "train", "val", "test", "train"], model=model, layer="block2",
+        input_shape=SHAPE, input_affine=affine, model_sha="0" * 64,
+    )  # fmt: skip
+    tensor = load_activation_tensor(meta)
+    grid = model.feature_shape(SHAPE, "block2")
+    assert isinstance(tensor.array, np.memmap) and tensor.array.dtype == np.float32
+    assert tensor.array.shape == (5, 4, int(np.prod(grid))) and tensor.grid_shape == grid
+    assert tensor.subjects == list("abcde") and list(tensor.rows("train")) == [0, 1, 4]
+    np.testing.assert_allclose(tensor.affine, model.feature_affine(affine, "block2"))
+    (direct,) = iter_activations(model, x, "block2", batch_size=5)
+    np.testing.assert_allclose(tensor.volumes(), direct, rtol=1e-4, atol=1e-5)
+
+
+def test_participant_activation_name():
+    p = participant_activations_path(
+        "/o/sub-01/anat/sub-01_space-MNI152NLin2009cAsym_res-4_label-GM_desc-preproc_probseg.nii.gz", "block5"
+    )
+    assert p.name == "sub-01_space-MNI152NLin2009cAsym_res-4_label-GM_desc-block5_activations.nii.gz"
+    assert str(p.parent) == "/o/sub-01/anat"
+
+
+def test_load_maps_checks_grid(tmp_path, rng):
+    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    paths = []
+    for i, aff in enumerate([affine, affine, np.diag([2.0, 2.0, 2.0, 1.0])]):
+        paths.append(tmp_path / f"m{i}.nii.gz")
+        nib.save(nib.Nifti1Image(rng.random(SHAPE).astype(np.float32), aff), paths[-1])
+    maps, aff = load_maps(paths[:2])
+    assert maps.shape == (2, 1, *SHAPE) and np.allclose(aff, affine)
+    with pytest.raises(DataError, match=r"voxel size \[2.0, 2.0, 2.0\] mm .* expects .* \[4.0, 4.0, 4.0\]"):
+        load_maps(paths)
+    with pytest.raises(DataError, match="expected a 3D map"):
+        check_grid((*SHAPE, 3), affine, SHAPE, affine)
