@@ -502,3 +502,126 @@ def write_rois(out_dir, u3, geometry: FeatureGeometry, template_img, *,
         "dseg_table": dseg_table,
         "rois_table": table,
     }
+
+
+def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.DataFrame,
+                       template_img, mask=None, target: str = "age",
+                       prefix: str = "space-MNI152NLin2009cAsym_res-2",
+                       coefficients=None, scale: float = 1.0, shift: float = 0.0,
+                       n_random: int = 20, seed: int = 0, device="cpu",
+                       batch_size: int = 4) -> dict:
+    """Write every dataset-level explanation into ``group_dir`` and return the report parts.
+
+    The one entry point for the group workflow: RoI images and tables, loadings against
+    the target, the GradCAM baseline and the occlusion test.
+
+    Parameters
+    ----------
+    group_dir : path
+        The ``group/`` folder.
+    model : torch.nn.Module
+        The trained network (``PreActResNet3d`` or any 3D regressor).
+    layer : str or torch.nn.Module
+        The decomposed activation: a layer name of ``PreActResNet3d`` (``"block5"``), a
+        module name of ``model``, or the module.
+    u3 : ndarray, shape (v, R)
+        Spatial factor of the final decomposition.
+    u1 : ndarray, shape (n, R)
+        Subject loadings, rows in the order of ``table`` and ``inputs``.
+    inputs : ndarray, shape (n, X, Y, Z)
+        The network's inputs (as it sees them: normalised), all subjects.
+    table : DataFrame
+        ``participant_id``, ``split`` (train/validation/test) and ``target``, one row per
+        subject.
+    template_img : nibabel image
+        The model grid (affine of every output image).
+    mask : ndarray of bool, optional
+        Brain mask on the model grid (RoIs are zeroed outside; random blobs stay inside).
+    scale, shift : float
+        Network output to target units.
+    coefficients : array-like, optional
+        The linear model's per-RoI coefficients.
+
+    Returns
+    -------
+    dict
+        Report context entries: ``rois_img``, ``dseg_img``, ``rois_table``, ``loadings``,
+        ``loading_fits``, ``gradcam_img``, ``occlusion`` (table, null), ``mask_img``,
+        ``geometry``, and ``paths`` of the files written.
+    """
+    import nibabel as nib
+
+    from . import gradcam as _gradcam
+    from . import loadings as _loadings
+    from . import occlusion as _occlusion
+    from .utils.io import save_nifti, write_tsv
+
+    group_dir = Path(group_dir)
+    module = layer
+    if isinstance(layer, str) and hasattr(model, "activation_module") and layer in getattr(
+        model, "layers", ()
+    ):
+        module = model.activation_module(layer)
+    x = np.asarray(inputs, dtype=np.float32)
+    if x.ndim == 5:
+        x = x[:, 0]
+    if len(table) != x.shape[0] or np.asarray(u1).shape[0] != x.shape[0]:
+        raise DataError(
+            f"table has {len(table)} rows, inputs {x.shape[0]} and U1 "
+            f"{np.asarray(u1).shape[0]}; expected one row per subject in each"
+        )
+    geometry = feature_geometry(model, module, x.shape[1:])
+    if mask is None:
+        mask = np.ones(x.shape[1:], dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    atlas_img = atlas_labels = None
+    try:
+        from .atlas import load_atlas
+
+        atlas_img, names = load_atlas(template_img)
+        atlas_labels = dict(zip(names["index"].astype(int), names["name"].astype(str)))
+    except (ImportError, FileNotFoundError, OSError) as exc:
+        warnings.warn(f"no atlas to name the RoIs: {exc}", stacklevel=2)
+    out = write_rois(group_dir, u3, geometry, template_img, prefix=prefix, mask=mask,
+                     atlas_img=atlas_img, atlas_labels=atlas_labels)
+    paths = {k: v for k, v in out.items() if isinstance(v, Path)}
+
+    names_r = roi_names(np.asarray(u1).shape[1])
+    load = table[["participant_id", "split", target]].reset_index(drop=True).copy()
+    for r, name in enumerate(names_r):
+        load[name] = np.asarray(u1)[:, r]
+    fits = _loadings.describe_loadings(load, load[target], roi_columns=names_r,
+                                       coefficients=coefficients, target=target, seed=seed)
+    paths["loadings"] = write_tsv(group_dir / "loadings.tsv", load)
+    paths["loading_fits"] = write_tsv(group_dir / f"loadings_vs_{target}.tsv", fits)
+
+    cam_img, _ = _gradcam.average_gradcam(model, module, list(x), geometry, template_img,
+                                          mask=mask, batch_size=batch_size, device=device)
+    paths["gradcam"] = save_nifti(cam_img, group_dir / f"{prefix}_desc-gradcam_map.nii.gz")
+
+    split = table["split"].to_numpy()
+    test = split == "test"
+    train = split == "train"
+    if not test.any() or not train.any():
+        raise DataError("the occlusion test needs subjects in the 'train' and 'test' splits")
+    predict = _occlusion.torch_predictor(model, device=device, batch_size=batch_size,
+                                         scale=scale, shift=shift)
+    zooms = tuple(float(z) for z in template_img.header.get_zooms()[:3])
+    occ_table, null = _occlusion.occlusion_test(
+        predict, x[test], table[target].to_numpy()[test], roi_masks(out["components_img"]),
+        x[train].mean(axis=0), mask, n_random=n_random, seed=seed, zooms=zooms,
+    )
+    paths["occlusion"] = write_tsv(group_dir / "occlusion.tsv", occ_table)
+    paths["occlusion_null"] = write_tsv(group_dir / "occlusion_null.tsv", null)
+    return {
+        "rois_img": out["components_img"],
+        "dseg_img": out["dseg_img"],
+        "rois_table": out["rois_table"],
+        "loadings": load,
+        "loading_fits": fits,
+        "gradcam_img": cam_img,
+        "occlusion": (occ_table, null),
+        "mask_img": nib.Nifti1Image(mask.astype(np.uint8), template_img.affine),
+        "geometry": geometry,
+        "paths": paths,
+    }

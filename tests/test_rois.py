@@ -179,3 +179,51 @@ def test_describe_and_plot_loadings(rng):
 def test_fit_trajectory_needs_enough_subjects():
     with pytest.raises(DataError, match="at least 10 subjects"):
         ld.fit_trajectory([1, 2, 3], [1, 2, 3])
+
+
+# --- the project's network and the one entry point -------------------------------------
+
+
+def test_geometry_agrees_with_the_resnet_feature_grid():
+    from brainage_xai.model.network import PreActResNet3d
+
+    torch.manual_seed(0)
+    net = PreActResNet3d(widths=(2, 3, 4), depths=(1, 1, 1)).eval()
+    affine = mni_affine(4.0)
+    for layer in net.layers:
+        geo = rois.feature_geometry(net, net.activation_module(layer), SHAPE)
+        assert geo.feature_shape == net.feature_shape(SHAPE, layer)
+        np.testing.assert_allclose(geo.feature_affine(affine), net.feature_affine(affine, layer))
+
+
+def test_write_explanations_writes_every_output(tmp_path, rng):
+    import pandas as pd
+
+    from brainage_xai.model.network import PreActResNet3d
+
+    torch.manual_seed(0)
+    net = PreActResNet3d(widths=(2, 3, 4), depths=(1, 1, 1)).eval()
+    n = 16
+    x = rng.random((n, *SHAPE)).astype(np.float32)
+    template = nib.Nifti1Image(np.zeros(SHAPE, np.float32), mni_affine(4.0))
+    fshape = net.feature_shape(SHAPE, "block2")
+    u3 = rng.random((int(np.prod(fshape)), 2)) ** 4
+    age = rng.uniform(10, 80, n)
+    table = pd.DataFrame({"participant_id": [f"sub-{i}" for i in range(n)],
+                          "split": ["train"] * 10 + ["validation"] * 3 + ["test"] * 3,
+                          "age": age})
+    u1 = np.column_stack([age / 80, rng.random(n)])
+    mask = np.zeros(SHAPE, bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    out = rois.write_explanations(tmp_path, model=net, layer="block2", u3=u3, u1=u1,
+                                  inputs=x, table=table, template_img=template, mask=mask,
+                                  prefix="space-MNI152NLin2009cAsym_res-4", scale=10, shift=40)
+    for key in ("components", "dseg", "dseg_tsv", "rois_tsv", "loadings", "loading_fits",
+                "gradcam", "occlusion", "occlusion_null"):
+        assert out["paths"][key].exists(), key
+    assert out["geometry"].stride == (2.0, 2.0, 2.0)
+    assert nib.load(out["paths"]["gradcam"]).shape == SHAPE
+    np.testing.assert_allclose(nib.load(out["paths"]["gradcam"]).affine, template.affine)
+    assert list(out["loadings"].columns) == ["participant_id", "split", "age", "RoI 1", "RoI 2"]
+    assert len(out["occlusion"][0]) == 2 and len(out["occlusion"][1]) == 40
+    assert not (nib.load(out["paths"]["components"]).get_fdata()[~mask] > 0).any()
