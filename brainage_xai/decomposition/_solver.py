@@ -1,0 +1,349 @@
+"""Building blocks of the structured solver: HALS column updates, the rank-deficient
+mode-2 step, the two-pass outer iteration and the initialisations.
+
+Internal representation (see ``docs/decomposition.md``)::
+
+    A ~ sum_r U1[:, r] o W[:, r] o U3[:, r],      W = U2 @ D.T   (only when R2 < R1)
+
+with the component scale kept in ``U3`` between iterations. The objective is
+
+    F = 1/2 ||A - Ahat||^2 + l1 * sum_r ||U1[:, r]||_2 ||W[:, r]||_2 ||U3[:, r]||_1,
+
+which equals ``1/2 ||A - Ahat||^2 + l1 ||U3||_1`` whenever the columns of ``U1`` and
+``W`` have unit norm. Writing the penalty scale-invariantly makes the normalisation a
+no-op for ``F`` (so ``F`` never increases) and keeps the l1 penalty meaningful: without
+it the penalty could be driven to zero by moving scale out of ``U3``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._backend import TINY, Backend
+
+#: Inner HALS sweeps per factor update. Cheap next to the two passes over the
+#: tensor, and they make each outer iteration worth much more (Gillis & Glineur 2012).
+SWEEPS_U1 = 5
+SWEEPS_W = 5
+SWEEPS_U3 = 5
+#: Alternations between U2 and D inside one mode-2 step of the reduced model.
+MODE2_ROUNDS = 2
+#: Monotone FISTA steps for D per alternation.
+FISTA_STEPS = 15
+
+
+@dataclass
+class State:
+    """Factors of the structured model; ``U2``/``D`` are set only when ``R2 < R1``."""
+
+    U1: object
+    W: object
+    U3: object
+    U2: object = None
+    D: object = None
+
+
+# --------------------------------------------------------------------------- updates
+def hals(bk: Backend, U, M, H, sweeps, nonneg=True, shrink=None, group=None):
+    """Exact column-by-column minimisation of a quadratic in ``U``.
+
+    Minimises ``1/2 tr(U H U.T) - tr(U.T M) + sum_r shrink_r ||u_r||_1
+    + sum_r group_r ||u_r||_2`` over the columns of ``U`` in turn, each column at its
+    exact minimiser given the others (so the objective never increases).
+    ``shrink`` (an l1 weight, only with ``nonneg``) is soft-thresholding,
+    ``group`` a column-norm penalty, i.e. group soft-thresholding.
+    """
+    U = bk.copy(U)
+    R = U.shape[1]
+    dg = bk.diag(H)
+    # A column whose Gram diagonal vanishes (another factor of its component is
+    # zero) carries no information: it is kept as is rather than zeroed, so that the
+    # component can come back when the other factors move.
+    alive = dg > 1e-20 * bk.clamp_min(dg.max(), TINY)
+    dg = bk.clamp_min(dg, TINY)
+    for _ in range(sweeps):
+        for r in range(R):
+            num = M[:, r] - U @ H[:, r] + U[:, r] * H[r, r]
+            if shrink is not None:
+                num = num - shrink[r]
+            if nonneg:
+                num = bk.clip0(num)
+            if group is not None:
+                nrm = bk.sqrt(bk.sum(num * num))
+                num = num * bk.clip0(1.0 - group[r] / bk.clamp_min(nrm, TINY))
+            U[:, r] = bk.where(alive[r], num / dg[r], U[:, r])
+    return U
+
+
+def update_factor(bk, U, M, H, nonneg, group, sweeps):
+    """Update a factor that enters the fit through ``1/2 tr(U H U.T) - tr(U.T M)``.
+
+    Unconstrained and unpenalised factors get the exact least-squares solution;
+    the others get HALS sweeps. ``U=None`` starts from the clipped least-squares
+    solution.
+    """
+    if U is None or (not nonneg and group is None):
+        U_ls = M @ bk.pinvh(H)
+        if not nonneg and group is None:
+            return U_ls
+        U = bk.clip0(U_ls) if nonneg else U_ls
+    return hals(bk, U, M, H, sweeps, nonneg=nonneg, group=group)
+
+
+def nn_sylvester(bk, D, H, P, B, steps):
+    """Monotone FISTA for ``min_{D >= 0} 1/2 tr(D.T H D P) - <D, B>``.
+
+    The objective is evaluated at every candidate and the better point kept
+    (Beck & Teboulle's MFISTA), so the result is never worse than ``D``. Only small
+    ``R1 x R2`` products; no host synchronisation.
+    """
+    L = bk.clamp_min(bk.max_eig(H) * bk.max_eig(P), TINY)
+
+    def f(X):
+        return 0.5 * bk.sum(X * (H @ X @ P)) - bk.sum(X * B)
+
+    x = D
+    fx = f(x)
+    y = x
+    t = 1.0
+    for _ in range(steps):
+        z = bk.clip0(y - (H @ y @ P - B) / L)
+        fz = f(z)
+        better = fz <= fx
+        x_new = bk.where(better, z, x)
+        fx = bk.where(better, fz, fx)
+        t_new = 0.5 * (1.0 + (1.0 + 4.0 * t * t) ** 0.5)
+        y = x_new + (t / t_new) * (z - x_new) + ((t - 1.0) / t_new) * (x_new - x)
+        x, t = x_new, t_new
+    return x
+
+
+def mode2_reduced(bk, U2, D, M2, H2, nonneg, rounds=MODE2_ROUNDS, steps=FISTA_STEPS):
+    """Decrease ``1/2 tr(W H2 W.T) - tr(W.T M2)`` over ``W = U2 D.T`` with ``D >= 0``.
+
+    Alternates an exact update of ``U2`` (HALS if non-negative, least squares if
+    free) and monotone FISTA on ``D``; columns of ``U2`` are rebalanced to unit norm
+    in between (the product is unchanged).
+    """
+    for _ in range(rounds):
+        Q = D.T @ H2 @ D
+        N = M2 @ D
+        if nonneg:
+            U2 = hals(bk, U2, N, Q, SWEEPS_W)
+        else:
+            U2 = N @ bk.pinvh(Q)
+        s = bk.col_norms(U2)
+        U2 = U2 / bk.clamp_min(s, TINY)
+        D = D * s[None, :]
+        D = nn_sylvester(bk, D, H2, U2.T @ U2, M2.T @ U2, steps)
+    return U2, D
+
+
+def iterate(bk, A2, shape, st: State, reduced, nonneg, lam, normA2):
+    """One outer iteration: two passes over the tensor.
+
+    Pass 1 contracts mode 3 once (``T = A x3 U3``), which serves the mode-1 and
+    mode-2 MTTKRPs; pass 2 is the mode-3 MTTKRP. The fit comes from Gram
+    identities, never from a dense reconstruction.
+
+    Returns the new state, the objective ``F`` and the data term
+    ``||A - Ahat||^2`` (backend scalars).
+    """
+    n, c, _ = shape
+    U1, W, U3, U2, D = st.U1, st.W, st.U3, st.U2, st.D
+    R1 = U3.shape[1]
+
+    # pass 1
+    T = (A2 @ U3).reshape(n, c, R1)
+    G3 = U3.T @ U3
+    l1_3 = bk.col_l1(U3) if lam > 0 else None
+    M1 = bk.sum(T * W[None, :, :], axis=1)
+    H1 = (W.T @ W) * G3
+    g1 = lam * bk.col_norms(W) * l1_3 if lam > 0 else None
+    U1 = update_factor(bk, U1, M1, H1, nonneg, g1, SWEEPS_U1)
+
+    M2 = bk.sum(T * U1[:, None, :], axis=0)
+    del T
+    H2 = (U1.T @ U1) * G3
+    if not reduced:
+        g2 = lam * bk.col_norms(U1) * l1_3 if lam > 0 else None
+        W = update_factor(bk, W, M2, H2, nonneg, g2, SWEEPS_W)
+    else:
+        if lam > 0:
+            # Majorise the column-norm penalty by a quadratic that touches it at the
+            # current W (AM-GM): the mode-2 problem stays a plain quadratic.
+            beta = lam * bk.col_norms(U1) * l1_3 / bk.clamp_min(bk.col_norms(W), TINY)
+            H2 = H2 + bk.einsum("i,ij->ij", beta, bk.eye(R1))
+        U2, D = mode2_reduced(bk, U2, D, M2, H2, nonneg)
+        W = U2 @ D.T
+
+    # Unit columns for U1 and W, scale into U3: F is invariant (see module docstring).
+    n1 = bk.col_norms(U1)
+    nw = bk.col_norms(W)
+    U1 = U1 / bk.clamp_min(n1, TINY)
+    W = W / bk.clamp_min(nw, TINY)
+    if reduced:
+        D = D / bk.clamp_min(nw, TINY)[:, None]
+    U3 = U3 * (n1 * nw)[None, :]
+
+    # pass 2
+    KR = (U1[:, None, :] * W[None, :, :]).reshape(-1, R1)
+    M3 = A2.T @ KR
+    del KR
+    H3 = (U1.T @ U1) * (W.T @ W)
+    shrink = lam * bk.col_norms(U1) * bk.col_norms(W) if lam > 0 else None
+    U3 = hals(bk, U3, M3, H3, SWEEPS_U3, nonneg=True, shrink=shrink)
+
+    data = normA2 - 2.0 * bk.sum(M3 * U3) + bk.sum(H3 * (U3.T @ U3))
+    F = 0.5 * data
+    if lam > 0:
+        F = F + lam * bk.sum(bk.col_norms(U1) * bk.col_norms(W) * bk.col_l1(U3))
+    return State(U1, W, U3, U2, D), F, data
+
+
+def run(bk, A2, shape, st, *, reduced, nonneg, lam, normA2, n_iter_max, tol, log=None):
+    """Outer iterations until the relative decrease of ``F`` falls below ``tol``.
+
+    Returns the final state, the list of objective values, the final data term and
+    whether the stopping rule was met (rather than ``n_iter_max``).
+    """
+    objs = []
+    data = None
+    converged = False
+    floor = 1e-28 * normA2
+    for it in range(n_iter_max):
+        st, F, data = iterate(bk, A2, shape, st, reduced, nonneg, lam, normA2)
+        F = bk.item(F)
+        objs.append(F)
+        if log is not None and log(it, F):
+            break
+        if F <= floor:
+            converged = True
+            break
+        if it > 0 and objs[-2] - F <= tol * objs[-2]:
+            converged = True
+            break
+    return st, objs, bk.item(data), converged
+
+
+# --------------------------------------------------------------------------- init
+def _nonneg_columns(bk, X):
+    """A non-negative start from singular vectors: sign-fix each column, take |x|."""
+    Xn = bk.to_numpy(X)
+    signs = np.where(np.sum(Xn, axis=0) < 0, -1.0, 1.0)
+    return bk.abs(X * bk.asarray(signs)[None, :])
+
+
+def _top_eigvecs(bk, Q, Z, k):
+    """Leading left singular vectors of ``Q @ Z.T`` (``Q`` orthonormal)."""
+    _, V = bk.eigh(Z.T @ Z)
+    V = bk.take_cols(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - k, -1))
+    return Q @ V
+
+
+def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=1, oversample=10):
+    """Leading singular vectors of the mode-2 and mode-3 unfoldings.
+
+    Randomised range finder (Halko et al. 2011) whose test matrices are Khatri-Rao
+    products of small Gaussian matrices, so that the first product is an MTTKRP and
+    nothing of size ``n c`` or ``n v`` is drawn on the host. ``U1`` is left to the
+    first iteration (clipped least squares).
+    """
+    n, c, v = shape
+
+    # mode 3: A_(3) = A2.T  (v x nc)
+    k3 = min(R1 + oversample, v, n * c)
+    Om = bk.asarray(rng.standard_normal((n, 1, k3)) * rng.standard_normal((1, c, k3)))
+    Y = A2.T @ Om.reshape(n * c, k3)
+    del Om
+    for _ in range(power_iter):
+        Q = bk.qr_q(Y)
+        Y = A2.T @ (A2 @ Q)
+    Q = bk.qr_q(Y)
+    U3 = _top_eigvecs(bk, Q, A2 @ Q, min(R1, k3))
+
+    # mode 2: A_(2) is c x nv; products through batched matmuls over subjects
+    k2 = min(R1 + oversample, c, n * v)
+    Oa = bk.asarray(rng.standard_normal((n, k2)))
+    Oc = bk.asarray(rng.standard_normal((v, k2)))
+    Y = bk.sum((A2 @ Oc).reshape(n, c, k2) * Oa[:, None, :], axis=0)
+    At = bk.swap_last(A)
+    for _ in range(power_iter):
+        Q = bk.qr_q(Y)
+        Y = bk.sum(bk.batched_matmul(A, bk.batched_matmul(At, Q)), axis=0)
+    Q = bk.qr_q(Y)
+    Z = bk.batched_matmul(At, Q).reshape(n * v, k2)
+    W = _top_eigvecs(bk, Q, Z, min(R1, k2))
+    del Z
+
+    U3 = _pad_random(bk, _nonneg_columns(bk, U3), R1, rng)
+    W = _nonneg_columns(bk, W) if nonneg else _sign_fix(bk, W)
+    W = _pad_random(bk, W, R1, rng)
+    return State(None, W, U3)
+
+
+def _sign_fix(bk, X):
+    Xn = bk.to_numpy(X)
+    signs = np.where(np.sum(Xn, axis=0) < 0, -1.0, 1.0)
+    return X * bk.asarray(signs)[None, :]
+
+
+def _pad_random(bk, X, R, rng):
+    """Append uniform random unit columns up to ``R`` columns."""
+    if X.shape[1] >= R:
+        return X
+    extra = rng.random((X.shape[0], R - X.shape[1]))
+    extra /= np.linalg.norm(extra, axis=0, keepdims=True)
+    if bk.is_torch:
+        return bk.torch.cat([X, bk.asarray(extra)], dim=1)
+    return np.concatenate([X, bk.asarray(extra)], axis=1)
+
+
+def random_init(bk, shape, R1, rng):
+    """Uniform random factors; the first ``U1`` update fixes the scale."""
+    n, c, v = shape
+    return State(
+        bk.asarray(rng.random((n, R1))),
+        bk.asarray(rng.random((c, R1))),
+        bk.asarray(rng.random((v, R1))),
+    )
+
+
+def reduce_mode2(bk, st: State, R2, nonneg, hint=None, rounds=20):
+    """Rank-``R2`` factorisation ``W ~ U2 D.T`` (``D >= 0``) of a rank-``R1`` CP fit.
+
+    Starts from the ``R2`` most important columns of ``W`` (or of ``hint``, an
+    earlier ``U2``, padded with the worst-explained columns of ``W``), sets ``D`` by
+    clipped least squares and refines by weighted alternating least squares, the
+    weights being the component energies, so that strong components are kept best.
+    """
+    W, U3 = st.W, st.U3
+    g = bk.col_norms(U3) * bk.col_norms(W)
+    gn = bk.to_numpy(g)
+    order = np.argsort(-gn, kind="stable")
+    if hint is None or hint.shape[1] == 0:
+        U2 = bk.take_cols(W, order[:R2])
+    else:
+        U2 = hint
+        if U2.shape[1] > R2:
+            U2 = bk.take_cols(U2, np.arange(R2))
+        while U2.shape[1] < R2:
+            D = bk.clip0(W.T @ U2 @ bk.pinvh(U2.T @ U2))
+            res = bk.to_numpy(bk.col_norms(W - U2 @ D.T) * g)
+            worst = int(np.argmax(res))
+            if bk.is_torch:
+                U2 = bk.torch.cat([U2, W[:, worst : worst + 1]], dim=1)
+            else:
+                U2 = np.concatenate([U2, W[:, worst : worst + 1]], axis=1)
+    if nonneg:
+        U2 = bk.clip0(U2)
+    U2 = U2 / bk.clamp_min(bk.col_norms(U2), TINY)
+    D = bk.clip0(W.T @ U2 @ bk.pinvh(U2.T @ U2))
+    Hw = bk.einsum("i,ij->ij", g * g, bk.eye(W.shape[1]))
+    U2, D = mode2_reduced(bk, U2, D, W @ Hw, Hw, nonneg, rounds=rounds)
+    Wr = U2 @ D.T
+    nw = bk.clamp_min(bk.col_norms(Wr), TINY)
+    # Unit columns of W again, norms into U3: the model itself is unchanged.
+    return State(st.U1, Wr / nw[None, :], U3 * nw[None, :], U2, D / nw[:, None])
