@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ._version import __version__
 from .errors import DataError, UsageError
+from .utils.env import container_info
 from .utils.io import write_json, write_text
 
 DEFAULT_SPACE = "MNI152NLin2009cAsym"
@@ -194,19 +195,6 @@ def collect_preprocessed(
             f"({', '.join(p.name for p in paths)}); choose one with a resolution or space"
         )
     return [(s, p[0]) for s, p in sorted(found.items())]
-
-
-def container_info() -> dict | None:
-    """The container this run is in, from the environment (Docker or Singularity/Apptainer)."""
-    if os.environ.get("BRAINAGE_XAI_CONTAINER"):
-        kind, _, tag = os.environ["BRAINAGE_XAI_CONTAINER"].partition(":")
-        return {"Type": kind or "docker", "Tag": tag or __version__}
-    for var, kind in (("APPTAINER_NAME", "singularity"), ("SINGULARITY_NAME", "singularity")):
-        if os.environ.get(var):
-            return {"Type": kind, "Tag": os.environ[var]}
-    if os.environ.get("DOCKER_IMAGE"):
-        return {"Type": "docker", "Tag": os.environ["DOCKER_IMAGE"]}
-    return None
 
 
 def write_dataset_description(

@@ -151,10 +151,11 @@ def _build(t1, mask, gm, resolution, source, description) -> Template:
     import nibabel as nib
 
     shape, affine = model_grid(resolution)
-    t1_data = _resample(t1, shape, affine, "continuous")
-    gm_data = np.clip(_resample(gm, shape, affine, "continuous"), 0, 1)
+    # Linear interpolation: smooth templates need no spline, and it is several times faster.
+    t1_data = _resample(t1, shape, affine, "linear")
+    gm_data = np.clip(_resample(gm, shape, affine, "linear"), 0, 1)
     # A mask resampled linearly and cut at 0.5 keeps its volume at any voxel size.
-    mask_data = (_resample(mask, shape, affine, "continuous") >= 0.5).astype(np.uint8)
+    mask_data = (_resample(mask, shape, affine, "linear") >= 0.5).astype(np.uint8)
 
     def img(data, dtype):
         out = nib.Nifti1Image(data.astype(dtype), affine)

@@ -10,7 +10,6 @@ the documented exit code.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -28,21 +27,6 @@ def _writable(path: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def setup_environment() -> None:
-    """Point caches to writable places and keep every library offline.
-
-    Under Singularity/Apptainer HOME is often read-only or missing; matplotlib and
-    TemplateFlow would then fail on their first write.
-    """
-    os.environ.setdefault("TEMPLATEFLOW_AUTOUPDATE", "0")
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    home = Path(os.environ.get("HOME") or tempfile.gettempdir())
-    if "MPLCONFIGDIR" not in os.environ and not _writable(home / ".config" / "matplotlib"):
-        cache = Path(tempfile.gettempdir()) / f"brainage-xai-{os.getuid()}" / "matplotlib"
-        cache.mkdir(parents=True, exist_ok=True)
-        os.environ["MPLCONFIGDIR"] = str(cache)
 
 
 def check_output_dir(path: Path) -> None:
@@ -106,10 +90,13 @@ def _run_group(config) -> int:
 
 def run(config) -> int:
     """Run one level with a parsed configuration; returns the exit code."""
-    setup_environment()
+    from ..utils.env import configure_runtime
+
     check_output_dir(config.output_dir)
     if config.work_dir is not None:
         check_output_dir(config.work_dir)
+    # Before matplotlib, TemplateFlow or torch are imported: they read these at import.
+    configure_runtime(config.work)
     log_file = setup_logging(config)
     try:
         config.write_toml()
