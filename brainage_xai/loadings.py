@@ -214,7 +214,7 @@ def plot_loadings(loadings: pd.DataFrame, age, split=None, *, roi_columns=None,
     nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
     grid = np.linspace(np.nanmin(x), np.nanmax(x), 200)
-    colours = {"train": "#4c72b0", "validation": "#dd8452", "test": "#55a868"}
+    colours = {"train": "#4c72b0", "val": "#dd8452", "validation": "#dd8452", "test": "#55a868"}
     for ax, col in zip(axes.ravel(), roi_columns):
         y = loadings[col].to_numpy(dtype=float)
         if split is None:

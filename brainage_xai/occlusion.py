@@ -10,6 +10,7 @@ simulated, because it needs only the network and the test set.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -141,7 +142,12 @@ def occlusion_test(predict: Callable, inputs: np.ndarray, y_true, roi_masks: np.
     for name, mask in zip(names, masks):
         n_vox = int(mask.sum())
         if n_vox == 0:
-            raise DataError(f"{name} is empty after thresholding; nothing to occlude")
+            # an all-zero column of U3 (a dead component): nothing to occlude
+            warnings.warn(f"{name} is empty after thresholding; not occluded", stacklevel=2)
+            rows.append({"roi": name, "voxels": 0, "volume_mm3": 0.0, "mae_baseline": base,
+                         "mae_occluded": np.nan, "mae_increase": np.nan, "null_mean": np.nan,
+                         "null_p95": np.nan, "p_value": np.nan, "above_null": False})
+            continue
         increase = occluded_mae(mask) - base
         null = []
         for draw in range(n_random):

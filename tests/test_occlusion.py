@@ -79,6 +79,9 @@ def test_occlusion_checks_its_inputs(cohort):
     with pytest.raises(DataError, match="at least 20"):
         occlusion.occlusion_test(cohort["predict"], cohort["x_test"], cohort["y_test"], masks,
                                  cohort["fill"], cohort["brain"], n_random=5)
-    with pytest.raises(DataError, match="empty"):
-        occlusion.occlusion_test(cohort["predict"], cohort["x_test"], cohort["y_test"],
-                                 np.zeros_like(masks), cohort["fill"], cohort["brain"])
+    with pytest.warns(UserWarning, match="empty"):
+        table, null = occlusion.occlusion_test(
+            cohort["predict"], cohort["x_test"], cohort["y_test"],
+            np.concatenate([np.zeros_like(masks), masks]), cohort["fill"], cohort["brain"])
+    assert not table.loc[0, "above_null"] and np.isnan(table.loc[0, "mae_increase"])
+    assert table.loc[1, "above_null"] and set(null["roi"]) == {"RoI 2"}

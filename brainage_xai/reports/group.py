@@ -174,7 +174,7 @@ def plot_predictions(predictions: pd.DataFrame, target: str = "age"):
     plt = _plt()
     pred_col = f"predicted_{target}"
     fig, ax = plt.subplots(figsize=(4, 4))
-    colours = {"train": "#4c72b0", "validation": "#dd8452", "test": "#55a868"}
+    colours = {"train": "#4c72b0", "val": "#dd8452", "validation": "#dd8452", "test": "#55a868"}
     for split, part in predictions.groupby("split", sort=False):
         ax.scatter(part[target], part[pred_col], s=10, alpha=0.75, label=str(split),
                    color=colours.get(str(split)))
