@@ -1,0 +1,149 @@
+"""The command line: parsing, the exit code of each kind of wrong call, logs, dispatch."""
+
+import json
+import sys
+import tomllib
+
+import pytest
+
+from brainage_xai import __version__
+from brainage_xai.cli.parser import parse_args
+from brainage_xai.cli.run import main
+
+
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--participant-label", "--derivatives", "--bids-filter-file", "--map",
+                   "--target", "--work-dir", "--n-cpus", "--device", "--random-seed",
+                   "--skip-bids-validation", "--model", "--ranks", "--lambda", "--rank-grid",
+                   "--lambda-grid", "--resolution", "--allow-resample", "--quiet", "Exit codes"):
+        assert option in out
+
+
+def test_parse_full_call(sim_bids, tmp_path):
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"desc": "modulated"}))
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x")
+    cfg = parse_args([
+        str(sim_bids), str(tmp_path / "out"), "group",
+        "--participant-label", "sub-001", "002", "001",
+        "--derivatives", f"sim={sim_bids / 'derivatives' / 'simulated'}",
+        "--bids-filter-file", str(filt), "--map", "stiffness",
+        "--target", "age", "--target", "height",
+        "-w", str(tmp_path / "work"), "--n-cpus", "2", "--device", "cuda:1",
+        "--random-seed", "7", "--skip-bids-validation", "--resolution", "4", "--allow-resample",
+        "--model", str(model), "--layer", "block4", "--ranks", "5", "3", "--lambda", "0.1",
+        "--rank-grid", "2:6", "--lambda-grid", "0", "0.01", "0.1", "--tune", "3", "--epochs", "2",
+        "-vv", "--quiet",
+    ])
+    assert cfg.participant_label == ["001", "002"]
+    assert cfg.derivatives == {"sim": sim_bids / "derivatives" / "simulated"}
+    assert cfg.bids_filters == {"desc": "modulated"}
+    assert cfg.map == "stiffness" and cfg.target == ["age", "height"]
+    assert cfg.n_cpus == 2 and cfg.device == "cuda:1" and cfg.random_seed == 7
+    assert cfg.resolution == 4 and cfg.allow_resample and cfg.skip_bids_validation
+    assert cfg.model == model and cfg.layer == "block4"
+    assert cfg.ranks == (5, 3) and cfg.l1 == 0.1
+    assert cfg.rank_grid == [2, 3, 4, 5, 6] and cfg.lambda_grid == [0, 0.01, 0.1]
+    assert cfg.tune == 3 and cfg.epochs == 2 and cfg.verbose == 2 and cfg.quiet
+    assert cfg.work_dir == tmp_path / "work"
+
+
+def test_defaults(sim_bids, tmp_path):
+    cfg = parse_args([str(sim_bids), str(tmp_path / "out"), "participant"])
+    assert cfg.target == ["age"] and cfg.map == "volume" and cfg.resolution == 2
+    assert cfg.participant_label is None and cfg.device == "auto"
+    assert cfg.bids_dir.is_absolute() and cfg.output_dir.is_absolute()
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "required"),
+    (["{bids}", "{out}", "both"], "invalid choice"),
+    (["{bids}/nowhere", "{out}", "participant"], "does not exist"),
+    (["{bids}", "{bids}", "participant"], "inside"),
+    (["{bids}", "{bids}/derivatives/out", "participant"], "inside"),
+    (["{bids}", "{out}", "participant", "-w", "{bids}/work"], "inside BIDS_DIR"),
+    (["{bids}", "{out}", "participant", "--participant-label", "0/../1"], "not a BIDS label"),
+    (["{bids}", "{out}", "participant", "--participant-label", "sub-"], "not a BIDS label"),
+    (["{bids}", "{out}", "participant", "--device", "gpu"], "auto, cpu, cuda"),
+    (["{bids}", "{out}", "participant", "--resolution", "2.5"], "whole number"),
+    (["{bids}", "{out}", "participant", "--map", "thickness"], "invalid choice"),
+    (["{bids}", "{out}", "participant", "--n-cpus", "0"], "positive integer"),
+    (["{bids}", "{out}", "participant", "--ranks", "3"], "expected 2 arguments"),
+    (["{bids}", "{out}", "participant", "--lambda", "-1"], ">= 0"),
+    (["{bids}", "{out}", "participant", "--rank-grid", "a:b"], "ranks"),
+    (["{bids}", "{out}", "participant", "--bids-filter-file", "{out}/none.json"], "does not exist"),
+    (["{bids}", "{out}", "participant", "--bids-filter-file", "{bad_json}"], "not valid JSON"),
+    (["{bids}", "{out}", "participant", "--derivatives", "x={out}/none"], "does not exist"),
+    (["{bids}", "{out}", "group", "--model", "{out}/none.safetensors"], "does not exist"),
+])
+def test_usage_errors_exit_2(sim_bids, tmp_path, capsys, args, message):
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    argv = [a.format(bids=sim_bids, out=tmp_path / "out", bad_json=bad_json) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_symlinked_output_inside_bids_dir_is_refused(sim_bids, tmp_path, capsys):
+    link = tmp_path / "link"
+    link.symlink_to(sim_bids / "derivatives", target_is_directory=True)
+    assert main([str(sim_bids), str(link / "out"), "participant"]) == 2
+    assert "inside" in capsys.readouterr().err
+
+
+def test_unknown_label_is_usage_error(sim_bids, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([str(sim_bids), str(out), "participant", "--skip-bids-validation",
+                 "--participant-label", "001", "sub-999", "--resolution", "4", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("brainage-xai: error:") and "999" in err and len(err.strip().splitlines()) == 1
+    assert not list(out.glob("sub-*"))
+
+
+def test_logs_and_config_written(sim_bids, tmp_path):
+    out = tmp_path / "out"
+    code = main([str(sim_bids), str(out), "participant", "--skip-bids-validation",
+                 "--participant-label", "003", "--resolution", "4", "--quiet", "--random-seed", "5"])
+    assert code == 0
+    tomls = list((out / "logs").glob("config-*.toml"))
+    logs = list((out / "logs").glob("brainage-xai_participant_*.log"))
+    assert len(tomls) == 1 and len(logs) == 1
+    doc = tomllib.loads(tomls[0].read_text())
+    assert doc["run"]["random_seed"] == 5 and doc["run"]["participant_label"] == ["003"]
+    assert doc["run"]["bids_dir"] == str(sim_bids)
+    text = logs[0].read_text()
+    assert "sub-003" in text and "registration check passed" in text
+    # Repeating the run from its TOML gives the same settings.
+    again = parse_args([doc["run"]["bids_dir"], doc["run"]["output_dir"], doc["run"]["analysis_level"],
+                        "--participant-label", *doc["run"]["participant_label"],
+                        "--resolution", str(doc["run"]["resolution"])])
+    assert again.participant_label == ["003"] and again.resolution == 4
+
+
+def test_group_level_dispatch_when_missing(sim_bids, tmp_path, monkeypatch, capsys):
+    # An import of a module set to None in sys.modules raises ModuleNotFoundError, as when
+    # the group level is not installed.
+    monkeypatch.setitem(sys.modules, "brainage_xai.group", None)
+    code = main([str(sim_bids), str(tmp_path / "out"), "group", "--skip-bids-validation", "--quiet"])
+    assert code == 1
+    assert "group level is not implemented yet" in capsys.readouterr().err
+
+
+def test_bids_validation_runs_and_passes(sim_bids, tmp_path):
+    from brainage_xai.bids import find_validator
+
+    assert find_validator() is not None, "bids-validator missing: run `make tools`"
+    out = tmp_path / "out"
+    code = main([str(sim_bids), str(out), "participant", "--participant-label", "004",
+                 "--resolution", "4", "--quiet"])
+    assert code == 0
+    log = next((out / "logs").glob("*.log")).read_text()
+    assert "BIDS validation passed" in log
