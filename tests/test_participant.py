@@ -1,0 +1,150 @@
+"""The participant level end to end on the simulated cohort (read-only BIDS_DIR)."""
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainage_xai.cli.run import main
+from brainage_xai.derivatives import (
+    collect_preprocessed,
+    preproc_path,
+    qc_figure_path,
+    report_path,
+    sidecar_path,
+)
+from brainage_xai.templates import get_template, model_grid
+
+ARGS = ["--skip-bids-validation", "--resolution", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def volume_run(sim_bids, tmp_path_factory):
+    out = tmp_path_factory.mktemp("participant") / "out"
+    code = main([str(sim_bids), str(out), "participant", "--participant-label", "001", "sub-002", *ARGS])
+    return code, out
+
+
+def test_outputs_of_two_subjects(volume_run, sim_bids):
+    code, out = volume_run
+    assert code == 0
+    shape, affine = model_grid(4)
+    assert [s for s, _ in collect_preprocessed(out, "volume")] == ["001", "002"]
+    tpl = get_template(4)
+    brain = np.asarray(tpl.mask.dataobj) > 0
+    for subject in ("001", "002"):
+        path = preproc_path(out, subject, "volume", 4)
+        assert path.name == f"sub-{subject}_space-MNI152NLin2009cAsym_res-4_label-GM_desc-preproc_probseg.nii.gz"
+        img = nib.load(path)
+        assert img.shape == shape
+        np.testing.assert_allclose(img.affine, affine)
+        data = img.get_fdata()
+        assert data.min() >= 0 and np.isfinite(data).all()
+        meta = json.loads(sidecar_path(path).read_text())
+        assert meta["Sources"] == [
+            f"bids:raw:derivatives/simulated/sub-{subject}/anat/"
+            f"sub-{subject}_space-MNI152NLin2009cAsym_res-4_label-GM_probseg.nii.gz"
+        ]
+        assert meta["SkullStripped"] is True
+        assert "4 mm" in meta["Resolution"] and "50x59x48" in meta["Resolution"]
+        norm = meta["IntensityNormalization"]
+        assert norm["Factor"] > 0
+        assert data[brain].mean() == pytest.approx(norm["ReferenceMean"], rel=1e-3)
+        assert meta["RegistrationQC"]["Passed"] is True and meta["RegistrationQC"]["Dice"] > 0.8
+        # The normalised map still correlates with the source after resampling.
+        src = nib.load(sim_bids / meta["Sources"][0].split(":", 2)[2])
+        assert src.get_fdata().mean() * norm["Factor"] == pytest.approx(data.mean(), rel=0.1)
+
+        figure = qc_figure_path(out, subject, "volume", 4)
+        root = ET.parse(figure).getroot()
+        assert root.tag.endswith("svg")
+        html = report_path(out, subject).read_text()
+        assert f"sub-{subject}" in html and "registration check" in html.lower()
+        assert os.path.relpath(figure, out) in html
+        assert f"{meta['RegistrationQC']['Dice']:.3g}" in html
+    assert not (out / "sub-003").exists()
+
+
+def test_dataset_level_files(volume_run, sim_bids):
+    _, out = volume_run
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    gen = desc["GeneratedBy"][0]
+    assert gen["Name"] == "brainage-xai" and gen["Version"] and gen["CodeURL"].startswith("https://")
+    assert desc["SourceDatasets"][0]["URL"] == sim_bids.as_uri()
+    ignore = (out / ".bidsignore").read_text().split()
+    assert "*.html" in ignore and "logs/" in ignore and "sub-*/figures/" in ignore
+    assert "proportional scaling" in (out / "CITATION.md").read_text()
+
+
+def test_container_in_generated_by(sim_bids, tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAINAGE_XAI_CONTAINER", "docker")
+    monkeypatch.setenv("DOCKER_IMAGE", "brainage-xai:1.2.3")
+    out = tmp_path / "out"
+    assert main([str(sim_bids), str(out), "participant", "--participant-label", "005", *ARGS]) == 0
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["GeneratedBy"][0]["Container"] == {"Type": "docker", "Tag": "brainage-xai:1.2.3"}
+
+
+def test_rerun_skips_up_to_date_subjects(volume_run, sim_bids):
+    _, out = volume_run
+    path = preproc_path(out, "001", "volume", 4)
+    before = {p: p.stat().st_mtime_ns for p in (path, sidecar_path(path), report_path(out, "001"))}
+    assert main([str(sim_bids), str(out), "participant", "--participant-label", "001", *ARGS]) == 0
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    log = sorted((out / "logs").glob("*.log"))[-1].read_text()
+    assert "up to date" in log
+
+
+def test_stiffness_map(sim_bids, tmp_path):
+    out = tmp_path / "out"
+    code = main([str(sim_bids), str(out), "participant", "--map", "stiffness",
+                 "--participant-label", "006", *ARGS])
+    assert code == 0
+    path = preproc_path(out, "006", "stiffness", 4)
+    assert path.name.endswith("_res-4_desc-preproc_mremap.nii.gz")
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["IntensityNormalization"]["ReferenceMean"] == 1.0
+    brain = np.asarray(get_template(4).mask.dataobj) > 0
+    assert nib.load(path).get_fdata()[brain].mean() == pytest.approx(1.0, rel=1e-3)
+    assert collect_preprocessed(out, "volume") == []
+
+
+def test_explicit_derivatives_and_filter_file(sim_bids, tmp_path):
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"volume": {"space": "MNI152NLin2009cAsym", "res": "4"}}))
+    out = tmp_path / "out"
+    code = main([str(sim_bids), str(out), "participant", "--participant-label", "007",
+                 "--derivatives", f"sim={sim_bids / 'derivatives' / 'simulated'}",
+                 "--bids-filter-file", str(filt), *ARGS])
+    assert code == 0
+    meta = json.loads(sidecar_path(preproc_path(out, "007", "volume", 4)).read_text())
+    assert meta["Sources"][0].startswith("bids:sim:sub-007/anat/")
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetLinks"]["sim"].endswith("derivatives/simulated")
+
+
+def test_concurrent_jobs_share_one_output_dir(sim_bids, tmp_path):
+    """Two participant jobs (as a SLURM array) write into one OUTPUT_DIR at once."""
+    out = tmp_path / "out"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "brainage_xai.cli.run", str(sim_bids), str(out), "participant",
+             "--participant-label", label, *ARGS],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for label in ("008", "009")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert [s for s, _ in collect_preprocessed(out, "volume")] == ["008", "009"]
+    json.loads((out / "dataset_description.json").read_text())
+    assert len(list((out / "logs").glob("config-*.toml"))) == 2
+    # No temporary files left behind by the atomic writes.
+    assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"]
