@@ -17,6 +17,7 @@ it the penalty could be driven to zero by moving scale out of ``U3``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,29 +204,68 @@ def iterate(bk, A2, shape, st: State, reduced, nonneg, lam, normA2):
     return State(U1, W, U3, U2, D), F, data
 
 
-def run(bk, A2, shape, st, *, reduced, nonneg, lam, normA2, n_iter_max, tol, log=None):
+def _extrapolate(bk, X: State, P: State, beta, reduced, nonneg):
+    """``X + beta (X - P)`` factor by factor, projected onto the constraints."""
+
+    def step(x, p, clip):
+        y = x + beta * (x - p)
+        return bk.clip0(y) if clip else y
+
+    U1 = step(X.U1, P.U1, nonneg)
+    U3 = step(X.U3, P.U3, True)
+    if reduced:
+        U2 = step(X.U2, P.U2, nonneg)
+        D = step(X.D, P.D, True)
+        return State(U1, U2 @ D.T, U3, U2, D)
+    return State(U1, step(X.W, P.W, nonneg), U3)
+
+
+#: Extrapolation schedule (Ang, Cohen, Gillis & Hien 2021, "HER"): start, growth
+#: on success, growth of the cap, shrink on failure.
+BETA0, BETA_GROW, BETA_CAP_GROW, BETA_SHRINK = 0.5, 1.05, 1.01, 1.5
+
+
+def run(bk, A2, shape, st, *, reduced, nonneg, lam, normA2, n_iter_max, tol, log=None,
+        accelerate=True):
     """Outer iterations until the relative decrease of ``F`` falls below ``tol``.
 
-    Returns the final state, the list of objective values, the final data term and
-    whether the stopping rule was met (rather than ``n_iter_max``).
+    With ``accelerate``, each iteration starts from an extrapolation of the last two
+    accepted iterates; an iteration that does not decrease ``F`` is rejected (the
+    next one restarts from the last accepted iterate, with a smaller step), so the
+    accepted objective values never increase. Returns the final state, the accepted
+    objective values, the final data term, whether the stopping rule was met and the
+    number of iterations computed (accepted or not).
     """
     objs = []
-    data = None
+    X, F_X, data_X, P = st, math.inf, None, None
+    Y, extrapolated = st, False
+    beta, beta_cap = BETA0, 1.0
     converged = False
     floor = 1e-28 * normA2
-    for it in range(n_iter_max):
-        st, F, data = iterate(bk, A2, shape, st, reduced, nonneg, lam, normA2)
+    it = 0
+    while it < n_iter_max:
+        Z, F, data = iterate(bk, A2, shape, Y, reduced, nonneg, lam, normA2)
         F = bk.item(F)
+        it += 1
+        if extrapolated and not F <= F_X:
+            beta_cap, beta = beta, beta / BETA_SHRINK
+            Y, extrapolated = X, False
+            continue
+        if extrapolated:
+            beta, beta_cap = min(beta_cap, beta * BETA_GROW), min(1.0, beta_cap * BETA_CAP_GROW)
+        decrease, F_X_old = F_X - F, F_X
+        P, X, F_X, data_X = X, Z, F, data
         objs.append(F)
-        if log is not None and log(it, F):
+        if log is not None and log(len(objs) - 1, F):
             break
-        if F <= floor:
+        if F <= floor or (len(objs) > 1 and decrease <= tol * F_X_old):
             converged = True
             break
-        if it > 0 and objs[-2] - F <= tol * objs[-2]:
-            converged = True
-            break
-    return st, objs, bk.item(data), converged
+        if accelerate and P is not st:
+            Y, extrapolated = _extrapolate(bk, X, P, beta, reduced, nonneg), True
+        else:
+            Y, extrapolated = X, False
+    return X, objs, bk.item(data_X), converged, it
 
 
 # --------------------------------------------------------------------------- init
@@ -236,52 +276,66 @@ def _nonneg_columns(bk, X):
     return bk.abs(X * bk.asarray(signs)[None, :])
 
 
-def _top_eigvecs(bk, Q, Z, k):
-    """Leading left singular vectors of ``Q @ Z.T`` (``Q`` orthonormal)."""
+def _range_svd(bk, apply, apply_t, Y, k, power_iter):
+    """Leading left singular vectors of an operator from a first sample ``Y``.
+
+    ``apply(X)`` multiplies the unfolding by ``X``, ``apply_t(Q)`` its transpose;
+    randomised subspace iteration (Halko et al. 2011), then the exact SVD of the
+    small projected problem.
+    """
+    for _ in range(power_iter):
+        Y = apply(apply_t(bk.qr_q(Y)))
+    Q = bk.qr_q(Y)
+    Z = apply_t(Q)
+    Z = Z.reshape(-1, Q.shape[1])
     _, V = bk.eigh(Z.T @ Z)
-    V = bk.take_cols(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - k, -1))
+    V = bk.take_cols(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - min(k, V.shape[1]), -1))
     return Q @ V
 
 
 def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=1, oversample=10):
-    """Leading singular vectors of the mode-2 and mode-3 unfoldings.
+    """Leading singular vectors of the three unfoldings, made non-negative.
 
-    Randomised range finder (Halko et al. 2011) whose test matrices are Khatri-Rao
-    products of small Gaussian matrices, so that the first product is an MTTKRP and
-    nothing of size ``n c`` or ``n v`` is drawn on the host. ``U1`` is left to the
-    first iteration (clipped least squares).
+    Randomised range finder whose test matrices are Khatri-Rao products of small
+    Gaussian matrices, so that the first product is an MTTKRP and nothing of size
+    ``c v``, ``n v`` or ``n c`` is drawn on the host. Like TensorLy's ``'svd'``
+    init for non-negative CP, each vector is sign-fixed and replaced by its
+    absolute value (``U3`` always; ``U1``, ``W`` with ``nonneg``).
     """
     n, c, v = shape
 
-    # mode 3: A_(3) = A2.T  (v x nc)
-    k3 = min(R1 + oversample, v, n * c)
-    Om = bk.asarray(rng.standard_normal((n, 1, k3)) * rng.standard_normal((1, c, k3)))
-    Y = A2.T @ Om.reshape(n * c, k3)
-    del Om
-    for _ in range(power_iter):
-        Q = bk.qr_q(Y)
-        Y = A2.T @ (A2 @ Q)
-    Q = bk.qr_q(Y)
-    U3 = _top_eigvecs(bk, Q, A2 @ Q, min(R1, k3))
+    def gauss(*dims):
+        return bk.asarray(rng.standard_normal(dims))
+
+    def mttkrp1(Oc, Ov):  # A_(1) (Ov kr Oc): (n, k)
+        return bk.sum((A2 @ Ov).reshape(n, c, -1) * Oc[None, :, :], axis=1)
+
+    # mode 1: A_(1) = A.reshape(n, c v)
+    k = min(R1 + oversample, n, c * v)
+    A1 = A.reshape(n, c * v)
+    U1 = _range_svd(bk, lambda X: A1 @ X, lambda Q: A1.T @ Q, mttkrp1(gauss(c, k), gauss(v, k)),
+                    R1, power_iter)
 
     # mode 2: A_(2) is c x nv; products through batched matmuls over subjects
-    k2 = min(R1 + oversample, c, n * v)
-    Oa = bk.asarray(rng.standard_normal((n, k2)))
-    Oc = bk.asarray(rng.standard_normal((v, k2)))
-    Y = bk.sum((A2 @ Oc).reshape(n, c, k2) * Oa[:, None, :], axis=0)
+    k = min(R1 + oversample, c, n * v)
     At = bk.swap_last(A)
-    for _ in range(power_iter):
-        Q = bk.qr_q(Y)
-        Y = bk.sum(bk.batched_matmul(A, bk.batched_matmul(At, Q)), axis=0)
-    Q = bk.qr_q(Y)
-    Z = bk.batched_matmul(At, Q).reshape(n * v, k2)
-    W = _top_eigvecs(bk, Q, Z, min(R1, k2))
-    del Z
+    Oa, Ov = gauss(n, k), gauss(v, k)
+    Y = bk.sum((A2 @ Ov).reshape(n, c, k) * Oa[:, None, :], axis=0)
+    W = _range_svd(bk, lambda X: bk.sum(bk.batched_matmul(A, X), axis=0),
+                   lambda Q: bk.batched_matmul(At, Q), Y, R1, power_iter)
 
-    U3 = _pad_random(bk, _nonneg_columns(bk, U3), R1, rng)
-    W = _nonneg_columns(bk, W) if nonneg else _sign_fix(bk, W)
-    W = _pad_random(bk, W, R1, rng)
-    return State(None, W, U3)
+    # mode 3: A_(3) = A2.T  (v x nc)
+    k = min(R1 + oversample, v, n * c)
+    Om = (gauss(n, k)[:, None, :] * gauss(c, k)[None, :, :]).reshape(n * c, k)
+    U3 = _range_svd(bk, lambda X: A2.T @ X, lambda Q: A2 @ Q, A2.T @ Om, R1, power_iter)
+    del Om
+
+    fix = _nonneg_columns if nonneg else _sign_fix
+    return State(
+        _pad_random(bk, fix(bk, U1), R1, rng),
+        _pad_random(bk, fix(bk, W), R1, rng),
+        _pad_random(bk, _nonneg_columns(bk, U3), R1, rng),
+    )
 
 
 def _sign_fix(bk, X):

@@ -39,8 +39,9 @@ _PARAMS_DOC = """
         spatial maps at their size in the data (it cannot be dodged by rescaling).
         ``l1`` is in the units of ``A``'s entries.
     n_iter_max : int, default=500
-        Maximum number of outer iterations (each is two passes over ``A``). With
-        ``R2 < R1`` and a fresh start the rank-``R1`` CP warm-up may use as many again.
+        Maximum number of outer iterations (each is two passes over ``A``). A fresh
+        start with ``R2 < R1``, ``l1 > 0`` or ``'paper'`` first runs a non-negative
+        rank-``R1`` CP warm-up, which may use as many again.
     tol : float, default=1e-6
         Stop when the objective decreases by less than ``tol`` times its value.
     init : {'svd', 'random'} or ConstrainedTuckerResult or fitted ConstrainedTucker
@@ -186,8 +187,10 @@ class ConstrainedTuckerResult:
         Objective per iteration as ``sqrt(2 F) / ||A||_F`` (the relative error when
         ``l1 == 0``); it never increases.
     n_iter : int
-        Iterations of the constrained fit; ``n_iter_init`` those of the rank-``R1``
-        CP warm-up (``R2 < R1`` from a fresh start), 0 otherwise.
+        Iterations of the constrained fit; ``n_iter_init`` those of the
+        non-negative rank-``R1`` CP warm-up that a fresh start (``init='svd'`` or
+        ``'random'``) runs first when ``R2 < R1``, ``l1 > 0`` or
+        ``constraints='paper'``; 0 otherwise.
     converged : bool
         Whether the stopping rule on ``tol`` was met before ``n_iter_max``.
     rank, constraints, l1 : the settings of the fit.
@@ -481,23 +484,31 @@ def fit_constrained_tucker(A, rank, *, constraints="nonneg", l1=0.0, n_iter_max=
             raise ValueError(
                 f"'init' must be one of ['svd', 'random'] or a previous result. {init!r} was provided."
             )
-        # A fresh start fits the non-negative model first: it is feasible for the
-        # 'paper' constraints too, and free signs from the start let components die
-        # (U3 >= 0 clips them) or flip into directions that D >= 0 cannot follow.
-        # With R2 < R1 the rank-R1 CP fit comes first (PARALIND-like models have
-        # poor local minima from cold starts).
-        warm = dict(common, nonneg=True)
-        if reduced or not nonneg:
-            st, objs0, _, _ = _solver.run(bk, A2, shape, st, reduced=False, **warm)
-            n_iter_init += len(objs0)
+        # A fresh start first fits the plain non-negative rank-R1 CP model when the
+        # target is harder: with free signs from the start components die (U3 >= 0
+        # clips them) or flip into directions D >= 0 cannot follow; the l1 penalty
+        # kills components that start small; PARALIND-like models (R2 < R1) have
+        # poor local minima from cold starts. The warm-up's solution is feasible for
+        # the 'paper' constraints, so 'paper' does not fit worse than 'nonneg'.
+        if reduced or not nonneg or lam > 0:
+            warm = dict(common, nonneg=True, lam=0.0)
+            st, objs0, _, _, it0 = _solver.run(bk, A2, shape, st, reduced=False, **warm)
+            n_iter_init += it0
         if reduced:
             st = _solver.reduce_mode2(bk, st, R2, True)
-            if not nonneg:
-                st, objs0, _, _ = _solver.run(bk, A2, shape, st, reduced=True, **warm)
-                n_iter_init += len(objs0)
-    st, objs, data, converged = _solver.run(bk, A2, shape, st, reduced=reduced, **common)
+    elif isinstance(init, ConstrainedTuckerResult) or isinstance(
+        getattr(init, "result_", None), ConstrainedTuckerResult
+    ):
+        st = _from_result(bk, init, shape, R1, R2, nonneg, rng)
+    else:
+        raise ValueError(
+            "'init' must be 'svd', 'random', a ConstrainedTuckerResult or a fitted "
+            f"ConstrainedTucker; got {type(init).__name__}"
+        )
+
+    st, objs, data, converged, n_it = _solver.run(bk, A2, shape, st, reduced=reduced, **common)
     core, factors, faces = _finalise(bk, st, shape, R1, R2, reduced)
     rel = math.sqrt(max(data, 0.0) / normA2)
     errors = [math.sqrt(max(2.0 * F, 0.0) / normA2) for F in objs]
-    return ConstrainedTuckerResult(core, factors, faces, rel, errors, len(objs), n_iter_init,
+    return ConstrainedTuckerResult(core, factors, faces, rel, errors, n_it, n_iter_init,
                                    converged, (R1, R2), constraints, lam)
