@@ -1,0 +1,220 @@
+"""The selection stage from activations to the final decomposition, with its outputs.
+
+:func:`run_selection` is what the group level calls: scree, rank sweep and choice (or
+given ranks), λ sweep and choice (or a given λ), the final fit and its metrics, every
+table, figure and JSON written atomically into ``group_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..utils.io import write_json, write_tsv
+from ._decomp import diagonal_faces
+from .lambda_sweep import choose_lambda, run_lambda_sweep
+from .linear_model import FinalModel, fit_final, loadings_table, roi_contributions
+from .plots import plot_lambda_sweep, plot_rank_sweep, plot_scree
+from .rank_sweep import choose_ranks, run_rank_sweep
+from .scree import as_numpy, compute_scree
+
+__all__ = ["run_selection", "write_scree", "write_final"]
+
+LOG = logging.getLogger("brainage_xai.selection")
+
+SCREE_SIDECAR = {
+    "mode": {"Description": "Unfolding: 1 subjects, 2 channels, 3 voxels."},
+    "index": {"Description": "Rank of the singular value (1 = largest)."},
+    "singular_value": {"Description": "Singular value of the unfolding of the training activations."},
+    "explained": {"Description": "Share of the squared Frobenius norm of the tensor."},
+    "cumulative_explained": {"Description": "Cumulative share up to this index."},
+}
+
+
+def write_scree(scree, group_dir, choice: dict | None = None) -> None:
+    """``scree.tsv`` (+ JSON) and ``figures/scree.png``."""
+    group_dir = Path(group_dir)
+    write_tsv(group_dir / "scree.tsv", scree, sidecar=SCREE_SIDECAR)
+    plot_scree(scree, group_dir / "figures" / "scree.png", choice)
+
+
+def write_final(
+    final: FinalModel, group_dir, participant_ids: dict | None = None, target_names=None
+) -> None:
+    """``decomposition.npz`` + JSON, ``loadings.tsv`` + JSON and ``metrics.json``."""
+    group_dir = Path(group_dir)
+    res = final.result
+    U1, U2, U3 = (as_numpy(f) for f in res.factors)
+    core = as_numpy(res.core)
+    from ..utils.io import atomic_path
+
+    with atomic_path(group_dir / "decomposition.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(
+            fh, core=core, U1=U1, U2=U2, U3=U3, D=diagonal_faces(core),
+            U1_val=final.loadings["val"], U1_test=final.loadings["test"],
+            roi_coefficients=final.roi_coefficients,
+        )
+    names = list(target_names) if target_names is not None else None
+    write_json(
+        group_dir / "decomposition.json",
+        {
+            "Description": "Constrained non-negative Tucker decomposition of the training "
+            "activations, A ~ G x1 U1 x2 U2 x3 U3 with diagonal faces G[r, j, r] = D[r, j].",
+            "rank": list(final.rank),
+            "l1": final.l1,
+            "n_iter": int(res.n_iter),
+            "relative_error": final.errors,
+            "arrays": {
+                "core": f"G, shape {list(core.shape)}",
+                "U1": f"training loadings, shape {list(U1.shape)}",
+                "U2": f"channel factor, shape {list(U2.shape)}",
+                "U3": f"spatial factor (one RoI per column), shape {list(U3.shape)}",
+                "D": "diagonal faces of G, shape [R1, R2]",
+                "U1_val": "validation loadings (refitted, G, U2, U3 fixed)",
+                "U1_test": "test loadings (refitted, G, U2, U3 fixed)",
+                "roi_coefficients": "linear-model coefficient per RoI and target, shape [R1, targets]",
+            },
+            "targets": names,
+            "roi_coefficients": final.roi_coefficients.tolist(),
+            "roi_mean_contribution_train": roi_contributions(
+                final.loadings["train"], final.roi_coefficients
+            ).mean(axis=0).tolist(),
+            "linear_model_intercept": np.atleast_1d(final.linear_model.intercept_).tolist(),
+        },
+    )
+    table = loadings_table(final, participant_ids, target_names)
+    sidecar = {
+        "participant_id": {"Description": "Participant (or row) identifier."},
+        "split": {"Description": "Data split: train, val or test."},
+    }
+    for r in range(final.rank[0]):
+        sidecar[f"roi_{r + 1}"] = {
+            "Description": f"Loading of RoI {r + 1} (column {r + 1} of U1; refitted for val/test)."
+        }
+    for col in table.columns:
+        if col.startswith("predicted_"):
+            sidecar[col] = {"Description": "Prediction of the linear model on the decomposition."}
+    write_tsv(group_dir / "loadings.tsv", table, sidecar=sidecar)
+    write_json(
+        group_dir / "metrics.json",
+        {
+            "Description": "MAE and MSE (averaged over targets) of: the network; the linear "
+            "model on the voxel-averaged reconstruction; the network's head applied to the "
+            "voxel-averaged reconstruction; the training-mean predictor.",
+            "rank": list(final.rank),
+            "l1": final.l1,
+            "targets": names,
+            **final.metrics,
+        },
+    )
+
+
+def run_selection(
+    A_train,
+    A_val,
+    A_test,
+    y_train,
+    y_val,
+    y_test,
+    group_dir,
+    *,
+    ranks=None,
+    l1=None,
+    rank_grid=None,
+    lambda_grid=None,
+    head=None,
+    network_pred=None,
+    participant_ids: dict | None = None,
+    target_names=None,
+    n_jobs: int | None = 1,
+    dask_scheduler: str | None = None,
+    work_dir=None,
+    random_state=0,
+    quiet: bool = False,
+    constraints: str = "nonneg",
+) -> dict:
+    """Run the whole selection stage and write its outputs into ``group_dir``.
+
+    Parameters
+    ----------
+    A_train, A_val, A_test : array-like, shape (n_split, c, v)
+        Activations per split.
+    y_train, y_val, y_test : array-like
+        Targets per split, (n_split,) or (n_split, t).
+    group_dir : path-like
+        Output folder (``OUTPUT_DIR/group`` or ``group/map-<name>``).
+    ranks : (int, int), optional
+        ``--ranks R1 R2``: skip the rank sweep (the scree is still computed).
+    l1 : float, optional
+        ``--lambda L``: skip the λ sweep.
+    rank_grid, lambda_grid : list, optional
+        Grids of the sweeps; default 2..20 (capped by the data) and
+        :func:`~brainage_xai.selection.default_lambda_grid`.
+    head, network_pred
+        See :func:`~brainage_xai.selection.fit_final`.
+    participant_ids : dict, optional
+        ``{"train": [...], "val": [...], "test": [...]}`` for ``loadings.tsv``.
+    target_names : list of str, optional
+    n_jobs, dask_scheduler, random_state, quiet, constraints
+        As in :func:`~brainage_xai.selection.run_rank_sweep`.
+    work_dir : path-like, optional
+        Work folder for the rank sweep's factor cache (warm starts on resume).
+
+    Returns
+    -------
+    dict
+        ``scree``, ``rank_sweep`` (None when given), ``ranks`` (the choice),
+        ``lambda_sweep`` (None when given), ``lambda`` (the choice) and ``final``.
+    """
+    group_dir = Path(group_dir)
+    figures = group_dir / "figures"
+    A_train = as_numpy(A_train)
+    n, c, v = A_train.shape
+    scree = compute_scree(A_train, max_rank=20, random_state=random_state)
+
+    sweep = None
+    if ranks is not None:
+        choice = {"R1": int(ranks[0]), "R2": int(ranks[1]), "rule": "given (--ranks)", "numbers": {}}
+    else:
+        if rank_grid is None:
+            top = min(20, n, c, v)
+            rank_grid = list(range(2, top + 1))
+        sweep = run_rank_sweep(
+            A_train, A_val, rank_grid, out_tsv=group_dir / "rank_sweep.tsv", n_jobs=n_jobs,
+            dask_scheduler=dask_scheduler, random_state=random_state, quiet=quiet,
+            constraints=constraints,
+            cache_dir=None if work_dir is None else Path(work_dir) / "rank_sweep",
+        )
+        choice = choose_ranks(sweep, scree)
+        plot_rank_sweep(sweep, figures / "rank_sweep.png", choice)
+    write_scree(scree, group_dir, choice)
+    rank = (choice["R1"], choice["R2"])
+
+    lam_table = None
+    if l1 is not None:
+        lam_choice = {"lambda": float(l1), "rule": "given (--lambda)", "numbers": {}}
+    else:
+        lam_table = run_lambda_sweep(
+            A_train, A_val, y_train, y_val, rank, lambda_grid,
+            out_tsv=group_dir / "lambda_sweep.tsv", n_jobs=n_jobs, random_state=random_state,
+            quiet=quiet, constraints=constraints,
+        )
+        lam_choice = choose_lambda(lam_table)
+        plot_lambda_sweep(lam_table, figures / "lambda_sweep.png", lam_choice)
+    write_json(group_dir / "selection.json", {"ranks": choice, "lambda": lam_choice})
+
+    final = fit_final(
+        A_train, A_val, A_test, y_train, y_val, y_test, rank, lam_choice["lambda"], head,
+        network_pred=network_pred, constraints=constraints, random_state=random_state,
+    )
+    write_final(final, group_dir, participant_ids, target_names)
+    return {
+        "scree": scree,
+        "rank_sweep": sweep,
+        "ranks": choice,
+        "lambda_sweep": lam_table,
+        "lambda": lam_choice,
+        "final": final,
+    }

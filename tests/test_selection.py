@@ -1,0 +1,383 @@
+"""Rank and sparsity selection (issue 5): scree, rank sweep, λ sweep, final linear model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainage_xai.errors import UsageError
+from brainage_xai.selection import (
+    choose_lambda,
+    choose_ranks,
+    compute_scree,
+    fit_final,
+    fit_linear_model,
+    roi_coefficients,
+    roi_contributions,
+    run_lambda_sweep,
+    run_rank_sweep,
+    run_selection,
+    scree_drop,
+)
+from brainage_xai.selection import rank_sweep as rank_sweep_mod
+from brainage_xai.utils.io import read_tsv
+
+# Small but not tiny: uneven sizes catch transposed modes.
+N_TRAIN, N_VAL, N_TEST, C, V = 48, 20, 20, 21, 64
+
+
+def planted(rng, rank=7, n=N_TRAIN + N_VAL + N_TEST, c=C, v=V, noise=0.05):
+    """A non-negative rank-``rank`` CP tensor with sparse spatial factors and 5% noise.
+
+    The noise is multiplicative and zero-mean, so entries stay >= 0 without adding a
+    constant (which would be one more component).
+    """
+    U1 = rng.random((n, rank)) + 0.2
+    W = rng.random((c, rank))
+    U3 = rng.random((v, rank)) * (rng.random((v, rank)) < 0.35)
+    U3[rng.integers(0, v, rank), np.arange(rank)] += 1.0  # no empty component
+    X = np.einsum("ir,jr,kr->ijk", U1, W, U3)
+    A = X * (1 + noise * rng.uniform(-1, 1, X.shape))
+    return A, U1, W, U3
+
+
+def splits(A):
+    return A[:N_TRAIN], A[N_TRAIN : N_TRAIN + N_VAL], A[N_TRAIN + N_VAL :]
+
+
+@pytest.fixture(scope="module")
+def cohort():
+    rng = np.random.default_rng(7)
+    A, U1, W, U3 = planted(rng)
+    # Age depends on three of the seven components: the linear model must find them.
+    gamma = np.array([30.0, 0, -20.0, 0, 25.0, 0, 0])
+    y = 40 + (U1 - U1.mean(0)) @ gamma + rng.normal(0, 0.5, U1.shape[0])
+    return A, y
+
+
+@pytest.fixture(scope="module")
+def sweep_small(cohort, tmp_path_factory):
+    A, _ = cohort
+    A_tr, A_va, _ = splits(A)
+    out = tmp_path_factory.mktemp("sweep") / "rank_sweep.tsv"
+    table = run_rank_sweep(A_tr, A_va, range(2, 10), out_tsv=out, quiet=True)
+    return table, out
+
+
+# --------------------------------------------------------------------------- scree
+def test_scree_matches_svd_of_unfoldings(rng):
+    A = rng.random((7, 8, 9))
+    scree = compute_scree(A, max_rank=20)
+    for mode in range(3):
+        unfolding = np.moveaxis(A, mode, 0).reshape(A.shape[mode], -1)
+        expected = np.linalg.svd(unfolding, compute_uv=False)
+        got = scree.loc[scree["mode"] == mode + 1].sort_values("index")
+        assert got["index"].tolist() == list(range(1, A.shape[mode] + 1))
+        np.testing.assert_allclose(got["singular_value"], expected, rtol=1e-8)
+        # All singular values kept: the shares add up to the whole norm.
+        assert got["cumulative_explained"].iloc[-1] == pytest.approx(1.0)
+
+
+def test_scree_randomised_svd_for_a_large_unfolding(rng):
+    # Both sides of the voxel unfolding (610 x 640) are long: the randomised path. Real
+    # activations have a decaying spectrum, as this low-rank-plus-noise tensor has.
+    A, *_ = planted(rng, rank=5, n=4, c=160, v=610)
+    scree = compute_scree(A, max_rank=4, random_state=0)
+    exact = np.linalg.svd(np.moveaxis(A, 2, 0).reshape(610, -1), compute_uv=False)[:4]
+    got = scree.loc[scree["mode"] == 3, "singular_value"].to_numpy()
+    np.testing.assert_allclose(got, exact, rtol=1e-6)
+
+
+def test_scree_drop_at_planted_rank(cohort):
+    A, _ = cohort
+    scree = compute_scree(splits(A)[0])
+    assert scree_drop(scree, 1) == 7
+    assert scree_drop(scree, 3) == 7
+    assert scree_drop(scree, 1, candidates=[2, 3, 4]) in (2, 3, 4)
+
+
+def test_scree_rejects_bad_input():
+    with pytest.raises(ValueError, match="3-way"):
+        compute_scree(np.ones((3, 4)))
+    bad = np.ones((3, 4, 5))
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        compute_scree(bad)
+
+
+# --------------------------------------------------------------------------- rank sweep
+def test_rank_sweep_table_and_structure(sweep_small):
+    table, out = sweep_small
+    assert list(table.columns) == rank_sweep_mod.SWEEP_COLUMNS
+    assert len(table) == 8 * 8
+    assert table.attrs == {"n_fitted": 8 * 9 // 2, "n_resumed": 0}
+    # R2 >= R1 cells share the R1 optimum: same numbers as the fitted diagonal, no refit.
+    for R1, rows in table.groupby("R1"):
+        diag = rows.loc[rows["R2"] == R1].iloc[0]
+        upper = rows.loc[rows["R2"] > R1]
+        assert bool(diag["fitted"]) and bool(diag["shared_optimum"])
+        assert upper["shared_optimum"].all() and not upper["fitted"].any()
+        assert (upper["val_error"] == diag["val_error"]).all()
+        assert (upper["seconds"] == 0).all()
+        lower = rows.loc[rows["R2"] < R1]
+        assert lower["fitted"].all() and not lower["shared_optimum"].any()
+    assert table["train_error"].between(0, 1).all() and table["val_error"].between(0, 1).all()
+    # The table on disk is the same, with a sidecar describing the columns.
+    on_disk = read_tsv(out)
+    pd.testing.assert_frame_equal(on_disk, table, check_dtype=False)
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert "shared_optimum" in sidecar and "DataFingerprint" in sidecar
+
+
+def test_rank_choice_finds_planted_rank(sweep_small, cohort):
+    table, _ = sweep_small
+    scree = compute_scree(splits(cohort[0])[0])
+    choice = choose_ranks(table, scree)
+    assert choice["R1"] in (6, 7, 8)
+    assert 2 <= choice["R2"] <= choice["R1"]
+    assert "R1 =" in choice["rule"]
+    assert choice["numbers"]["R1_candidates"]["scree drop, mode 1"] == 7
+    # Fewer RoIs fit the validation subjects clearly worse than the planted rank.
+    curve = choice["numbers"]["val_error_by_R1"]
+    assert curve[5] > 1.5 * curve[7]
+
+
+def test_rank_sweep_resumes_after_interruption(cohort, tmp_path, monkeypatch):
+    A, _ = cohort
+    A_tr, A_va, _ = splits(A)
+    out = tmp_path / "group" / "rank_sweep.tsv"
+    grid = range(2, 6)  # 10 cells to fit
+    real = rank_sweep_mod._fit_cell
+    calls = []
+
+    def dying(*args, **kwargs):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the job is killed during the fifth fit
+        calls.append(args[2:4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rank_sweep_mod, "_fit_cell", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_rank_sweep(A_tr, A_va, grid, out_tsv=out, quiet=True, cache_dir=tmp_path / "work")
+    first = read_tsv(out)
+    finished = first.loc[first["fitted"]]
+    assert len(finished) == 4
+    assert set(zip(finished["R1"], finished["R2"])) == set(calls)
+
+    refits = []
+
+    def counting(*args, **kwargs):
+        refits.append(args[2:4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rank_sweep_mod, "_fit_cell", counting)
+    table = run_rank_sweep(A_tr, A_va, grid, out_tsv=out, quiet=True, cache_dir=tmp_path / "work")
+    assert len(refits) == 10 - 4
+    assert not set(refits) & set(calls)
+    assert table.attrs == {"n_fitted": 6, "n_resumed": 4}
+    # Finished cells are read back untouched (their timings included).
+    again = table.set_index(["R1", "R2"]).loc[list(calls)]
+    np.testing.assert_array_equal(again["seconds"], finished.set_index(["R1", "R2"]).loc[list(calls), "seconds"])
+
+    # A third run fits nothing; other data invalidates the table.
+    refits.clear()
+    assert run_rank_sweep(A_tr, A_va, grid, out_tsv=out, quiet=True).attrs["n_fitted"] == 0
+    assert refits == []
+    run_rank_sweep(A_tr * 2, A_va * 2, grid, out_tsv=out, quiet=True)
+    assert len(refits) == 10
+
+
+def test_rank_sweep_parallel_equals_serial(cohort):
+    A, _ = cohort
+    A_tr, A_va, _ = splits(A)
+    serial = run_rank_sweep(A_tr, A_va, [2, 3, 5], quiet=True, n_jobs=1)
+    parallel = run_rank_sweep(A_tr, A_va, [2, 3, 5], quiet=True, n_jobs=2)
+    # Workers run BLAS with fewer threads (another summation order): equal up to rounding
+    # that the iterations carry along.
+    cols = ["R1", "R2", "train_error", "val_error"]
+    pd.testing.assert_frame_equal(serial[cols], parallel[cols], check_exact=False, rtol=1e-3)
+    # The sweep runs through whatever joblib backend is configured (as the Dask one is).
+    with joblib.parallel_config(backend="threading"):
+        threaded = run_rank_sweep(A_tr, A_va, [2, 3, 5], quiet=True, n_jobs=2)
+    pd.testing.assert_frame_equal(serial[cols], threaded[cols], check_exact=False, rtol=1e-3)
+
+
+def test_dask_scheduler_without_dask_is_a_clear_error(cohort, monkeypatch):
+    A, _ = cohort
+    A_tr, A_va, _ = splits(A)
+    # A None entry in sys.modules makes the import fail as if dask were not installed.
+    monkeypatch.setitem(sys.modules, "dask", None)
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)
+    with pytest.raises(UsageError, match="dask-scheduler tcp://h:8786 needs the optional packages dask"):
+        run_rank_sweep(A_tr, A_va, [2, 3], dask_scheduler="tcp://h:8786", quiet=True)
+
+
+def test_rank_grid_checked(cohort):
+    A, _ = cohort
+    A_tr, A_va, _ = splits(A)
+    with pytest.raises(UsageError, match="needs at least that many channels"):
+        run_rank_sweep(A_tr, A_va, [2, C + 1], quiet=True)
+    with pytest.raises(UsageError, match=">= 1"):
+        run_rank_sweep(A_tr, A_va, [0, 2], quiet=True)
+
+
+# --------------------------------------------------------------------------- λ and linear model
+@pytest.fixture(scope="module")
+def lambda_table(cohort, tmp_path_factory):
+    A, y = cohort
+    A_tr, A_va, _ = splits(A)
+    out = tmp_path_factory.mktemp("lam") / "lambda_sweep.tsv"
+    table = run_lambda_sweep(
+        A_tr, A_va, y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], (7, 7), lambda_grid=None,
+        out_tsv=out, quiet=True,
+    )
+    return table, out
+
+
+def test_lambda_choice_minimises_validation_mae(lambda_table):
+    table, out = lambda_table
+    assert table["lambda"].is_monotonic_increasing and table["lambda"].iloc[0] == 0
+    assert len(table) == 9  # 0 and the default 8-value log grid
+    choice = choose_lambda(table)
+    assert choice["lambda"] == table.loc[table["val_mae"].idxmin(), "lambda"]
+    assert choice["numbers"]["val_mae"] == table["val_mae"].min()
+    # The penalty does what it says: the largest λ zeroes more of U3 than none.
+    assert table["sparsity"].iloc[-1] > table["sparsity"].iloc[0]
+    # The planted age effect is linear in the loadings: the model recovers it well.
+    assert table["val_mae"].min() < 2.0
+    assert len(read_tsv(out)) == 9
+
+
+def test_lambda_sweep_resumes_and_given_grid(lambda_table, cohort, monkeypatch):
+    table, out = lambda_table
+    A, y = cohort
+    A_tr, A_va, _ = splits(A)
+    from brainage_xai.selection import lambda_sweep as lam_mod
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a finished λ was refitted")
+
+    monkeypatch.setattr(lam_mod, "_fit_lambda", no_fit)
+    monkeypatch.setattr(lam_mod, "fit_constrained_tucker", no_fit, raising=False)
+    import brainage_xai.decomposition as dec
+
+    monkeypatch.setattr(dec, "fit_constrained_tucker", no_fit)
+    again = run_lambda_sweep(
+        A_tr, A_va, y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], (7, 7),
+        lambda_grid=table["lambda"].tolist(), out_tsv=out, quiet=True,
+    )
+    assert again.attrs["n_fitted"] == 0 and again.attrs["n_resumed"] == 9
+    np.testing.assert_allclose(again["val_mae"], table["val_mae"])
+
+
+def test_linear_model_is_a_model_on_roi_loadings(cohort):
+    from brainage_xai.decomposition import fit_constrained_tucker
+
+    A, y = cohort
+    A_tr = splits(A)[0]
+    res = fit_constrained_tucker(A_tr, (7, 7), random_state=0)
+    U1 = np.asarray(res.factors[0])
+    model = fit_linear_model(U1, res, y[:N_TRAIN])
+    gamma = roi_coefficients(model, res)
+    assert gamma.shape == (7, 1)
+    # prediction = intercept + sum over RoIs of loading x coefficient.
+    contrib = roi_contributions(U1, gamma)
+    from brainage_xai.selection._decomp import voxel_average
+
+    pred = model.predict(voxel_average(U1, res))
+    np.testing.assert_allclose(pred[:, 0], model.intercept_[0] + contrib.sum(axis=1)[:, 0], rtol=1e-8)
+    # The voxel average of the reconstruction is close to that of the data itself.
+    err = np.linalg.norm(voxel_average(U1, res) - A_tr.mean(axis=2)) / np.linalg.norm(A_tr.mean(axis=2))
+    assert err < 0.05
+
+
+def test_fit_final_metrics(cohort):
+    A, y = cohort
+    A_tr, A_va, A_te = splits(A)
+    y_tr, y_va, y_te = y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :]
+    # A "network head" that predicts age from the channel averages: fitted by least
+    # squares on all subjects, it plays the trained network's linear head.
+    X = A.mean(axis=2)
+    coef, *_ = np.linalg.lstsq(np.c_[X, np.ones(len(X))], y, rcond=None)
+
+    def head(avg):
+        return np.c_[avg, np.ones(len(avg))] @ coef
+
+    final = fit_final(A_tr, A_va, A_te, y_tr, y_va, y_te, (7, 7), 0.0, head)
+    test = final.metrics["test"]
+    assert set(test) == {
+        "network", "linear_model_on_decomposition", "network_head_on_reconstruction", "mean_predictor",
+    }
+    assert test["network"]["mae"] == pytest.approx(np.mean(np.abs(head(A_te.mean(2)) - y_te)))
+    mean_mae = np.mean(np.abs(y_tr.mean() - y_te))
+    assert test["mean_predictor"]["mae"] == pytest.approx(mean_mae)
+    # The decomposition carries the prediction: far better than the mean, near the network.
+    assert test["linear_model_on_decomposition"]["mae"] < 0.3 * mean_mae
+    assert test["network_head_on_reconstruction"]["mae"] < 0.3 * mean_mae
+    assert final.loadings["test"].shape == (N_TEST, 7) and (final.loadings["test"] >= 0).all()
+    assert final.errors["test"] < 0.1
+
+
+# --------------------------------------------------------------------------- the stage
+def test_run_selection_with_given_ranks_and_lambda(cohort, tmp_path, monkeypatch):
+    from brainage_xai.selection import workflow
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a sweep ran although ranks and λ were given")
+
+    monkeypatch.setattr(workflow, "run_rank_sweep", forbidden)
+    monkeypatch.setattr(workflow, "run_lambda_sweep", forbidden)
+    A, y = cohort
+    A_tr, A_va, A_te = splits(A)
+    ids = {s: [f"sub-{s}{i:02d}" for i in range(len(a))] for s, a in zip(("train", "val", "test"), (A_tr, A_va, A_te))}
+    group = tmp_path / "group"
+    out = run_selection(
+        A_tr, A_va, A_te, y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :],
+        group, ranks=(6, 4), l1=0.0, participant_ids=ids, target_names=["age"], quiet=True,
+    )
+    assert out["rank_sweep"] is None and out["lambda_sweep"] is None
+    sel = json.loads((group / "selection.json").read_text())
+    assert sel["ranks"]["R1"] == 6 and sel["ranks"]["R2"] == 4 and "given" in sel["ranks"]["rule"]
+    assert sel["lambda"]["lambda"] == 0.0 and "given" in sel["lambda"]["rule"]
+    assert not (group / "rank_sweep.tsv").exists() and not (group / "lambda_sweep.tsv").exists()
+    with np.load(group / "decomposition.npz") as z:
+        assert z["core"].shape == (6, 4, 6) and z["U3"].shape == (V, 6)
+    loadings = read_tsv(group / "loadings.tsv")
+    assert loadings.columns.tolist() == ["participant_id", "split"] + [f"roi_{r}" for r in range(1, 7)] + ["predicted_age"]
+    assert loadings["participant_id"].tolist()[:2] == ["sub-train00", "sub-train01"]
+    metrics = json.loads((group / "metrics.json").read_text())
+    assert metrics["rank"] == [6, 4] and "linear_model_on_decomposition" in metrics["test"]
+    assert (group / "scree.tsv").exists() and (group / "figures" / "scree.png").stat().st_size > 0
+
+
+def test_run_selection_end_to_end(cohort, sweep_small, tmp_path):
+    A, y = cohort
+    A_tr, A_va, A_te = splits(A)
+    group = tmp_path / "group"
+    # A group run that died after the rank sweep: the stage resumes from its table.
+    group.mkdir()
+    for suffix in (".tsv", ".json"):
+        src = sweep_small[1].with_suffix(suffix)
+        (group / src.name).write_bytes(src.read_bytes())
+    out = run_selection(
+        A_tr, A_va, A_te, y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :],
+        group, rank_grid=range(2, 10), lambda_grid=[0.0, 1e-2, 1e-1], quiet=True,
+        work_dir=tmp_path / "work",
+    )
+    assert out["ranks"]["R1"] in (6, 7, 8)
+    assert out["rank_sweep"].attrs == {"n_fitted": 0, "n_resumed": 36}
+    for name in (
+        "scree.tsv", "scree.json", "rank_sweep.tsv", "rank_sweep.json", "lambda_sweep.tsv",
+        "selection.json", "decomposition.npz", "decomposition.json", "loadings.tsv",
+        "metrics.json", "figures/scree.png", "figures/rank_sweep.png", "figures/lambda_sweep.png",
+    ):
+        assert (group / name).stat().st_size > 0, name
+    lam = read_tsv(group / "lambda_sweep.tsv")
+    sel = json.loads((group / "selection.json").read_text())
+    assert sel["lambda"]["lambda"] == lam.loc[lam["val_mae"].idxmin(), "lambda"]
+    assert not list(group.glob(".*"))  # no temporary files left behind
