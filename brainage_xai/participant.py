@@ -120,7 +120,10 @@ def process_subject(config, subject: str, source: Path, entities: dict, template
     if _outputs_current(out_path, sidecar, fingerprint, [figure, report]):
         LOGGER.info("sub-%s: outputs up to date, skipped", subject)
     else:
-        img = load_map(source)
+        try:
+            img = load_map(source)
+        except DataError as exc:
+            raise DataError(f"sub-{subject}: {exc}") from exc
         check, resampled = check_registration(
             img,
             template,
@@ -250,7 +253,8 @@ def run(config) -> int:
             f"sub-{subject} has no {config.map} map matching the query "
             f"(looked in {config.bids_dir} and its derivatives)"
         )
-        LOGGER.error("%s", failures[subject])
+        # INFO, not ERROR: the run ends with one error line naming every failure.
+        LOGGER.info("failed: %s", failures[subject])
     bar = tqdm(
         sorted(found.items()), desc="participants", unit="subject",
         disable=config.quiet, file=sys.stderr,
@@ -261,7 +265,7 @@ def run(config) -> int:
             process_subject(config, subject, source, entities, template)
         except BrainAgeXAIError as exc:
             failures[subject] = exc
-            LOGGER.error("%s", exc)
+            LOGGER.info("failed: %s", exc)
     bar.close()
     if failures:
         raise _combined_error(dict(sorted(failures.items())), len(subjects))
