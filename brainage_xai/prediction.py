@@ -1,13 +1,16 @@
 """Predictions, brain-age gap with age-bias correction, metrics and a plot.
 
-Age-bias correction (de Lange & Cole 2020; the linear correction of Smith et al. 2019
-and Cole et al.): brain-age models regress towards the mean, so the raw gap
-``predicted - age`` correlates negatively with age. On the training and validation
-subjects only (never the test subjects) we fit ``predicted = a * age + b`` and report
-``predicted_corrected = (predicted - b) / a`` and ``gap_corrected = predicted_corrected
-- age``. Smith et al.'s simple model (regress the gap on age and keep the residual)
-gives the same corrected gap multiplied by ``a``. The uncorrected gap and metrics are
-always reported too: the correction uses the true age, so corrected metrics flatter.
+Age-bias correction (Smith et al. 2019, the simple model; the linear correction of Cole
+and colleagues): brain-age models regress towards the mean, so the raw gap ``delta =
+predicted - age`` correlates negatively with age. On the training and validation subjects
+only (never the test subjects) we fit ``delta = slope * age + intercept`` and report
+``delta_corrected = delta - (slope * age + intercept)`` and ``predicted_corrected = age +
+delta_corrected``. The corrected gap has no linear age trend on the fitted subjects. The
+variant of de Lange & Cole (2020), which fits ``predicted = a * age + b`` and divides by
+``a``, gives the same corrected gap divided by ``a = 1 + slope``; we avoid the division
+because it explodes for a model whose predictions barely vary. The uncorrected gap and
+metrics are always reported too: the correction uses the true age, so corrected metrics
+flatter.
 """
 
 from __future__ import annotations
@@ -40,24 +43,17 @@ def columns(target: str) -> dict:
 
 
 def fit_bias_correction(true, predicted) -> dict:
-    """Fit ``predicted = slope * true + intercept`` (least squares)."""
+    """Fit the gap's age trend ``predicted - true = slope * true + intercept``."""
     true, predicted = np.asarray(true, float), np.asarray(predicted, float)
-    slope, intercept = np.polyfit(true, predicted, 1)
+    slope, intercept = np.polyfit(true, predicted - true, 1)
     return {"slope": float(slope), "intercept": float(intercept)}
 
 
 def apply_bias_correction(true, predicted, correction: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Corrected prediction and corrected gap; ``NaN`` when the slope is near zero.
-
-    A model that predicts nearly the same value for everyone has no age trend to undo:
-    dividing by its slope would only amplify noise.
-    """
+    """Corrected prediction and corrected gap (the gap minus its fitted age trend)."""
     true, predicted = np.asarray(true, float), np.asarray(predicted, float)
-    if abs(correction["slope"]) < 1e-3:
-        nan = np.full_like(predicted, np.nan)
-        return nan, nan
-    corrected = (predicted - correction["intercept"]) / correction["slope"]
-    return corrected, corrected - true
+    gap = predicted - true - (correction["slope"] * true + correction["intercept"])
+    return true + gap, gap
 
 
 def regression_metrics(true, predicted, train_mean: float) -> dict:
@@ -107,7 +103,7 @@ def prediction_table(split: pd.Series, targets: pd.DataFrame, predicted: np.ndar
         table[col["gap"]] = predicted[:, j] - true
         table[col["gap_corrected"]] = gap_corrected
         table[col["predicted_corrected"]] = corrected
-        corrections[target] = {**corr, "fitted_on": list(CORRECTION_SPLITS), "method": "de Lange & Cole 2020"}
+        corrections[target] = {**corr, "fitted_on": list(CORRECTION_SPLITS), "method": "Smith et al. 2019 (gap regressed on age)"}
     return table, corrections
 
 
@@ -127,11 +123,10 @@ def data_dictionary(targets) -> dict:
         doc[col["predicted"]] = {"Description": f"{target} predicted by the network"}
         doc[col["gap"]] = {"Description": f"Uncorrected gap: predicted minus true {target}"}
         doc[col["gap_corrected"]] = {
-            "Description": f"Gap after linear bias correction: corrected prediction minus true {target}; "
-            "correction predicted = a * true + b fitted on train and val only (de Lange & Cole "
-            "2020), corrected = (predicted - b) / a"
+            "Description": f"Gap after linear age-bias correction (Smith et al. 2019): the gap minus "
+            f"its linear trend in {target}, fitted on the train and val subjects only"
         }
-        doc[col["predicted_corrected"]] = {"Description": f"Bias-corrected predicted {target}"}
+        doc[col["predicted_corrected"]] = {"Description": f"True {target} plus the corrected gap"}
         if target == "age":
             for key in ("true", "predicted", "gap", "gap_corrected", "predicted_corrected"):
                 doc[col[key]]["Units"] = "years"
