@@ -1,0 +1,645 @@
+"""A synthetic cohort with known age effects, written as a BIDS dataset.
+
+Real cohorts cannot be redistributed, and an explanation can only be checked against a
+truth, so the package generates one. Each subject's maps are the MNI152 template's grey
+matter (and a stiffness map derived from its tissue classes) with
+
+- age-dependent change planted in six large regions of the package atlas
+  (:mod:`brainage_xai.atlas`); five follow **complementary** trajectories, each
+  changing mainly in its own age band (childhood, adolescence, mid-life, late life) or
+  weakly over the whole lifespan, each with its own subject-level noise, so that an
+  accurate predictor must combine all of them; the sixth is a **decoy** with strong
+  subject-level variation that is independent of age;
+- a smooth multiplicative field of individual variation and voxel noise;
+- a small smooth random deformation (low-frequency DCT basis, as in SPM's nonlinear
+  normalisation; a few mm), standing for imperfect registration;
+- a global intensity factor per ``site`` and a small one per ``sex``.
+
+The dataset holds raw ``T1w`` images (the template warped per subject, with a
+site-dependent scanner gain), the MNI-space maps under ``derivatives/simulated/`` and the
+ground truth under ``sourcedata/simulation/``. Everything is deterministic for a seed:
+cohort-level draws (ages, sexes, sites, regional effects) come from one random stream and
+each subject's images from its own stream, so the result does not depend on ``n_jobs``.
+See ``docs/simulation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._version import __version__
+from .errors import BrainAgeXAIError, OutputError, UsageError
+
+SPACE = "MNI152NLin2009cAsym"
+GENERATOR = "brainage-xai-simulate"
+CODE_URL = "https://github.com/brainage-xai/brainage-xai"
+BIDS_VERSION = "1.9.0"
+#: Ages (years) over which the lifespan-linear trajectory goes from 0 to 1, whatever
+#: the cohort's age range, so that trajectories do not change with ``age_range``.
+REFERENCE_AGES = (5.0, 81.0)
+
+
+@dataclass(frozen=True)
+class PlantedRegion:
+    """One planted region: an atlas structure (both hemispheres) and its trajectory.
+
+    The subject's relative change of grey matter in the region is
+    ``amplitude * curve(age) + N(0, subject_sd)``, where ``curve`` rises smoothly
+    (cubic smoothstep) from 0 at ``onset`` to 1 at ``offset`` years; the decoy has no
+    curve, only the subject-level term.
+    """
+
+    name: str
+    trajectory: str
+    onset: float
+    offset: float
+    amplitude: float
+    subject_sd: float
+
+    def curve(self, age):
+        """Noise-free trajectory (0..1) at ``age`` (years); 0 for the decoy."""
+        age = np.asarray(age, dtype=np.float64)
+        if self.trajectory == "decoy":
+            return np.zeros_like(age)
+        t = np.clip((age - self.onset) / (self.offset - self.onset), 0.0, 1.0)
+        if self.trajectory == "lifespan-linear":
+            return t
+        return t * t * (3.0 - 2.0 * t)
+
+
+#: The planted regions, in label order (label = position + 1). Bands overlap, and the
+#: first and last extend past 5 and 81 years, so that some region changes at every age;
+#: signs alternate so that total grey matter is not itself a clean age marker.
+PLANTED = (
+    PlantedRegion("occipital", "childhood", 2.0, 18.0, +0.30, 0.025),
+    PlantedRegion("parietal", "adolescence", 11.0, 30.0, -0.30, 0.025),
+    PlantedRegion("frontal", "mid-life", 24.0, 64.0, -0.25, 0.025),
+    PlantedRegion("temporal", "late-life", 55.0, 85.0, -0.35, 0.025),
+    PlantedRegion("cerebellum", "lifespan-linear", *REFERENCE_AGES, +0.25, 0.04),
+    PlantedRegion("deepgrey", "decoy", float("nan"), float("nan"), 0.0, 0.15),
+)
+
+# Image model constants (documented in docs/simulation.md).
+SITE_GM_STEP = 0.07  # site k scales grey matter by 1 - k * step
+SITE_STIFFNESS_STEP = 0.04  # and stiffness by 1 + k * step
+SITE_T1_GAIN_STEP = 0.15  # and the T1w scanner gain by 1 + k * step
+SEX_GM_SCALE = {"F": 1.02, "M": 1.0}
+STIFFNESS_EFFECT_SCALE = 0.6  # stiffness changes by this fraction of the GM change
+DEFORMATION_SD_MM = 1.5  # per axis, at a voxel
+DEFORMATION_BASIS = 3  # DCT functions per axis (the constant included)
+INDIVIDUAL_SD = 0.04  # smooth multiplicative variation (log scale)
+INDIVIDUAL_BASIS = 5
+GM_NOISE_SD = 0.03
+STIFFNESS_NOISE_SD = 0.15  # kPa
+T1_NOISE_SD = 0.02  # relative to the scanner gain
+REGION_SMOOTH_MM = 2.0  # soft edges of the planted change
+MAX_SITES = 8
+
+
+def _check_args(n_subjects, resolution, seed, age_range, n_sites):
+    try:
+        n_subjects = int(n_subjects)
+    except (TypeError, ValueError):
+        raise UsageError(f"n_subjects must be an integer; {n_subjects!r} was provided") from None
+    if n_subjects < 1:
+        raise UsageError(f"n_subjects must be at least 1; {n_subjects} was provided")
+    try:
+        res = float(resolution)
+    except (TypeError, ValueError):
+        raise UsageError(f"resolution must be a whole number of mm; {resolution!r} was provided") from None
+    # The label of the `res-` entity must be alphanumeric, hence whole millimetres.
+    if not (res.is_integer() and 1 <= res <= 16):
+        raise UsageError(f"resolution must be a whole number of mm from 1 to 16; {resolution!r} was provided")
+    try:
+        seed = int(seed)
+    except (TypeError, ValueError):
+        raise UsageError(f"seed must be an integer; {seed!r} was provided") from None
+    if seed < 0:
+        raise UsageError(f"seed must be non-negative; {seed} was provided")
+    try:
+        lo, hi = (float(a) for a in age_range)
+    except (TypeError, ValueError):
+        raise UsageError(f"age_range must be two numbers (low, high); {age_range!r} was provided") from None
+    if not (0 <= lo < hi <= 120):
+        raise UsageError(f"age_range must satisfy 0 <= low < high <= 120; {age_range!r} was provided")
+    n_sites = int(n_sites)
+    if not 1 <= n_sites <= MAX_SITES:
+        raise UsageError(f"n_sites must be between 1 and {MAX_SITES}; {n_sites} was provided")
+    return n_subjects, int(res), seed, (lo, hi), n_sites
+
+
+def subject_labels(n_subjects: int) -> list[str]:
+    """Zero-padded labels ``001``, ``002``, ... (at least three digits)."""
+    width = max(3, len(str(n_subjects)))
+    return [f"{i + 1:0{width}d}" for i in range(n_subjects)]
+
+
+def draw_participants(n_subjects=200, seed=0, age_range=(5.0, 81.0), n_sites=3):
+    """Draw the cohort-level variables: ages, sexes, sites and regional effects.
+
+    Needs no images, so tests and benchmarks can study the design on large cohorts.
+
+    Parameters
+    ----------
+    n_subjects : int
+    seed : int
+    age_range : (float, float)
+        Ages are stratified: one subject in each of ``n_subjects`` equal bins of the
+        range, uniform within its bin, so even a small cohort spans the range.
+    n_sites : int
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``participant_id, age, sex, site, site_index`` and, per planted region,
+        ``<name>`` (the subject's relative grey-matter change) and
+        ``<name>_trajectory`` (its noise-free part).
+    """
+    import pandas as pd
+
+    n_subjects, _, seed, (lo, hi), n_sites = _check_args(n_subjects, 2, seed, age_range, n_sites)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2**31,)))
+    bins = rng.permutation(n_subjects)
+    age = lo + (hi - lo) * (bins + rng.uniform(size=n_subjects)) / n_subjects
+    age = np.round(age, 1)
+    sex = np.where(rng.uniform(size=n_subjects) < 0.5, "F", "M")
+    # Sites assigned independently of age (balanced counts), so site is a pure nuisance.
+    site_index = rng.permutation(np.arange(n_subjects) % n_sites)
+    table = pd.DataFrame(
+        {
+            "participant_id": [f"sub-{s}" for s in subject_labels(n_subjects)],
+            "age": age,
+            "sex": sex,
+            "site": [f"site{k + 1}" for k in site_index],
+            "site_index": site_index,
+        }
+    )
+    for region in PLANTED:
+        curve = region.amplitude * region.curve(age)
+        noise = rng.normal(0.0, region.subject_sd, size=n_subjects)
+        table[region.name] = np.round(np.clip(curve + noise, -0.8, 1.0), 5)
+        table[f"{region.name}_trajectory"] = np.round(curve, 5)
+    return table
+
+
+# ----------------------------------------------------------------------------- images
+
+
+@dataclass
+class _Layout:
+    """Per-resolution arrays shared by all subjects."""
+
+    resolution: int
+    affine: np.ndarray
+    gm: np.ndarray
+    t1: np.ndarray
+    mask: np.ndarray
+    stiffness: np.ndarray
+    weights: np.ndarray  # (K, X, Y, Z) soft masks of the planted regions
+    dseg: np.ndarray  # int16 labels of the planted regions
+    bases_deform: tuple
+    bases_indiv: tuple
+
+
+def _dct_basis(n: int, k: int) -> np.ndarray:
+    i = (np.arange(n) + 0.5) / n
+    basis = [np.ones(n)] + [math.sqrt(2.0) * np.cos(math.pi * j * i) for j in range(1, k)]
+    return np.stack(basis, axis=1).astype(np.float32)  # (n, k)
+
+
+def _dct_weights(k: int) -> np.ndarray:
+    # Low frequencies dominate, as in a smooth random field; weights sum to 1 so the
+    # coefficient scale is the field's standard deviation at a voxel.
+    i, j, m = np.meshgrid(*(np.arange(k),) * 3, indexing="ij")
+    w = 1.0 / (1.0 + i**2 + j**2 + m**2)
+    return (w / w.sum()).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _layout(resolution: int) -> _Layout:
+    from nilearn import datasets
+    from nilearn.image import resample_img
+    from scipy import ndimage
+
+    from .atlas import load_atlas
+    from .templates import get_template
+
+    tpl = get_template(resolution)
+    shape, affine = tpl.shape, tpl.affine
+    gm = np.asarray(tpl.gm.get_fdata(dtype=np.float32))
+    t1 = np.asarray(tpl.t1.get_fdata(dtype=np.float32))
+    mask = np.asarray(tpl.mask.dataobj).astype(bool)
+    wm_img = resample_img(
+        datasets.load_mni152_wm_template(resolution=1), target_affine=affine,
+        target_shape=shape, interpolation="linear", force_resample=True, copy_header=True,
+    )
+    wm = np.clip(np.asarray(wm_img.get_fdata(dtype=np.float32)), 0, 1)
+    # MRE stiffness (kPa): soft CSF, stiffer grey and white matter (typical 3 T values).
+    stiffness = np.where(mask, 1.2 + 1.6 * gm + 2.0 * wm, 0.0).astype(np.float32)
+
+    atlas_img, table = load_atlas(tpl.t1)
+    atlas = np.asarray(atlas_img.dataobj)
+    dseg = np.zeros(shape, dtype=np.int16)
+    weights = np.zeros((len(PLANTED), *shape), dtype=np.float32)
+    sigma = REGION_SMOOTH_MM / resolution
+    for k, region in enumerate(PLANTED):
+        labels = table.loc[table["structure"] == region.name, "index"].to_numpy()
+        inside = np.isin(atlas, labels) & mask
+        dseg[inside] = k + 1
+        weights[k] = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
+    bases_deform = tuple(_dct_basis(n, DEFORMATION_BASIS) for n in shape)
+    bases_indiv = tuple(_dct_basis(n, INDIVIDUAL_BASIS) for n in shape)
+    return _Layout(int(resolution), affine, gm, t1, mask, stiffness, weights, dseg,
+                   bases_deform, bases_indiv)
+
+
+def _smooth_field(rng, bases, sd, n_components=1):
+    k = bases[0].shape[1]
+    coef = rng.standard_normal((n_components, k, k, k)).astype(np.float32)
+    coef *= np.sqrt(_dct_weights(k))[None] * sd
+    return np.einsum("dabc,xa,yb,zc->dxyz", coef, *bases, optimize=True)
+
+
+def _subject_images(layout: _Layout, row, seed: int, index: int) -> dict[str, np.ndarray]:
+    """Synthesise one subject's GM probability, stiffness and T1w arrays."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+    effects = np.array([row[r.name] for r in PLANTED], dtype=np.float32)
+    change = 1.0 + np.tensordot(effects, layout.weights, axes=1)
+    individual = np.exp(_smooth_field(rng, layout.bases_indiv, INDIVIDUAL_SD)[0])
+    gm = layout.gm * change * individual
+    stiff_change = 1.0 + STIFFNESS_EFFECT_SCALE * (change - 1.0)
+    stiffness = layout.stiffness * stiff_change
+
+    # Pull-back warp: the subject's map at x is its anatomy at x + d(x).
+    disp = _smooth_field(rng, layout.bases_deform, DEFORMATION_SD_MM / layout.resolution, 3)
+    coords = np.indices(layout.gm.shape, dtype=np.float32) + disp
+
+    def warp(volume):
+        return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0)
+
+    brain = warp(layout.mask.astype(np.float32)) >= 0.5
+    site = int(row["site_index"])
+    n_vox = int(brain.sum())
+
+    gm = warp(gm) * (1.0 - SITE_GM_STEP * site) * SEX_GM_SCALE[row["sex"]]
+    gm[brain] += rng.normal(0.0, GM_NOISE_SD, n_vox).astype(np.float32)
+    gm = np.where(brain, np.clip(gm, 0.0, 1.0), 0.0).astype(np.float32)
+
+    stiffness = warp(stiffness) * (1.0 + SITE_STIFFNESS_STEP * site)
+    stiffness[brain] += rng.normal(0.0, STIFFNESS_NOISE_SD, n_vox).astype(np.float32)
+    stiffness = np.where(brain, np.clip(stiffness, 0.1, None), 0.0).astype(np.float32)
+
+    gain = 1000.0 * (1.0 + SITE_T1_GAIN_STEP * site)
+    t1 = warp(layout.t1)
+    head = t1 > 0.01
+    t1 = t1 * gain
+    t1[head] += rng.normal(0.0, T1_NOISE_SD * gain, int(head.sum())).astype(np.float32)
+    t1 = np.clip(np.rint(t1), 0, np.iinfo(np.int16).max).astype(np.int16)
+    return {"gm": gm, "stiffness": stiffness, "t1": t1}
+
+
+def _nifti(data, affine, intent=None):
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_qform(affine, code=4)  # 4: MNI152
+    img.header.set_sform(affine, code=4)
+    if intent:
+        img.header.set_intent(intent)
+    return img
+
+
+# ------------------------------------------------------------------------ BIDS files
+
+
+def _paths(out: Path, label: str, resolution: int) -> dict[str, Path]:
+    anat = Path(f"sub-{label}") / "anat"
+    deriv = out / "derivatives" / "simulated" / anat
+    stem = f"sub-{label}_space-{SPACE}_res-{resolution}"
+    return {
+        "t1": out / anat / f"sub-{label}_T1w.nii.gz",
+        "gm": deriv / f"{stem}_label-GM_probseg.nii.gz",
+        "stiffness": deriv / f"{stem}_desc-stiffness_mremap.nii.gz",
+    }
+
+
+def _generated_by():
+    return [{"Name": GENERATOR, "Version": __version__, "CodeURL": CODE_URL}]
+
+
+def _write_subject(out: Path, layout: _Layout, row, seed: int, index: int) -> None:
+    from .utils.io import save_nifti, write_json
+
+    label = row["participant_id"][4:]
+    paths = _paths(out, label, layout.resolution)
+    images = _subject_images(layout, row, seed, index)
+    res = layout.resolution
+    raw_rel = f"sub-{label}/anat/sub-{label}_T1w.nii.gz"
+    resolution_desc = {
+        str(res): f"{res} mm isotropic on nilearn's MNI152 grid (origin -98, -134, -72 mm)"
+    }
+    save_nifti(_nifti(images["t1"], layout.affine), paths["t1"])
+    write_json(
+        paths["t1"].with_name(f"sub-{label}_T1w.json"),
+        {
+            "Manufacturer": "brainage-xai synthetic",
+            "MagneticFieldStrength": 3,
+            "InstitutionName": row["site"],
+        },
+    )
+    save_nifti(_nifti(images["gm"], layout.affine), paths["gm"])
+    write_json(
+        Path(str(paths["gm"])[: -len(".nii.gz")] + ".json"),
+        {
+            "Description": "Simulated grey-matter probability (0..1) in MNI space, with planted age effects",
+            "Sources": [f"bids:raw:{raw_rel}"],
+            "SpatialReference": SPACE,
+            "Resolution": resolution_desc,
+            "SkullStripped": True,
+        },
+    )
+    save_nifti(_nifti(images["stiffness"], layout.affine), paths["stiffness"])
+    write_json(
+        Path(str(paths["stiffness"])[: -len(".nii.gz")] + ".json"),
+        {
+            "Description": (
+                "Simulated magnetic resonance elastography (MRE) stiffness map: shear "
+                "stiffness magnitude |G*| in kPa, in MNI space, with planted age effects"
+            ),
+            "Units": "kPa",
+            "Sources": [f"bids:raw:{raw_rel}"],
+            "SpatialReference": SPACE,
+            "Resolution": resolution_desc,
+            "SkullStripped": True,
+        },
+    )
+
+
+PARTICIPANTS_SIDECAR = {
+    "participant_id": {"Description": "Subject label"},
+    "age": {"Description": "Age at scan", "Units": "year"},
+    "sex": {"Description": "Sex", "Levels": {"F": "female", "M": "male"}},
+    "site": {"Description": "Acquisition site; sites differ in global intensity"},
+}
+
+
+def _trajectories_sidecar():
+    side = {
+        "participant_id": {"Description": "Subject label"},
+        "age": {"Description": "Age at scan", "Units": "year"},
+        "sex": {"Description": "Sex", "Levels": {"F": "female", "M": "male"}},
+        "site": {"Description": "Acquisition site"},
+        "site_gm_scale": {"Description": "Global factor applied to the subject's grey-matter map by its site"},
+        "site_stiffness_scale": {"Description": "Global factor applied to the subject's stiffness map by its site"},
+    }
+    for r in PLANTED:
+        if r.trajectory == "decoy":
+            desc = "Relative grey-matter change in the decoy region (independent of age)"
+        else:
+            desc = (f"Relative grey-matter change planted in the {r.name} region "
+                    f"({r.trajectory} trajectory plus subject-level noise)")
+        side[r.name] = {"Description": desc, "Units": "fraction of the template value"}
+        side[f"{r.name}_trajectory"] = {
+            "Description": f"Noise-free part of {r.name}: amplitude times the trajectory curve at the subject's age",
+            "Units": "fraction of the template value",
+        }
+    return side
+
+
+def _write_dataset_files(out: Path, table, params: dict) -> None:
+    import pandas as pd
+
+    from .utils.io import write_json, write_text, write_tsv
+
+    write_json(
+        out / "dataset_description.json",
+        {
+            "Name": "brainage-xai synthetic cohort",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "raw",
+            "License": "CC0",
+            "Authors": ["brainage-xai developers"],
+            "GeneratedBy": _generated_by(),
+        },
+    )
+    write_text(
+        out / "README",
+        "brainage-xai synthetic cohort\n"
+        "=============================\n\n"
+        f"{len(table)} simulated subjects (seed {params['seed']}, {params['resolution']} mm), generated by\n"
+        f"`{GENERATOR}` version {__version__}. The raw T1w images are the MNI152 template\n"
+        "warped per subject. The MNI-space grey-matter and MRE stiffness maps with planted\n"
+        "age effects are under derivatives/simulated/, and the ground truth (planted regions,\n"
+        "per-subject effects) under sourcedata/simulation/. No real person's data is included.\n"
+        "See docs/simulation.md in the brainage-xai package for the model.\n",
+    )
+    write_text(out / "CHANGES", f"1.0.0 2024-01-01\n  - Generated by {GENERATOR} {__version__}.\n")
+    write_text(out / ".bidsignore", "sourcedata/\nderivatives/\n")
+    write_tsv(out / "participants.tsv", table[["participant_id", "age", "sex", "site"]],
+              sidecar=PARTICIPANTS_SIDECAR)
+
+    deriv = out / "derivatives" / "simulated"
+    write_json(
+        deriv / "dataset_description.json",
+        {
+            "Name": "brainage-xai synthetic cohort: MNI-space maps",
+            "BIDSVersion": BIDS_VERSION,
+            "DatasetType": "derivative",
+            "GeneratedBy": _generated_by(),
+            "DatasetLinks": {"raw": "../../"},
+            "SourceDatasets": [{"URL": "bids:raw:"}],
+        },
+    )
+
+    truth = out / "sourcedata" / "simulation"
+    rows = [
+        {
+            "index": k + 1,
+            "name": r.name,
+            "trajectory": r.trajectory,
+            "onset_age": r.onset if r.trajectory != "decoy" else None,
+            "offset_age": r.offset if r.trajectory != "decoy" else None,
+            "amplitude": r.amplitude,
+            "subject_sd": r.subject_sd,
+        }
+        for k, r in enumerate(PLANTED)
+    ]
+    write_tsv(
+        truth / "planted_dseg.tsv",
+        pd.DataFrame(rows),
+        sidecar={
+            "index": {"Description": "Label value in planted_dseg.nii.gz"},
+            "name": {"Description": "Atlas structure (both hemispheres) of brainage_xai.atlas"},
+            "trajectory": {"Description": "Age band in which the region changes, or decoy (no age effect)"},
+            "onset_age": {"Description": "Age at which the change starts", "Units": "year"},
+            "offset_age": {"Description": "Age at which the change is complete", "Units": "year"},
+            "amplitude": {"Description": "Total relative grey-matter change over the trajectory"},
+            "subject_sd": {"Description": "Standard deviation of the subject-level effect noise"},
+        },
+    )
+    traj = table.copy()
+    traj["site_gm_scale"] = np.round(1.0 - SITE_GM_STEP * traj["site_index"], 4)
+    traj["site_stiffness_scale"] = np.round(1.0 + SITE_STIFFNESS_STEP * traj["site_index"], 4)
+    cols = ["participant_id", "age", "sex", "site", "site_gm_scale", "site_stiffness_scale"]
+    cols += [c for r in PLANTED for c in (r.name, f"{r.name}_trajectory")]
+    write_tsv(truth / "trajectories.tsv", traj[cols], sidecar=_trajectories_sidecar())
+
+
+def _write_truth_image(out: Path, layout: _Layout) -> None:
+    from .utils.io import save_nifti
+
+    save_nifti(_nifti(layout.dseg, layout.affine, intent="label"),
+               out / "sourcedata" / "simulation" / "planted_dseg.nii.gz")
+
+
+def _existing_params(out: Path) -> dict | None:
+    marker = out / "sourcedata" / "simulation" / "simulation.json"
+    try:
+        return json.loads(marker.read_text())["parameters"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _ours(out: Path) -> bool:
+    try:
+        desc = json.loads((out / "dataset_description.json").read_text())
+        return desc["GeneratedBy"][0]["Name"] == GENERATOR
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return False
+
+
+def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
+                    age_range=(5.0, 81.0), n_sites=3, quiet=False, *, n_jobs=1) -> Path:
+    """Write a synthetic BIDS cohort with planted, complementary age effects.
+
+    Parameters
+    ----------
+    out_dir : path
+        Folder to create (or an empty one). A folder that already holds a complete
+        simulation with the same settings is left as it is; one holding an unfinished
+        simulation of the same settings is completed; anything else is refused.
+    n_subjects : int, default 200
+    resolution : int, default 2
+        Voxel size (whole mm) of the maps, on nilearn's MNI152 bounding box.
+    seed : int, default 0
+    age_range : (float, float), default (5, 81)
+    n_sites : int, default 3
+    quiet : bool, default False
+        No progress bar.
+    n_jobs : int, default 1
+        Subjects written in parallel (threads); the result does not depend on it.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_dir``.
+
+    Raises
+    ------
+    UsageError
+        Invalid parameters.
+    OutputError
+        ``out_dir`` holds other files, or cannot be written.
+    """
+    from tqdm.auto import tqdm
+
+    from .utils.io import write_json
+
+    n_subjects, resolution, seed, age_range, n_sites = _check_args(
+        n_subjects, resolution, seed, age_range, n_sites
+    )
+    out = Path(out_dir).absolute()
+    params = {
+        "n_subjects": n_subjects, "resolution": resolution, "seed": seed,
+        "age_range": list(age_range), "n_sites": n_sites, "version": __version__,
+    }
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        previous = _existing_params(out)
+        if previous == params:
+            return out
+        if previous is not None or not _ours(out):
+            what = "a simulation with other settings" if previous is not None else "other files"
+            raise OutputError(f"{out} holds {what}; give an empty or new folder")
+    table = draw_participants(n_subjects, seed, age_range, n_sites)
+    layout = _layout(resolution)
+    _write_dataset_files(out, table, params)
+    _write_truth_image(out, layout)
+
+    rows = [row for _, row in table.iterrows()]
+    progress = tqdm(total=n_subjects, desc="simulating subjects", unit="subject", disable=quiet)
+    with progress:
+        if n_jobs == 1:
+            for i, row in enumerate(rows):
+                _write_subject(out, layout, row, seed, i)
+                progress.update()
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # Threads: scipy, zlib and numpy release the GIL for the heavy parts, and the
+            # shared per-resolution arrays are not copied.
+            with ThreadPoolExecutor(max_workers=max(1, int(n_jobs))) as pool:
+                futures = [pool.submit(_write_subject, out, layout, row, seed, i)
+                           for i, row in enumerate(rows)]
+                for fut in futures:
+                    fut.result()
+                    progress.update()
+    # Written last: its presence marks a complete simulation.
+    write_json(out / "sourcedata" / "simulation" / "simulation.json",
+               {"GeneratedBy": _generated_by(), "parameters": params})
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=GENERATOR,
+        description=(
+            "Write a synthetic BIDS cohort (raw T1w, MNI-space grey-matter and stiffness maps "
+            "under derivatives/simulated/, ground truth under sourcedata/simulation/) with "
+            "complementary age effects planted in known regions and a decoy region."
+        ),
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="folder to create (new or empty)")
+    p.add_argument("--n-subjects", type=int, default=200, metavar="N", help="number of subjects (default 200)")
+    p.add_argument("--resolution", type=int, default=2, metavar="MM", help="voxel size in whole mm (default 2)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    p.add_argument("--age-range", type=float, nargs=2, default=(5.0, 81.0), metavar=("LOW", "HIGH"),
+                   help="ages in years (default 5 81)")
+    p.add_argument("--n-sites", type=int, default=3, metavar="K", help="number of sites (default 3)")
+    p.add_argument("--n-jobs", type=int, default=1, metavar="J", help="subjects written in parallel (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def main(argv=None) -> int:
+    """Command line entry point of ``brainage-xai-simulate``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        out = simulate_cohort(
+            args.out_dir, n_subjects=args.n_subjects, resolution=args.resolution,
+            seed=args.seed, age_range=tuple(args.age_range), n_sites=args.n_sites,
+            quiet=args.quiet, n_jobs=args.n_jobs,
+        )
+    except BrainAgeXAIError as exc:
+        print(f"{GENERATOR}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if not args.quiet:
+        print(f"Synthetic BIDS dataset: {out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

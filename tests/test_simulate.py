@@ -1,0 +1,160 @@
+"""The synthetic cohort: valid BIDS, deterministic, planted truth as documented."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainage_xai.errors import OutputError, UsageError
+from brainage_xai.simulate import PLANTED, draw_participants, main, simulate_cohort
+from brainage_xai.templates import model_grid
+from brainage_xai.utils.io import read_tsv
+
+SPACE = "MNI152NLin2009cAsym"
+
+
+def _maps(root, kind="label-GM_probseg"):
+    table = read_tsv(root / "participants.tsv")
+    out = []
+    for pid in table["participant_id"]:
+        path = root / "derivatives" / "simulated" / pid / "anat" / f"{pid}_space-{SPACE}_res-4_{kind}.nii.gz"
+        out.append(np.asarray(nib.load(path).get_fdata(dtype=np.float32)))
+    return table, np.stack(out)
+
+
+def test_layout_and_tables(sim_bids):
+    table = read_tsv(sim_bids / "participants.tsv")
+    assert list(table.columns) == ["participant_id", "age", "sex", "site"]
+    assert len(table) == 24 and table["participant_id"].is_unique
+    assert table["age"].between(5, 81).all()
+    assert set(table["sex"]) == {"F", "M"} and table["site"].nunique() == 3
+    desc = json.loads((sim_bids / "derivatives" / "simulated" / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"]
+    for pid in table["participant_id"]:
+        assert (sim_bids / pid / "anat" / f"{pid}_T1w.nii.gz").is_file()
+        anat = sim_bids / "derivatives" / "simulated" / pid / "anat"
+        for kind in ("label-GM_probseg", "desc-stiffness_mremap"):
+            img = nib.load(anat / f"{pid}_space-{SPACE}_res-4_{kind}.nii.gz")
+            shape, affine = model_grid(4)
+            assert img.shape == shape and np.allclose(img.affine, affine)
+            assert (anat / f"{pid}_space-{SPACE}_res-4_{kind}.json").is_file()
+    planted = read_tsv(sim_bids / "sourcedata" / "simulation" / "planted_dseg.tsv")
+    assert (planted["trajectory"] == "decoy").sum() == 1
+    assert (planted["trajectory"] != "decoy").sum() >= 5
+    dseg = nib.load(sim_bids / "sourcedata" / "simulation" / "planted_dseg.nii.gz")
+    assert dseg.shape == model_grid(4)[0] and np.allclose(dseg.affine, model_grid(4)[1])
+    labels = np.asarray(dseg.dataobj)
+    assert set(np.unique(labels)) == {0, *planted["index"]}
+    traj = read_tsv(sim_bids / "sourcedata" / "simulation" / "trajectories.tsv")
+    assert list(traj["participant_id"]) == list(table["participant_id"])
+    assert np.allclose(traj["age"], table["age"])
+
+
+def test_bids_validator_no_errors(sim_bids, bids_validator):
+    res = subprocess.run([bids_validator, "--json", str(sim_bids)], capture_output=True,
+                         text=True, timeout=300)
+    report = json.loads(res.stdout)
+    errors = report["issues"]["errors"]
+    assert errors == [], [e["key"] for e in errors]
+    assert report["summary"]["subjects"] and len(report["summary"]["subjects"]) == 24
+
+
+def test_probseg_values_and_planted_effect(sim_bids):
+    table, gm = _maps(sim_bids)
+    assert gm.min() >= 0 and gm.max() <= 1 and np.isfinite(gm).all()
+    truth = read_tsv(sim_bids / "sourcedata" / "simulation" / "trajectories.tsv")
+    labels = np.asarray(nib.load(sim_bids / "sourcedata" / "simulation" / "planted_dseg.nii.gz").dataobj)
+    # Each region's mean GM follows the planted effect (relative to the site's scale).
+    for k, region in enumerate(PLANTED, start=1):
+        mean = gm[:, labels == k].mean(axis=1) / truth["site_gm_scale"].to_numpy()
+        r = np.corrcoef(mean, truth[region.name])[0, 1]
+        assert r > 0.6, (region.name, r)
+
+
+def test_deterministic(tmp_path, sim_bids):
+    a = simulate_cohort(tmp_path / "a", n_subjects=3, resolution=8, seed=5, quiet=True)
+    b = simulate_cohort(tmp_path / "b", n_subjects=3, resolution=8, seed=5, quiet=True)
+    c = simulate_cohort(tmp_path / "c", n_subjects=3, resolution=8, seed=6, quiet=True)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for rel in files:
+        if rel.name.endswith(".nii.gz"):
+            assert np.array_equal(nib.load(a / rel).get_fdata(), nib.load(b / rel).get_fdata()), rel
+        else:
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    rel = files[[f.name.endswith("probseg.nii.gz") for f in files].index(True)]
+    assert not np.array_equal(nib.load(a / rel).get_fdata(), nib.load(c / rel).get_fdata())
+
+
+def test_decoy_unrelated_to_age_and_trajectories_complementary():
+    table = draw_participants(3000, seed=1)
+    age = table["age"].to_numpy()
+    decoy = [r for r in PLANTED if r.trajectory == "decoy"][0]
+    assert abs(np.corrcoef(age, table[decoy.name])[0, 1]) < 0.05
+    assert table[decoy.name].std() > 2 * max(r.subject_sd for r in PLANTED if r is not decoy)
+    # Each trajectory changes fastest in its own age band.
+    grid = np.linspace(5, 81, 761)
+    peaks = []
+    for r in PLANTED:
+        if r.trajectory in ("decoy", "lifespan-linear"):
+            continue
+        peaks.append(grid[np.argmax(np.abs(np.gradient(r.curve(grid))))])
+    assert np.all(np.diff(peaks) > 8), peaks
+
+
+def test_single_region_worse_than_all():
+    from sklearn.linear_model import LinearRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import SplineTransformer
+
+    table = draw_participants(1500, seed=2)
+    names = [r.name for r in PLANTED if r.trajectory != "decoy"]
+    age = table["age"].to_numpy()
+    mean_mae = np.mean(np.abs(age - age.mean()))
+
+    def mae(cols, model):
+        pred = cross_val_predict(model, table[cols].to_numpy(), age, cv=3)
+        return np.mean(np.abs(pred - age))
+
+    all_mae = mae(names, LinearRegression())
+    assert all_mae < 0.15 * mean_mae
+    for name in names:
+        # Even a flexible (spline) model of one region is far worse than a linear one of all.
+        single = mae([name], make_pipeline(SplineTransformer(n_knots=8), LinearRegression()))
+        assert single > 2.0 * all_mae, (name, single, all_mae)
+        assert single > 0.3 * mean_mae, (name, single, mean_mae)
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main([str(out), "--n-subjects", "2", "--resolution", "8", "--seed", "3", "--quiet"]) == 0
+    assert (out / "sourcedata" / "simulation" / "simulation.json").is_file()
+    assert capsys.readouterr().out == ""
+    # The same call again leaves the finished dataset as it is.
+    stamp = (out / "participants.tsv").stat().st_mtime_ns
+    assert main([str(out), "--n-subjects", "2", "--resolution", "8", "--seed", "3", "--quiet"]) == 0
+    assert (out / "participants.tsv").stat().st_mtime_ns == stamp
+    # Other settings in the same folder, or a foreign folder, are refused.
+    assert main([str(out), "--n-subjects", "3", "--resolution", "8", "--quiet"]) == OutputError.exit_code
+    assert "other settings" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "x"), "--resolution", "2.5"])
+    assert exc.value.code == 2
+    with pytest.raises(UsageError, match="n_subjects"):
+        simulate_cohort(tmp_path / "y", n_subjects=0)
+
+
+def test_sites_differ_in_intensity(sim_bids):
+    table, gm = _maps(sim_bids)
+    labels = np.asarray(nib.load(sim_bids / "sourcedata" / "simulation" / "planted_dseg.nii.gz").dataobj)
+    # Outside the planted regions only individual variation and noise remain.
+    rest = (labels == 0) & (gm.mean(axis=0) > 0.3)
+    means = pd.Series(gm[:, rest].mean(axis=1)).groupby(table["site"].to_numpy()).mean()
+    assert means["site1"] > means["site2"] > means["site3"]
+    assert means["site1"] / means["site3"] > 1.08
