@@ -129,6 +129,7 @@ def test_explicit_derivatives_and_filter_file(sim_bids, tmp_path):
     assert desc["DatasetLinks"]["sim"].endswith("derivatives/simulated")
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_share_one_output_dir(sim_bids, tmp_path):
     """Two participant jobs (as a SLURM array) write into one OUTPUT_DIR at once."""
     out = tmp_path / "out"
