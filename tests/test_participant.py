@@ -149,3 +149,27 @@ def test_concurrent_jobs_share_one_output_dir(sim_bids, tmp_path):
     assert len(list((out / "logs").glob("config-*.toml"))) == 2
     # No temporary files left behind by the atomic writes.
     assert not [p for p in out.rglob(".*") if p.is_file() and p.name != ".bidsignore"]
+
+
+def test_with_model_writes_activations(sim_bids, tmp_path):
+    """``--model`` at the participant level: the subject's activations are written too."""
+    import torch
+
+    from brainage_xai.model.io import save_model
+    from brainage_xai.model.network import PreActResNet3d
+
+    torch.manual_seed(0)
+    net = PreActResNet3d(widths=(2, 4), depths=(1, 1))
+    shape, affine = model_grid(4)
+    model = save_model(tmp_path / "model.safetensors", net, {
+        "input_grid": {"shape": list(shape), "affine": affine.tolist()},
+        "normalisation": {"input_mean": 0.0, "input_std": 1.0},
+    })
+    out = tmp_path / "out"
+    code = main([str(sim_bids), str(out), "participant", "--participant-label", "012",
+                 "--model", str(model), *ARGS])
+    assert code == 0
+    activations = [p for p in (out / "sub-012" / "anat").glob("*.nii.gz") if "desc-preproc" not in p.name]
+    assert len(activations) == 1
+    img = nib.load(activations[0])
+    assert img.ndim == 4 and img.shape[-1] == 4 and np.isfinite(img.get_fdata()).all()
