@@ -396,3 +396,12 @@ def test_result_to_numpy_and_repr(planted_full):
     assert isinstance(host.core, np.ndarray) and isinstance(host.factors[0], np.ndarray)
     np.testing.assert_array_equal(host.faces, res.faces.numpy())
     assert "rank=(3, 3)" in repr(res)
+
+
+def test_warm_start_across_constraint_sets(planted_full):
+    A, _ = planted_full
+    paper = fit_constrained_tucker(A, (4, 6), constraints="paper")
+    nn = fit_constrained_tucker(A, (4, 6), init=paper)
+    assert np.all(nn.factors[0] >= 0) and np.all(nn.factors[1] >= 0)
+    back = fit_constrained_tucker(A, (4, 6), constraints="paper", init=nn)
+    assert back.rel_error <= nn.rel_error * (1 + 1e-9)

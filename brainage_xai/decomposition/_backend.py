@@ -93,6 +93,12 @@ class Backend:
             return x.sum() if axis is None else x.sum(dim=axis)
         return x.sum(axis=axis)
 
+    def sum64(self, x):
+        """Sum of all entries accumulated in float64 (a 0-d array on the device)."""
+        if self.is_torch:
+            return x.sum(dtype=self.torch.float64)
+        return x.sum(dtype=np.float64)
+
     def col_norms(self, x):
         """Euclidean norm of each column of a matrix."""
         if self.is_torch:

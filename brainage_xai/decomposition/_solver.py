@@ -197,10 +197,11 @@ def iterate(bk, A2, shape, st: State, reduced, nonneg, lam, normA2):
     shrink = lam * bk.col_norms(U1) * bk.col_norms(W) if lam > 0 else None
     U3 = hals(bk, U3, M3, H3, SWEEPS_U3, nonneg=True, shrink=shrink)
 
-    data = normA2 - 2.0 * bk.sum(M3 * U3) + bk.sum(H3 * (U3.T @ U3))
+    # float64 accumulation: the identity subtracts numbers close to ||A||^2
+    data = normA2 - 2.0 * bk.sum64(M3 * U3) + bk.sum64(H3 * (U3.T @ U3))
     F = 0.5 * data
     if lam > 0:
-        F = F + lam * bk.sum(bk.col_norms(U1) * bk.col_norms(W) * bk.col_l1(U3))
+        F = F + lam * bk.sum64(bk.col_norms(U1) * bk.col_norms(W) * bk.col_l1(U3))
     return State(U1, W, U3, U2, D), F, data
 
 
@@ -293,7 +294,7 @@ def _range_svd(bk, apply, apply_t, Y, k, power_iter):
     return Q @ V
 
 
-def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=1, oversample=10):
+def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=0, oversample=10):
     """Leading singular vectors of the three unfoldings, made non-negative.
 
     Randomised range finder whose test matrices are Khatri-Rao products of small

@@ -366,6 +366,10 @@ def _from_result(bk, prev, shape, R1, R2, nonneg, rng):
         U3 = _cat(bk, U3, bk.asarray(_unit(rng.random((v, n_new))) * small))
         if U1 is not None:
             U1 = _solver._pad_random(bk, U1, R1, rng)
+    if nonneg:  # e.g. from a 'paper' fit: start from the nearest feasible point
+        W = bk.clip0(W)
+        U1 = bk.clip0(U1) if U1 is not None else None
+        U2p = bk.clip0(U2p)
     st = _solver.State(U1, W, U3)
     if R2 < R1:
         D_prev = bk.to_numpy(prev.faces)
