@@ -408,7 +408,9 @@ def fit(
         else:
             if state.get("settings") == key:
                 best_state = best
-                result = TrainResult(state["history"], state["best_epoch"], state["best_score"], state["done"])
+                result = TrainResult(
+                    state["history"], state["best_epoch"], state["best_score"], state["stopped_early"]
+                )
                 bad_epochs, start = state["bad_epochs"], state["epoch"] + 1
                 LOGGER.info("resuming training from %s after epoch %d", checkpoint, state["epoch"] + 1)
                 if state["done"]:
@@ -475,7 +477,7 @@ def fit(
                     checkpoint, model, optimizer, best_state, scaler,
                     {"settings": key, "epoch": epoch, "history": result.history,
                      "best_epoch": result.best_epoch, "best_score": result.best_score,
-                     "bad_epochs": bad_epochs, "done": done},
+                     "bad_epochs": bad_epochs, "stopped_early": result.stopped_early, "done": done},
                 )  # fmt: skip
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_mae=f"{record['val_mae'][0]:.2f}")
