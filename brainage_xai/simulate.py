@@ -79,11 +79,11 @@ class PlantedRegion:
 #: first and last extend past 5 and 81 years, so that some region changes at every age;
 #: signs alternate so that total grey matter is not itself a clean age marker.
 PLANTED = (
-    PlantedRegion("occipital", "childhood", 2.0, 18.0, +0.30, 0.025),
-    PlantedRegion("parietal", "adolescence", 11.0, 30.0, -0.30, 0.025),
-    PlantedRegion("frontal", "mid-life", 24.0, 64.0, -0.25, 0.025),
-    PlantedRegion("temporal", "late-life", 55.0, 85.0, -0.35, 0.025),
-    PlantedRegion("cerebellum", "lifespan-linear", *REFERENCE_AGES, +0.25, 0.04),
+    PlantedRegion("occipital", "childhood", 2.0, 18.0, +0.30, 0.015),
+    PlantedRegion("parietal", "adolescence", 11.0, 32.0, -0.30, 0.015),
+    PlantedRegion("frontal", "mid-life", 28.0, 60.0, -0.25, 0.015),
+    PlantedRegion("temporal", "late-life", 54.0, 85.0, -0.35, 0.015),
+    PlantedRegion("cerebellum", "lifespan-linear", *REFERENCE_AGES, +0.25, 0.03),
     PlantedRegion("deepgrey", "decoy", float("nan"), float("nan"), 0.0, 0.15),
 )
 
@@ -93,15 +93,19 @@ SITE_STIFFNESS_STEP = 0.04  # and stiffness by 1 + k * step
 SITE_T1_GAIN_STEP = 0.15  # and the T1w scanner gain by 1 + k * step
 SEX_GM_SCALE = {"F": 1.02, "M": 1.0}
 STIFFNESS_EFFECT_SCALE = 0.6  # stiffness changes by this fraction of the GM change
-DEFORMATION_SD_MM = 1.5  # per axis, at a voxel
+DEFORMATION_SD_MM = 1.0  # per axis, at a voxel
 DEFORMATION_BASIS = 3  # DCT functions per axis (the constant included)
-INDIVIDUAL_SD = 0.04  # smooth multiplicative variation (log scale)
+INDIVIDUAL_SD = 0.02  # smooth multiplicative variation (log scale)
 INDIVIDUAL_BASIS = 5
 GM_NOISE_SD = 0.03
 STIFFNESS_NOISE_SD = 0.15  # kPa
 T1_NOISE_SD = 0.02  # relative to the scanner gain
 REGION_SMOOTH_MM = 2.0  # soft edges of the planted change
 MAX_SITES = 8
+#: The template's GM probability is scaled by this before the effects, so that the
+#: largest planted increase (+30 %) does not saturate at 1 where the template is near 1
+#: (cerebellum, deep grey): clipping would erase exactly the signal that was planted.
+GM_BASE_SCALE = 0.75
 
 
 def _check_args(n_subjects, resolution, seed, age_range, n_sites):
@@ -215,11 +219,13 @@ def _dct_basis(n: int, k: int) -> np.ndarray:
     return np.stack(basis, axis=1).astype(np.float32)  # (n, k)
 
 
-def _dct_weights(k: int) -> np.ndarray:
+def _dct_weights(k: int, constant: bool = True) -> np.ndarray:
     # Low frequencies dominate, as in a smooth random field; weights sum to 1 so the
     # coefficient scale is the field's standard deviation at a voxel.
     i, j, m = np.meshgrid(*(np.arange(k),) * 3, indexing="ij")
     w = 1.0 / (1.0 + i**2 + j**2 + m**2)
+    if not constant:
+        w[0, 0, 0] = 0.0
     return (w / w.sum()).astype(np.float32)
 
 
@@ -235,6 +241,7 @@ def _layout(resolution: int) -> _Layout:
     tpl = get_template(resolution)
     shape, affine = tpl.shape, tpl.affine
     gm = np.asarray(tpl.gm.get_fdata(dtype=np.float32))
+    gm_base = GM_BASE_SCALE * gm
     t1 = np.asarray(tpl.t1.get_fdata(dtype=np.float32))
     mask = np.asarray(tpl.mask.dataobj).astype(bool)
     wm_img = resample_img(
@@ -257,14 +264,14 @@ def _layout(resolution: int) -> _Layout:
         weights[k] = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
     bases_deform = tuple(_dct_basis(n, DEFORMATION_BASIS) for n in shape)
     bases_indiv = tuple(_dct_basis(n, INDIVIDUAL_BASIS) for n in shape)
-    return _Layout(int(resolution), affine, gm, t1, mask, stiffness, weights, dseg,
+    return _Layout(int(resolution), affine, gm_base, t1, mask, stiffness, weights, dseg,
                    bases_deform, bases_indiv)
 
 
-def _smooth_field(rng, bases, sd, n_components=1):
+def _smooth_field(rng, bases, sd, n_components=1, constant=True):
     k = bases[0].shape[1]
     coef = rng.standard_normal((n_components, k, k, k)).astype(np.float32)
-    coef *= np.sqrt(_dct_weights(k))[None] * sd
+    coef *= np.sqrt(_dct_weights(k, constant))[None] * sd
     return np.einsum("dabc,xa,yb,zc->dxyz", coef, *bases, optimize=True)
 
 
@@ -280,8 +287,10 @@ def _subject_images(layout: _Layout, row, seed: int, index: int) -> dict[str, np
     stiff_change = 1.0 + STIFFNESS_EFFECT_SCALE * (change - 1.0)
     stiffness = layout.stiffness * stiff_change
 
-    # Pull-back warp: the subject's map at x is its anatomy at x + d(x).
-    disp = _smooth_field(rng, layout.bases_deform, DEFORMATION_SD_MM / layout.resolution, 3)
+    # Pull-back warp: the subject's map at x is its anatomy at x + d(x). No constant
+    # term: a registration removes a global shift; what is left is smooth and local.
+    disp = _smooth_field(rng, layout.bases_deform, DEFORMATION_SD_MM / layout.resolution, 3,
+                         constant=False)
     coords = np.indices(layout.gm.shape, dtype=np.float32) + disp
 
     def warp(volume):
