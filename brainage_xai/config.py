@@ -44,6 +44,7 @@ class Config:
     l1: float | None = None  # --lambda
     rank_grid: list[int] | None = None
     lambda_grid: list[float] | None = None
+    dask_scheduler: str | None = None  # address of a Dask scheduler for the sweeps
     tune: int = 0
     epochs: int | None = None
     # Network widths/depths per block; None: the paper's (8..128 channels, 3-4-6-4-3 units).

@@ -272,16 +272,10 @@ def parse_args(argv=None) -> Config:
         "l1": opts.l1,
         "rank_grid": opts.rank_grid,
         "lambda_grid": opts.lambda_grid,
+        "dask_scheduler": opts.dask_scheduler,
         "tune": opts.tune,
         "epochs": opts.epochs,
         "verbose": opts.verbose,
         "quiet": opts.quiet,
     }
-    fields = set(Config.__dataclass_fields__)
-    config = Config(**{k: v for k, v in kwargs.items() if k in fields})
-    if "dask_scheduler" in fields:
-        config.dask_scheduler = opts.dask_scheduler
-    elif opts.dask_scheduler is not None:
-        # Config has no field for it yet: keep it on the object for the group level.
-        object.__setattr__(config, "dask_scheduler", opts.dask_scheduler)
-    return config
+    return Config(**kwargs)
