@@ -207,9 +207,11 @@ class _Layout:
     t1: np.ndarray
     mask: np.ndarray
     stiffness: np.ndarray
-    weights: np.ndarray  # (K, X, Y, Z) soft masks of the planted regions
+    weights: np.ndarray  # (K, n_support) soft masks of the planted regions
     dseg: np.ndarray  # int16 labels of the planted regions
-    bases_deform: tuple
+    support: np.ndarray  # flat indices of the voxels a subject's brain can reach
+    ijk: np.ndarray  # (3, n_support) their voxel coordinates
+    bases_deform: tuple  # DCT bases per axis
     bases_indiv: tuple
 
 
@@ -241,9 +243,9 @@ def _layout(resolution: int) -> _Layout:
     tpl = get_template(resolution)
     shape, affine = tpl.shape, tpl.affine
     gm = np.asarray(tpl.gm.get_fdata(dtype=np.float32))
-    gm_base = GM_BASE_SCALE * gm
     t1 = np.asarray(tpl.t1.get_fdata(dtype=np.float32))
     mask = np.asarray(tpl.mask.dataobj).astype(bool)
+    gm_base = np.where(mask, GM_BASE_SCALE * gm, 0.0).astype(np.float32)
     wm_img = resample_img(
         datasets.load_mni152_wm_template(resolution=1), target_affine=affine,
         target_shape=shape, interpolation="linear", force_resample=True, copy_header=True,
@@ -252,27 +254,42 @@ def _layout(resolution: int) -> _Layout:
     # MRE stiffness (kPa): soft CSF, stiffer grey and white matter (typical 3 T values).
     stiffness = np.where(mask, 1.2 + 1.6 * gm + 2.0 * wm, 0.0).astype(np.float32)
 
+    # Only voxels within reach of the brain after warping are ever non-zero: working on
+    # them alone (a quarter of the box) makes a subject several times cheaper.
+    reach = int(math.ceil(4 * DEFORMATION_SD_MM / resolution)) + 1
+    support = np.flatnonzero(ndimage.binary_dilation(mask, iterations=reach))
+    ijk = np.stack(np.unravel_index(support, shape))
+
     atlas_img, table = load_atlas(tpl.t1)
     atlas = np.asarray(atlas_img.dataobj)
     dseg = np.zeros(shape, dtype=np.int16)
-    weights = np.zeros((len(PLANTED), *shape), dtype=np.float32)
+    weights = np.zeros((len(PLANTED), support.size), dtype=np.float32)
     sigma = REGION_SMOOTH_MM / resolution
     for k, region in enumerate(PLANTED):
         labels = table.loc[table["structure"] == region.name, "index"].to_numpy()
         inside = np.isin(atlas, labels) & mask
         dseg[inside] = k + 1
-        weights[k] = ndimage.gaussian_filter(inside.astype(np.float32), sigma)
+        weights[k] = ndimage.gaussian_filter(inside.astype(np.float32), sigma).ravel()[support]
     bases_deform = tuple(_dct_basis(n, DEFORMATION_BASIS) for n in shape)
     bases_indiv = tuple(_dct_basis(n, INDIVIDUAL_BASIS) for n in shape)
     return _Layout(int(resolution), affine, gm_base, t1, mask, stiffness, weights, dseg,
-                   bases_deform, bases_indiv)
+                   support, ijk.astype(np.float32), bases_deform, bases_indiv)
 
 
-def _smooth_field(rng, bases, sd, n_components=1, constant=True):
+def _smooth_field(rng, bases, sd, support, n_components=1, constant=True):
+    """A smooth random field at the support voxels: ``(n_components, n_support)``."""
     k = bases[0].shape[1]
     coef = rng.standard_normal((n_components, k, k, k)).astype(np.float32)
     coef *= np.sqrt(_dct_weights(k, constant))[None] * sd
-    return np.einsum("dabc,xa,yb,zc->dxyz", coef, *bases, optimize=True)
+    out = np.empty((n_components, support.size), dtype=np.float32)
+    for d in range(n_components):
+        # Separable: one small matrix product per axis on the whole grid (BLAS), then
+        # the support voxels; cheaper than any per-voxel contraction.
+        field = np.tensordot(bases[0], coef[d], axes=(1, 0))  # (x, k, k)
+        field = np.tensordot(field, bases[1], axes=(1, 1))  # (x, k, y)
+        field = np.tensordot(field, bases[2], axes=(1, 1))  # (x, y, z)
+        out[d] = field.ravel()[support]
+    return out
 
 
 def _subject_images(layout: _Layout, row, seed: int, index: int) -> dict[str, np.ndarray]:
@@ -280,21 +297,28 @@ def _subject_images(layout: _Layout, row, seed: int, index: int) -> dict[str, np
     from scipy import ndimage
 
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(index,)))
+    shape, sup = layout.gm.shape, layout.support
     effects = np.array([row[r.name] for r in PLANTED], dtype=np.float32)
-    change = 1.0 + np.tensordot(effects, layout.weights, axes=1)
-    individual = np.exp(_smooth_field(rng, layout.bases_indiv, INDIVIDUAL_SD)[0])
-    gm = layout.gm * change * individual
+    change = 1.0 + effects @ layout.weights
+    individual = np.exp(_smooth_field(rng, layout.bases_indiv, INDIVIDUAL_SD, sup)[0])
+
+    def volume(values):
+        out = np.zeros(shape, dtype=np.float32)
+        out.flat[sup] = values
+        return out
+
+    gm = volume(layout.gm.ravel()[sup] * change * individual)
     stiff_change = 1.0 + STIFFNESS_EFFECT_SCALE * (change - 1.0)
-    stiffness = layout.stiffness * stiff_change
+    stiffness = volume(layout.stiffness.ravel()[sup] * stiff_change)
 
     # Pull-back warp: the subject's map at x is its anatomy at x + d(x). No constant
     # term: a registration removes a global shift; what is left is smooth and local.
-    disp = _smooth_field(rng, layout.bases_deform, DEFORMATION_SD_MM / layout.resolution, 3,
-                         constant=False)
-    coords = np.indices(layout.gm.shape, dtype=np.float32) + disp
+    disp = _smooth_field(rng, layout.bases_deform, DEFORMATION_SD_MM / layout.resolution, sup,
+                         3, constant=False)
+    coords = layout.ijk + disp
 
-    def warp(volume):
-        return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0)
+    def warp(vol):
+        return ndimage.map_coordinates(vol, coords, order=1, mode="constant", cval=0.0)
 
     brain = warp(layout.mask.astype(np.float32)) >= 0.5
     site = int(row["site_index"])
@@ -302,18 +326,18 @@ def _subject_images(layout: _Layout, row, seed: int, index: int) -> dict[str, np
 
     gm = warp(gm) * (1.0 - SITE_GM_STEP * site) * SEX_GM_SCALE[row["sex"]]
     gm[brain] += rng.normal(0.0, GM_NOISE_SD, n_vox).astype(np.float32)
-    gm = np.where(brain, np.clip(gm, 0.0, 1.0), 0.0).astype(np.float32)
+    gm = volume(np.where(brain, np.clip(gm, 0.0, 1.0), 0.0))
 
     stiffness = warp(stiffness) * (1.0 + SITE_STIFFNESS_STEP * site)
     stiffness[brain] += rng.normal(0.0, STIFFNESS_NOISE_SD, n_vox).astype(np.float32)
-    stiffness = np.where(brain, np.clip(stiffness, 0.1, None), 0.0).astype(np.float32)
+    stiffness = volume(np.where(brain, np.clip(stiffness, 0.1, None), 0.0))
 
     gain = 1000.0 * (1.0 + SITE_T1_GAIN_STEP * site)
     t1 = warp(layout.t1)
     head = t1 > 0.01
     t1 = t1 * gain
     t1[head] += rng.normal(0.0, T1_NOISE_SD * gain, int(head.sum())).astype(np.float32)
-    t1 = np.clip(np.rint(t1), 0, np.iinfo(np.int16).max).astype(np.int16)
+    t1 = np.clip(np.rint(volume(t1)), 0, np.iinfo(np.int16).max).astype(np.int16)
     return {"gm": gm, "stiffness": stiffness, "t1": t1}
 
 
