@@ -247,8 +247,8 @@ def run_rank_sweep(
     quiet: bool = False,
     *,
     constraints: str = "nonneg",
-    n_iter_max: int = 200,
-    tol: float = 1e-6,
+    n_iter_max: int = 100,
+    tol: float = 1e-4,
     cache_dir=None,
 ) -> pd.DataFrame:
     """Train and validation relative error of the decomposition over a rank grid.
