@@ -405,3 +405,17 @@ def test_warm_start_across_constraint_sets(planted_full):
     assert np.all(nn.factors[0] >= 0) and np.all(nn.factors[1] >= 0)
     back = fit_constrained_tucker(A, (4, 6), constraints="paper", init=nn)
     assert back.rel_error <= nn.rel_error * (1 + 1e-9)
+
+
+def test_float32_error_is_accurate_at_low_noise():
+    """The Gram-identity error subtracts near-equal numbers: float32 must not fool it."""
+    A, _ = make_planted((60, 40, 300), (4, 6), noise=0.001, random_state=9)
+    A32 = A.astype(np.float32)
+    res = fit_constrained_tucker(A32, (4, 6))
+    W = res.factors[1].astype(np.float64) @ res.faces.T.astype(np.float64)
+    rec = np.einsum("ar,br,cr->abc", res.factors[0].astype(np.float64), W,
+                    res.factors[2].astype(np.float64))
+    A64 = A32.astype(np.float64)
+    dense = np.linalg.norm(A64 - rec) / np.linalg.norm(A64)
+    assert dense < 0.005  # it did not stop early on a rounding-level "convergence"
+    assert abs(res.rel_error - dense) < 3e-4

@@ -113,7 +113,7 @@ class Backend:
     def item(x) -> float:
         return float(x.item()) if hasattr(x, "item") else float(x)
 
-    def sq_norm(self, x, chunk: int = 1 << 22) -> float:
+    def sq_norm(self, x, chunk: int = 1 << 20) -> float:
         """Squared Frobenius norm accumulated in double precision.
 
         Summed chunk by chunk over the first axis so that float32 tensors with
@@ -123,12 +123,14 @@ class Backend:
         per = max(1, chunk // max(1, int(np.prod(x.shape[1:]))))
         total = 0.0
         for start in range(0, x.shape[0], per):
+            # float32 dot products lose ~1e-5 over millions of terms, which the Gram
+            # identity for the error (a difference of near-equal numbers) cannot
+            # afford: square and sum each chunk in float64.
             block = x[start : start + per]
             if self.is_torch:
-                total += float(self.torch.linalg.vector_norm(block).item()) ** 2
+                total += float(block.to(self.torch.float64).square().sum().item())
             else:
-                flat = block.reshape(-1)
-                total += float(np.dot(flat, flat))
+                total += float(np.square(block, dtype=np.float64).sum())
         return total
 
     # -- small linear algebra --------------------------------------------------
