@@ -17,6 +17,7 @@ from brainage_xai.selection import (
     compute_scree,
     fit_final,
     fit_linear_model,
+    head_from_torch,
     roi_coefficients,
     roi_contributions,
     run_lambda_sweep,
@@ -309,6 +310,14 @@ def test_fit_final_metrics(cohort):
         return np.c_[avg, np.ones(len(avg))] @ coef
 
     final = fit_final(A_tr, A_va, A_te, y_tr, y_va, y_te, (7, 7), 0.0, head)
+    # The same head as the torch layer a trained network ends with.
+    import torch
+
+    layer = torch.nn.Linear(C, 1).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(coef[None, :C]))
+        layer.bias.copy_(torch.as_tensor(coef[C:]))
+    np.testing.assert_allclose(head_from_torch(layer)(A_te.mean(2))[:, 0], head(A_te.mean(2)))
     test = final.metrics["test"]
     assert set(test) == {
         "network", "linear_model_on_decomposition", "network_head_on_reconstruction", "mean_predictor",

@@ -26,6 +26,7 @@ __all__ = [
     "regression_metrics",
     "FinalModel",
     "fit_final",
+    "head_from_torch",
 ]
 
 LOG = logging.getLogger("brainage_xai.selection")
@@ -92,6 +93,31 @@ def regression_metrics(y, pred) -> dict:
     p2 = _as_2d(pred, "predictions")
     err = p2 - y2
     return {"mae": float(np.mean(np.abs(err))), "mse": float(np.mean(err**2))}
+
+
+def head_from_torch(module):
+    """Wrap a torch head (e.g. the network's final ``nn.Linear``) as a numpy callable.
+
+    The returned function maps voxel-averaged activations (m, c) to predictions (m, t),
+    running ``module`` in eval mode, without gradients, on its own device and dtype.
+    """
+    import torch
+
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+
+    def head(avg):
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = module(torch.as_tensor(np.asarray(avg), dtype=dtype, device=device))
+        finally:
+            module.train(was_training)
+        return out.detach().cpu().double().numpy()
+
+    return head
 
 
 @dataclass

@@ -43,8 +43,12 @@ def _gram(A: np.ndarray, mode: int) -> np.ndarray:
     size = A.shape[mode]
     G = np.zeros((size, size))
     if mode == 0:
-        for j in range(A.shape[1]):
-            S = np.asarray(A[:, j, :], dtype=np.float64)
+        flat = A.reshape(size, -1)
+        if flat.dtype == np.float64:
+            return flat @ flat.T  # a view of A: no copy
+        step = max(1, 2**22 // size)  # up-cast a few MB at a time
+        for j in range(0, flat.shape[1], step):
+            S = np.asarray(flat[:, j : j + step], dtype=np.float64)
             G += S @ S.T
         return G
     for i in range(A.shape[0]):
