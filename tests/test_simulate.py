@@ -77,9 +77,10 @@ def test_probseg_values_and_planted_effect(sim_bids):
 
 
 def test_deterministic(tmp_path, sim_bids):
-    a = simulate_cohort(tmp_path / "a", n_subjects=3, resolution=8, seed=5, quiet=True)
-    b = simulate_cohort(tmp_path / "b", n_subjects=3, resolution=8, seed=5, quiet=True)
-    c = simulate_cohort(tmp_path / "c", n_subjects=3, resolution=8, seed=6, quiet=True)
+    a = simulate_cohort(tmp_path / "a", n_subjects=3, resolution=8, seed=5, quiet=True, n_jobs=1)
+    # Threads do not change the result: each subject has its own random stream.
+    b = simulate_cohort(tmp_path / "b", n_subjects=3, resolution=8, seed=5, quiet=True, n_jobs=3)
+    c = simulate_cohort(tmp_path / "c", n_subjects=3, resolution=8, seed=6, quiet=True, n_jobs=1)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     for rel in files:
@@ -158,3 +159,50 @@ def test_sites_differ_in_intensity(sim_bids):
     means = pd.Series(gm[:, rest].mean(axis=1)).groupby(table["site"].to_numpy()).mean()
     assert means["site1"] > means["site2"] > means["site3"]
     assert means["site1"] / means["site3"] > 1.08
+
+
+def test_stiffness_map(sim_bids):
+    table, stiff = _maps(sim_bids, "desc-stiffness_mremap")
+    _, gm = _maps(sim_bids)
+    assert np.isfinite(stiff).all() and stiff.min() >= 0
+    brain = stiff > 0
+    assert 2.0 < np.median(stiff[brain]) < 4.0  # kPa
+    truth = read_tsv(sim_bids / "sourcedata" / "simulation" / "trajectories.tsv")
+    labels = np.asarray(nib.load(sim_bids / "sourcedata" / "simulation" / "planted_dseg.nii.gz").dataobj)
+    for k, region in enumerate(PLANTED, start=1):
+        mean = stiff[:, labels == k].mean(axis=1) / truth["site_stiffness_scale"].to_numpy()
+        assert np.corrcoef(mean, truth[region.name])[0, 1] > 0.6, region.name
+    side = json.loads(next((sim_bids / "derivatives" / "simulated").rglob("*_mremap.json")).read_text())
+    assert side["Units"] == "kPa" and side["Resolution"]["4"]
+
+
+def test_imperfect_registration(sim_bids):
+    from brainage_xai.templates import get_template
+
+    _, gm = _maps(sim_bids)
+    template = np.asarray(get_template(4).gm.get_fdata())
+    masks = gm > 0
+    # Every subject is close to the template but warped a little, each differently.
+    for subject in gm[:5]:
+        assert 0.85 < np.corrcoef(subject.ravel(), template.ravel())[0, 1] < 0.995
+    assert not np.array_equal(masks[0], masks[1])
+    dice = 2 * (masks[0] & masks[1]).sum() / (masks[0].sum() + masks[1].sum())
+    assert 0.85 < dice < 1.0
+
+
+def test_unfinished_run_is_completed_and_foreign_folder_refused(tmp_path):
+    out = simulate_cohort(tmp_path / "u", n_subjects=2, resolution=8, seed=1, quiet=True)
+    marker = out / "sourcedata" / "simulation" / "simulation.json"
+    victim = next((out / "derivatives").rglob("*_probseg.nii.gz"))
+    expected = nib.load(victim).get_fdata()
+    victim.unlink()
+    marker.unlink()  # as if the run had died
+    simulate_cohort(out, n_subjects=2, resolution=8, seed=1, quiet=True)
+    assert marker.is_file() and np.array_equal(nib.load(victim).get_fdata(), expected)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="other files"):
+        simulate_cohort(foreign, n_subjects=2, resolution=8, quiet=True)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
