@@ -203,9 +203,10 @@ def test_rank_sweep_parallel_equals_serial(cohort):
     cols = ["R1", "R2", "train_error", "val_error"]
     pd.testing.assert_frame_equal(serial[cols], parallel[cols], check_exact=False, rtol=1e-3)
     # The sweep runs through whatever joblib backend is configured (as the Dask one is).
-    with joblib.parallel_config(backend="threading"):
-        threaded = run_rank_sweep(A_tr, A_va, [2, 3, 5], quiet=True, n_jobs=2)
-    pd.testing.assert_frame_equal(serial[cols], threaded[cols], check_exact=False, rtol=1e-3)
+    for backend in ("threading", "multiprocessing"):  # the latter returns whole waves
+        with joblib.parallel_config(backend=backend):
+            other = run_rank_sweep(A_tr, A_va, [2, 3, 5], quiet=True, n_jobs=2)
+        pd.testing.assert_frame_equal(serial[cols], other[cols], check_exact=False, rtol=1e-3)
 
 
 def test_dask_scheduler_without_dask_is_a_clear_error(cohort, monkeypatch):

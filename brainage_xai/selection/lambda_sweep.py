@@ -19,7 +19,7 @@ import pandas as pd
 from ..utils.io import read_tsv, write_tsv
 from ._decomp import factors_numpy, relative_error
 from .linear_model import _as_2d, fit_linear_model, predict, regression_metrics
-from .rank_sweep import tensor_fingerprint
+from .rank_sweep import _parallel, tensor_fingerprint
 from .scree import _check_tensor
 
 __all__ = [
@@ -188,7 +188,7 @@ def run_lambda_sweep(
         n_active_rois, n_iter, seconds`` sorted by λ; ``attrs`` has ``n_fitted``,
         ``n_resumed`` and ``base`` (the unpenalised result).
     """
-    from joblib import Parallel, delayed
+    from joblib import delayed
     from tqdm.auto import tqdm
 
     from ..decomposition import fit_constrained_tucker
@@ -237,7 +237,7 @@ def run_lambda_sweep(
             delayed(_fit_lambda)(A_train, A_val, y_train, y_val, rank, lam, base, settings)
             for lam in todo
         ]
-        for row, _ in Parallel(n_jobs=n_jobs or 1, return_as="generator_unordered")(tasks):
+        for row, _ in _parallel(n_jobs or 1)(tasks):
             rows[row["lambda"]] = row
             n_fitted += 1
             write()

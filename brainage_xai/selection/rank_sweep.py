@@ -236,6 +236,20 @@ def _parallel_backend(dask_scheduler):
     return stack
 
 
+def _parallel(n_jobs):
+    """A joblib ``Parallel`` that yields results as they finish, where the backend can.
+
+    Results one by one let each finished cell reach the TSV at once; a backend without
+    that ability (``multiprocessing``) returns a whole wave at a time instead.
+    """
+    from joblib import Parallel
+
+    try:
+        return Parallel(n_jobs=n_jobs, return_as="generator_unordered")
+    except ValueError:
+        return Parallel(n_jobs=n_jobs, return_as="list")
+
+
 def run_rank_sweep(
     A_train,
     A_val,
@@ -284,7 +298,7 @@ def run_rank_sweep(
         fitted``, one row per grid cell. ``table.attrs`` holds ``n_fitted`` (cells fitted
         in this call) and ``n_resumed`` (cells read back from ``out_tsv``).
     """
-    from joblib import Parallel, delayed
+    from joblib import delayed
     from tqdm.auto import tqdm
 
     A_train = _check_tensor(A_train, "A_train")
@@ -320,7 +334,7 @@ def run_rank_sweep(
     depth = max(len(ch) for ch in chains.values())
     with _parallel_backend(dask_scheduler), tqdm(
         total=todo, desc="rank sweep", unit="fit", disable=quiet or todo == 0
-    ) as bar, Parallel(n_jobs=n_jobs, return_as="generator_unordered") as parallel:
+    ) as bar, _parallel(n_jobs) as parallel:
         for wave in range(depth):
             tasks = []
             for R1, chain in chains.items():
