@@ -39,7 +39,7 @@ from .utils.io import atomic_path, read_tsv, write_json, write_tsv
 
 LOGGER = logging.getLogger("brainage_xai.group")
 
-DEFAULT_EPOCHS = 40
+DEFAULT_EPOCHS = 20
 SPLIT_SIDECAR = {
     "participant_id": {"Description": "Participant label"},
     "split": {
