@@ -109,6 +109,23 @@ MAX_SITES = 8
 GM_BASE_SCALE = 0.75
 
 
+def model_fingerprint() -> str:
+    """A short hash of the simulation model (planted regions and image constants).
+
+    Stored with the parameters, so that a dataset made by an earlier model is never taken
+    for a finished one with the same settings.
+    """
+    import hashlib
+
+    constants = (
+        PLANTED, REFERENCE_AGES, SITE_GM_STEP, SITE_STIFFNESS_STEP, SITE_T1_GAIN_STEP,
+        sorted(SEX_GM_SCALE.items()), STIFFNESS_EFFECT_SCALE, DEFORMATION_SD_MM,
+        DEFORMATION_BASIS, INDIVIDUAL_SD, INDIVIDUAL_BASIS, GM_NOISE_SD, STIFFNESS_NOISE_SD,
+        T1_NOISE_SD, REGION_SMOOTH_MM, GM_BASE_SCALE,
+    )
+    return hashlib.sha256(repr(constants).encode()).hexdigest()[:12]
+
+
 def _check_args(n_subjects, resolution, seed, age_range, n_sites):
     try:
         n_subjects = int(n_subjects)
@@ -613,6 +630,7 @@ def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
     params = {
         "n_subjects": n_subjects, "resolution": resolution, "seed": seed,
         "age_range": list(age_range), "n_sites": n_sites, "version": __version__,
+        "model": model_fingerprint(),
     }
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder")
@@ -620,9 +638,14 @@ def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
         previous = _existing_params(out)
         if previous == params:
             return out
-        if previous is not None or not _ours(out):
-            what = "a simulation with other settings" if previous is not None else "other files"
-            raise OutputError(f"{out} holds {what}; give an empty or new folder")
+        if previous is not None:
+            differ = sorted(k for k in params if previous.get(k) != params[k])
+            raise OutputError(
+                f"{out} holds a simulation with other settings ({', '.join(differ)} differ); "
+                "give an empty or new folder"
+            )
+        if not _ours(out):
+            raise OutputError(f"{out} holds other files; give an empty or new folder")
     table = draw_participants(n_subjects, seed, age_range, n_sites)
     layout = _layout(resolution)
     _write_dataset_files(out, table, params)

@@ -206,3 +206,14 @@ def test_unfinished_run_is_completed_and_foreign_folder_refused(tmp_path):
     with pytest.raises(OutputError, match="other files"):
         simulate_cohort(foreign, n_subjects=2, resolution=8, quiet=True)
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_dataset_of_an_older_model_is_not_reused(tmp_path, monkeypatch):
+    import brainage_xai.simulate as simulate
+
+    out = simulate_cohort(tmp_path / "m", n_subjects=2, resolution=8, seed=1, quiet=True)
+    params = json.loads((out / "sourcedata" / "simulation" / "simulation.json").read_text())
+    assert params["parameters"]["model"] == simulate.model_fingerprint()
+    monkeypatch.setattr(simulate, "GM_NOISE_SD", 0.05)
+    with pytest.raises(OutputError, match=r"\(model differ\)"):
+        simulate_cohort(out, n_subjects=2, resolution=8, seed=1, quiet=True)
