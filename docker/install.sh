@@ -7,6 +7,7 @@
 # Usage: docker/install.sh VENV SRC
 #   VENV  the virtual environment to create (e.g. /opt/venv)
 #   SRC   the source tree (pyproject.toml, brainage_xai/, docker/constraints.txt)
+# pip options come from the environment (the Dockerfile sets PIP_NO_CACHE_DIR=1).
 # Environment:
 #   TORCH_VARIANT    cuda (default: the PyPI build, CUDA 12 runtime bundled), cpu, or a
 #                    PyTorch index tag such as cu126 / cu128
@@ -44,14 +45,14 @@ pip="$venv/bin/python -m pip"
 # torch alone first, from the index of the chosen variant; --no-deps so that its
 # dependencies resolve from PyPI below, under the same constraints as everything else.
 if [ -n "$torch_index" ]; then
-    $pip install --no-cache-dir --no-deps --index-url "$torch_index" "torch==$TORCH_VERSION"
+    $pip install --no-deps --index-url "$torch_index" "torch==$TORCH_VERSION"
 else
-    $pip install --no-cache-dir --no-deps "torch==$TORCH_VERSION"
+    $pip install --no-deps "torch==$TORCH_VERSION"
 fi
 
 # The package, its dependencies and torch's, at the tested versions. Byte-code is
 # compiled now: the image is read-only at run time.
-$pip install --no-cache-dir --constraint "$src/docker/constraints.txt" "$src"
+$pip install --constraint "$src/docker/constraints.txt" "$src"
 $pip check
 
 "$venv/bin/brainage-xai" --version
