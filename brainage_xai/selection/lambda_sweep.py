@@ -156,8 +156,8 @@ def run_lambda_sweep(
     random_state=0,
     quiet: bool = False,
     constraints: str = "nonneg",
-    n_iter_max: int = 300,
-    tol: float = 1e-6,
+    n_iter_max: int = 200,
+    tol: float = 1e-5,
 ) -> pd.DataFrame:
     """Validation MAE of the linear model on the decomposition over a grid of λ.
 
