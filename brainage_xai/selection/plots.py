@@ -29,7 +29,7 @@ def plot_scree(scree: pd.DataFrame, path, choice: dict | None = None) -> Path:
     """Singular values per unfolding on a log scale, the chosen ranks marked."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 3.4))
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
     axes = fig.subplots(1, 3)
     for ax, mode in zip(axes, (1, 2, 3)):
         sub = scree.loc[scree["mode"] == mode].sort_values("index")
@@ -57,15 +57,15 @@ def plot_rank_sweep(sweep: pd.DataFrame, path, choice: dict | None = None) -> Pa
     for rec in sweep.itertuples():
         grid[pos1[rec.R1], pos2[rec.R2]] = rec.val_error
 
-    fig = Figure(figsize=(12, 4))
+    fig = Figure(figsize=(13, 4), layout="constrained")
     ax0, ax1, ax2 = fig.subplots(1, 3)
     im = ax0.imshow(grid, origin="lower", aspect="auto", cmap="viridis")
-    ax0.set_xticks(range(r2s.size), [str(r) for r in r2s], fontsize=6)
-    ax0.set_yticks(range(r1s.size), [str(r) for r in r1s], fontsize=6)
+    ax0.set_xticks(range(r2s.size), [str(r) for r in r2s], fontsize=7)
+    ax0.set_yticks(range(r1s.size), [str(r) for r in r1s], fontsize=7)
     ax0.set_xlabel("R2")
     ax0.set_ylabel("R1")
     ax0.set_title("validation error (R2 ≥ R1: shared optimum)", fontsize=9)
-    fig.colorbar(im, ax=ax0, fraction=0.046)
+    fig.colorbar(im, ax=ax0, label="relative error")
     if choice is not None and choice["R1"] in pos1 and choice["R2"] in pos2:
         ax0.plot(pos2[choice["R2"]], pos1[choice["R1"]], "r*", ms=12)
 
@@ -93,7 +93,7 @@ def plot_lambda_sweep(table: pd.DataFrame, path, choice: dict | None = None) -> 
     """Train/validation MAE and U3 sparsity against λ (symlog x so that λ = 0 shows)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 3.6))
+    fig = Figure(figsize=(6.5, 3.6), layout="constrained")
     ax = fig.subplots()
     t = table.sort_values("lambda")
     ax.plot(t["lambda"], t["train_mae"], "o-", ms=3, label="train MAE")
