@@ -1,9 +1,12 @@
 """The group level: a sequence of stages, each skipped on a re-run when done.
 
-Part 1 (this module's stages): load the preprocessed maps and the targets, split the
-subjects (60/20/20, stratified), train the 3D ResNet (or load ``--model``), predict and
-write the brain-age gap and metrics, and store the activation tensor for the
-decomposition. Later stages are appended to :data:`STAGES`.
+The stages, in order (:data:`STAGES`): load the preprocessed maps and the targets
+(``inputs``), split the subjects 60/20/20, stratified (``split``), train the 3D ResNet or
+load ``--model`` (``model``), predict and write the brain-age gap and metrics
+(``predictions``), store the activation tensor (``activations``), choose the ranks and λ
+and fit the final decomposition (``selection``), write the RoIs, loadings against the
+target, GradCAM and the occlusion test (``explanations``), and render ``report.html`` and
+the group section of every ``sub-X.html`` (``report``).
 
 A stage is a function ``stage(ctx: GroupContext) -> None``. It computes a key from its
 settings and inputs (:meth:`GroupContext.key`), returns early after loading its results
@@ -91,7 +94,19 @@ class GroupContext:
     predictions: pd.DataFrame | None = None
     metrics: dict = field(default_factory=dict)
     activations: object = None
+    selection: dict = field(default_factory=dict)
+    explanations: dict = field(default_factory=dict)
     _maps: np.ndarray | None = None
+    _template: object = None
+
+    @property
+    def template(self):
+        """The template on the model grid (:func:`brainage_xai.templates.get_template`)."""
+        if self._template is None:
+            from .templates import get_template
+
+            self._template = get_template(self.config.resolution)
+        return self._template
 
     @property
     def maps(self) -> np.ndarray:
@@ -179,11 +194,15 @@ def stage_inputs(ctx: GroupContext) -> None:
 
     first = nib.load(str(ctx.paths[0]))
     ctx.input_shape, ctx.input_affine = tuple(int(s) for s in first.shape[:3]), first.affine
-    write_json(
-        ctx.group_dir / "analysis.json",
-        {"map": config.map, "targets": list(config.target), "resolution": config.resolution,
-         "subjects": len(ctx.subjects)},
-    )  # fmt: skip
+    analysis = {"map": config.map, "targets": list(config.target), "resolution": config.resolution,
+                "subjects": len(ctx.subjects)}  # fmt: skip
+    marker = ctx.group_dir / "analysis.json"
+    try:
+        same = json.loads(marker.read_text()) == analysis
+    except (OSError, ValueError):
+        same = False
+    if not same:  # a re-run leaves the folder untouched
+        write_json(marker, analysis)
     LOGGER.info("group level: %d subjects, %s map on grid %s", len(ctx.subjects), config.map, ctx.input_shape)
 
 
@@ -413,13 +432,353 @@ def stage_activations(ctx: GroupContext) -> None:
     ctx.activations = load_activation_tensor(outputs[1])
 
 
-#: The stages of the group level, in order; later parts append theirs.
+# -- selection, explanations, report ------------------------------------------------------
+
+#: Random blobs per RoI in the occlusion test (the test's minimum for a 95th percentile).
+N_RANDOM_BLOBS = 20
+#: The predictors compared in ``metrics.json`` (issue 5: (a) to (d)).
+PREDICTORS = {
+    "network": "network",
+    "linear_model_on_decomposition": "linear model on the decomposition",
+    "network_head_on_reconstruction": "network head on the reconstruction",
+    "mean_predictor": "training-mean predictor",
+}
+SPLITS_HELD_OUT = ("val", "test")
+
+
+def _target_scale(ctx: GroupContext) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, std)`` of the targets as the network was trained on them."""
+    norm = ctx.model_meta["normalisation"]
+    return np.asarray(norm["target_mean"], float), np.asarray(norm["target_std"], float)
+
+
+def _split_rows(ctx: GroupContext) -> dict[str, np.ndarray]:
+    return {s: ctx.activations.rows(s) for s in ("train", "val", "test")}
+
+
+def _selection_key(ctx: GroupContext) -> str:
+    c = ctx.config
+    return ctx.key(
+        model=ctx.model_sha, layer=ctx.activations.layer, inputs=ctx.inputs_sha,
+        split=ctx.split_sha, targets=ctx.targets_sha, ranks=c.ranks, l1=c.l1,
+        rank_grid=c.rank_grid, lambda_grid=c.lambda_grid, seed=c.random_seed,
+    )  # fmt: skip
+
+
+def _load_selection(group: Path) -> dict:
+    """The chosen ranks and λ and the final factors, from the selection's outputs."""
+    with np.load(group / "decomposition.npz") as npz:
+        arrays = {k: npz[k] for k in ("U1", "U1_val", "U1_test", "U3", "roi_coefficients")}
+    choice = json.loads((group / "selection.json").read_text())
+    return {
+        "U1": {"train": arrays["U1"], "val": arrays["U1_val"], "test": arrays["U1_test"]},
+        "U3": arrays["U3"],
+        "roi_coefficients": arrays["roi_coefficients"],
+        "ranks": (int(choice["ranks"]["R1"]), int(choice["ranks"]["R2"])),
+        "rank_rule": choice["ranks"].get("rule"),
+        "lambda": float(choice["lambda"]["lambda"]),
+        "lambda_rule": choice["lambda"].get("rule"),
+    }
+
+
+def _decomposition_metrics(final, y_true: dict, mean, std, targets, key: str) -> dict:
+    """Metrics (a)-(d) per target and held-out split, in the target's own units."""
+    out: dict = {}
+    for j, target in enumerate(targets):
+        out[target] = {}
+        for split in SPLITS_HELD_OUT:
+            true = y_true[split][:, j]
+            out[target][split] = {}
+            for name in PREDICTORS:
+                if name not in final.predictions[split]:
+                    continue
+                pred = np.asarray(final.predictions[split][name])[:, j] * std[j] + mean[j]
+                err = pred - true
+                out[target][split][name] = {"mae": float(np.mean(np.abs(err))), "mse": float(np.mean(err**2))}
+    return {
+        "Description": "Test and validation MAE/MSE, in the target's units, of (a) the network, (b) the "
+        "linear model on the decomposition (voxel-averaged reconstruction), (c) the network's head "
+        "applied to the voxel-averaged reconstruction (only when the decomposed layer is the last "
+        "one, which the head reads), (d) the training-mean predictor. 'standardised' holds the same "
+        "from the selection stage, on the standardised target the network was trained on.",
+        "rank": list(final.rank),
+        "l1": final.l1,
+        "metrics": out,
+        "reconstruction_error": final.errors,
+        "stage_key": key,
+    }
+
+
+def _merge_metrics(ctx: GroupContext, decomposition: dict) -> None:
+    """Put the decomposition's metrics into ``metrics.json`` beside the network's.
+
+    The selection stage writes its own ``metrics.json``; the network's metrics (written
+    by the predictions stage) are kept at the top level and the selection's go under
+    ``decomposition``.
+    """
+    path = ctx.group_dir / "metrics.json"
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    base = {k: v for k, v in ctx.metrics.items() if k != "decomposition"}
+    merged = {**base, "decomposition": decomposition}
+    stale = current.get("decomposition", {}).get("stage_key") != decomposition["stage_key"]
+    if stale or "metrics" not in current or "bias_correction" not in current:
+        write_json(path, merged)
+    ctx.metrics = merged
+
+
+def stage_selection(ctx: GroupContext) -> None:
+    """Scree, rank sweep, λ sweep and the final decomposition (:func:`run_selection`)."""
+    from .prediction import columns
+    from .selection import head_from_torch, run_selection
+
+    config, act, group = ctx.config, ctx.activations, ctx.group_dir
+    key = _selection_key(ctx)
+    names = ("scree.tsv", "selection.json", "decomposition.npz", "decomposition.json", "loadings.tsv", "metrics.json")
+    saved = ctx.work_dir / "selection" / "metrics.json"
+    outputs = [group / n for n in names] + [saved]
+    if ctx.is_done("selection", key, outputs):
+        ctx.selection = _load_selection(group)
+        _merge_metrics(ctx, json.loads(saved.read_text()))
+        return
+    if list(act.subjects) != list(ctx.subjects):
+        raise DataError("the activation tensor lists other subjects than the preprocessed maps; remove the work directory")
+    mean, std = _target_scale(ctx)
+    true = ctx.targets.loc[act.subjects].to_numpy(np.float64)
+    ids = ["sub-" + s for s in act.subjects]
+    by_id = ctx.predictions.set_index("participant_id").loc[ids]
+    network = by_id[[columns(t)["predicted"] for t in ctx.targets.columns]].to_numpy(np.float64)
+    rows = _split_rows(ctx)
+    # Standardised as the network's training target, so that the network's head and the
+    # linear model speak the same units; metrics.json converts back.
+    y = {s: (true[r] - mean) / std for s, r in rows.items()}
+    A = {s: np.asarray(act.array[r]) for s, r in rows.items()}
+    # The head reads the pooled output of the last layer; an earlier layer's channels are not its input.
+    head = head_from_torch(ctx.model.head.cpu()) if act.layer == ctx.model.default_layer else None
+    LOGGER.info("selection: tensor %s per split %s", act.array.shape[1:], {s: len(r) for s, r in rows.items()})
+    result = run_selection(
+        A["train"], A["val"], A["test"], y["train"], y["val"], y["test"], group,
+        ranks=config.ranks, l1=config.l1, rank_grid=config.rank_grid, lambda_grid=config.lambda_grid,
+        head=head, network_pred={s: (network[r] - mean) / std for s, r in rows.items()},
+        participant_ids={s: [ids[i] for i in r] for s, r in rows.items()},
+        target_names=list(ctx.targets.columns), n_jobs=config.n_cpus or -1,
+        dask_scheduler=config.dask_scheduler, work_dir=ctx.work_dir / "selection",
+        random_state=config.random_seed, quiet=config.quiet,
+    )  # fmt: skip
+    standardised = json.loads((group / "metrics.json").read_text())
+    decomposition = _decomposition_metrics(
+        result["final"], {s: true[r] for s, r in rows.items()}, mean, std, list(ctx.targets.columns), key
+    )
+    decomposition["standardised"] = standardised
+    write_json(saved, decomposition)
+    _merge_metrics(ctx, decomposition)
+    ctx.selection = _load_selection(group)
+    test = decomposition["metrics"][ctx.targets.columns[0]]["test"]
+    LOGGER.info(
+        "selection: ranks %s, lambda %g; test MAE %s",
+        ctx.selection["ranks"], ctx.selection["lambda"], {k: round(v["mae"], 3) for k, v in test.items()},
+    )  # fmt: skip
+    ctx.mark_done("selection", key, outputs)
+
+
+def _template_grid(ctx: GroupContext):
+    """``(template_img, mask, background)`` on the model grid.
+
+    The template of the participant level when it is on the maps' grid; otherwise (maps
+    made elsewhere) an empty image on the maps' grid, no brain mask and no background.
+    """
+    import nibabel as nib
+
+    tpl = ctx.template
+    if tuple(tpl.shape) == tuple(ctx.input_shape) and np.allclose(tpl.affine, ctx.input_affine, atol=1e-3):
+        return tpl.t1, np.asarray(tpl.mask.dataobj) > 0, tpl.t1
+    LOGGER.warning("explanations: the maps' grid differs from the template's; RoIs are not masked")
+    return nib.Nifti1Image(np.zeros(ctx.input_shape, np.float32), ctx.input_affine), None, None
+
+
+def _roi_loadings(ctx: GroupContext) -> pd.DataFrame:
+    """``participant_id``, ``split``, the first target and one ``RoI r`` column per RoI (U1)."""
+    from .rois import roi_names
+
+    target = ctx.targets.columns[0]
+    rows = _split_rows(ctx)
+    u1 = np.zeros((len(ctx.activations.subjects), ctx.selection["ranks"][0]))
+    for split, r in rows.items():
+        u1[r] = ctx.selection["U1"][split]
+    table = ctx.predictions.set_index("participant_id").loc[["sub-" + s for s in ctx.activations.subjects]]
+    out = pd.DataFrame({
+        "participant_id": table.index.to_numpy(), "split": table["split"].to_numpy(),
+        target: table[target].to_numpy(float),
+    })  # fmt: skip
+    for r, name in enumerate(roi_names(u1.shape[1])):
+        out[name] = u1[:, r]
+    return out
+
+
+def _explanation_paths(ctx: GroupContext) -> tuple[str, dict[str, Path]]:
+    from .derivatives import format_resolution
+
+    prefix = f"space-{ctx.template.name}_res-{format_resolution(ctx.config.resolution)}"
+    g = ctx.group_dir
+    return prefix, {
+        "components": g / f"{prefix}_desc-rois_components.nii.gz",
+        "dseg": g / f"{prefix}_desc-rois_dseg.nii.gz",
+        "dseg_tsv": g / f"{prefix}_desc-rois_dseg.tsv",
+        "rois_tsv": g / "rois.tsv",
+        "loading_fits": g / f"loadings_vs_{ctx.targets.columns[0]}.tsv",
+        "gradcam": g / f"{prefix}_desc-gradcam_map.nii.gz",
+        "occlusion": g / "occlusion.tsv",
+        "occlusion_null": g / "occlusion_null.tsv",
+    }
+
+
+def stage_explanations(ctx: GroupContext) -> None:
+    """RoI maps, loadings against the target, GradCAM and the occlusion test."""
+    import nibabel as nib
+
+    from .rois import write_explanations
+
+    prefix, paths = _explanation_paths(ctx)
+    template_img, mask, _ = _template_grid(ctx)
+    key = ctx.key(selection=_selection_key(ctx), template=ctx.template.source, blobs=N_RANDOM_BLOBS)
+    if ctx.is_done("explanations", key, list(paths.values())):
+        ctx.explanations = {
+            "rois_img": nib.load(str(paths["components"])),
+            "dseg_img": nib.load(str(paths["dseg"])),
+            "rois_table": read_tsv(paths["rois_tsv"]),
+            "loadings": _roi_loadings(ctx),
+            "loading_fits": read_tsv(paths["loading_fits"]),
+            "gradcam_img": nib.load(str(paths["gradcam"])),
+            "occlusion": (read_tsv(paths["occlusion"]), read_tsv(paths["occlusion_null"])),
+            "mask_img": None if mask is None else nib.Nifti1Image(mask.astype(np.uint8), template_img.affine),
+        }
+        return
+    mean, std = _target_scale(ctx)
+    loadings = _roi_loadings(ctx)
+    target = ctx.targets.columns[0]
+    roi_cols = [c for c in loadings.columns if c.startswith("RoI ")]
+    parts = write_explanations(
+        ctx.group_dir, model=ctx.model, layer=ctx.activations.layer,
+        u3=ctx.selection["U3"], u1=loadings[roi_cols].to_numpy(),
+        inputs=_standardised_inputs(ctx).numpy(), table=loadings, template_img=template_img,
+        mask=mask, target=target, prefix=prefix,
+        # per-RoI coefficients in target units per unit loading (the selection's are on
+        # the standardised target)
+        coefficients=ctx.selection["roi_coefficients"][:, 0] * std[0],
+        scale=float(std[0]), shift=float(mean[0]), n_random=N_RANDOM_BLOBS,
+        seed=ctx.config.random_seed, device=ctx.device, loadings_file=None,
+    )  # fmt: skip
+    ctx.model.cpu()
+    ctx.explanations = {k: v for k, v in parts.items() if k not in ("paths", "geometry")}
+    if mask is None:
+        ctx.explanations["mask_img"] = None
+    LOGGER.info("explanations: %d RoIs, GradCAM and occlusion test in %s", len(roi_cols), ctx.group_dir)
+    ctx.mark_done("explanations", key, list(paths.values()))
+
+
+def _summary(ctx: GroupContext) -> dict:
+    config, act, sel = ctx.config, ctx.activations, ctx.selection
+    counts = ctx.split.loc[ctx.subjects].value_counts()
+    training = ctx.model_meta.get("training") or {}
+    if config.model is not None:
+        model = f"given (--model {config.model})"
+    else:
+        model = f"trained here: best epoch {training.get('best_epoch')} of {len(training.get('history') or [])}"
+    test = ctx.metrics["decomposition"]["metrics"][ctx.targets.columns[0]]["test"]
+    return {
+        "Dataset": str(config.bids_dir),
+        "Map": config.map,
+        "Target": ", ".join(ctx.targets.columns),
+        "Subjects": f"{len(ctx.subjects)} (train {counts.get('train', 0)}, validation "
+        f"{counts.get('val', 0)}, test {counts.get('test', 0)})",
+        "Model grid": f"{ctx.template.name}, {config.resolution} mm, {' × '.join(map(str, ctx.input_shape))} voxels",
+        "Network": f"{ctx.model_meta.get('architecture', {}).get('name', 'network')}, {model}",
+        "Decomposed layer": f"{act.layer}: {act.array.shape[1]} channels × {' × '.join(map(str, act.grid_shape))} voxels",
+        "Ranks": f"R1 = {sel['ranks'][0]}, R2 = {sel['ranks'][1]} ({sel['rank_rule']})",
+        "l1 penalty (lambda)": f"{sel['lambda']:.4g} ({sel['lambda_rule']})",
+        "Test MAE": "; ".join(f"{PREDICTORS[k]} {v['mae']:.2f}" for k, v in test.items()),
+    }
+
+
+def _metrics_table(ctx: GroupContext) -> pd.DataFrame:
+    rows = []
+    for target, splits in ctx.metrics["decomposition"]["metrics"].items():
+        for split in ("test", "val"):
+            for name, m in splits.get(split, {}).items():
+                rows.append({"predictor": PREDICTORS[name], "target": target, "split": split,
+                             "MAE": m["mae"], "MSE": m["mse"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def stage_report(ctx: GroupContext) -> None:
+    """``report.html`` and the group section of every ``sub-X.html``."""
+    import os
+
+    from ._version import __version__
+    from .derivatives import report_path, sidecar_path
+    from .participant import subject_page
+    from .prediction import figure_path
+    from .reports.group import render_group_report, subject_rois
+    from .utils.io import write_text
+
+    config, group = ctx.config, ctx.group_dir
+    target = ctx.targets.columns[0]
+    out = group / "report.html"
+    pages = {s: report_path(config.output_dir, s) for s in ctx.subjects}
+    key = ctx.key(selection=_selection_key(ctx), explanations=_explanation_paths(ctx)[0], version=__version__)
+    # A participant re-run writes sub-X.html without the group section: redo the pages then.
+    if ctx.is_done("report", key, [out, *pages.values()]) and all(
+        'id="subject-rois"' in p.read_text(encoding="utf-8") for p in pages.values()
+    ):
+        return
+    _, _, background = _template_grid(ctx)
+    figures = group / "figures"
+    sel = ctx.selection
+    context = {
+        **ctx.explanations,
+        "title": f"brainage-xai group report: {config.map} map, {', '.join(ctx.targets.columns)}",
+        "summary": _summary(ctx),
+        "metrics": _metrics_table(ctx),
+        "predictions": ctx.predictions,
+        "target": target,
+        "target_unit": "years" if target == "age" else f"{target} units",
+        "figures": {
+            "predictions": figure_path(group, target),
+            "scree": figures / "scree.png",
+            "rank_sweep": figures / "rank_sweep.png" if config.ranks is None else None,
+            "lambda_sweep": figures / "lambda_sweep.png" if config.l1 is None else None,
+        },
+        "ranks": sel["ranks"],
+        "rank_reason": f"Rule: {sel['rank_rule']}.",
+        "lambda": sel["lambda"],
+        "lambda_reason": f"Rule: {sel['lambda_rule']}.",
+        "background_img": background,
+        "subjects": [
+            {"label": f"sub-{s}", "href": os.path.relpath(p, group)} for s, p in pages.items()
+        ],
+    }
+    render_group_report(context, out)
+    loadings = ctx.explanations["loadings"]
+    for subject, page in pages.items():
+        meta = json.loads(sidecar_path(ctx.paths[ctx.subjects.index(subject)]).read_text())
+        section = subject_rois(f"sub-{subject}", ctx.predictions, loadings, target)
+        write_text(page, subject_page(config, subject, ctx.template, meta, group=section))
+    LOGGER.info("report: %s and %d subject pages", out, len(pages))
+    ctx.mark_done("report", key, [out, *pages.values()])
+
+
+#: The stages of the group level, in order.
 STAGES: list[tuple[str, Stage]] = [
     ("inputs", stage_inputs),
     ("split", stage_split),
     ("model", stage_model),
     ("predictions", stage_predictions),
     ("activations", stage_activations),
+    ("selection", stage_selection),
+    ("explanations", stage_explanations),
+    ("report", stage_report),
 ]
 
 

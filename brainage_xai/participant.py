@@ -79,6 +79,50 @@ def _outputs_current(out_path: Path, sidecar: Path, fingerprint: str, extra: lis
         return False
 
 
+def subject_page(config, subject: str, template, meta: dict, group: dict | None = None) -> str:
+    """The HTML of ``sub-X.html`` from the map's sidecar ``meta``.
+
+    Parameters
+    ----------
+    config : brainage_xai.config.Config
+    subject : str
+        Label without ``sub-``.
+    template : brainage_xai.templates.Template
+        The template on the model grid.
+    meta : dict
+        The preprocessed map's JSON sidecar (as :func:`process_subject` writes it), so
+        the group level can render the page again without redoing the subject.
+    group : dict, optional
+        The group level's section (:func:`brainage_xai.reports.group.subject_rois`):
+        predicted age, gap and the subject's RoI loadings.
+    """
+    from .reports import render
+
+    out_dir = config.output_dir
+    out_path = deriv.preproc_path(out_dir, subject, config.map, config.resolution, template.name)
+    figure = deriv.qc_figure_path(out_dir, subject, config.map, config.resolution, template.name)
+    report = deriv.report_path(out_dir, subject)
+    return render(
+        "subject.html",
+        subject=subject,
+        map_name=config.map,
+        source=meta["Sources"][0],
+        template=template,
+        resolution=config.resolution,
+        grid_shape=list(template.shape),
+        qc=meta["RegistrationQC"],
+        normalisation=meta["IntensityNormalization"],
+        interpolation=meta.get("Interpolation", INTERPOLATION),
+        figure=os.path.relpath(figure, report.parent),
+        outputs={
+            "map": os.path.relpath(out_path, out_dir),
+            "sidecar": os.path.relpath(deriv.sidecar_path(out_path), out_dir),
+            "activations": None,
+        },
+        group_rois=group,
+    )
+
+
 def process_subject(config, subject: str, source: Path, entities: dict, template) -> Path:
     """Check, resample, normalise and write one subject's map.
 
@@ -107,7 +151,6 @@ def process_subject(config, subject: str, source: Path, entities: dict, template
     """
     from .qc import registration_figure
     from .registration import check_registration, load_map, normalise_intensity
-    from .reports import render
 
     deriv.check_label(subject)
     out_dir = config.output_dir
@@ -161,24 +204,7 @@ def process_subject(config, subject: str, source: Path, entities: dict, template
             meta["Units"] = "arbitrary (brain mean = 1)"
 
         # Everything that can fail on the data is done before the first write.
-        html = render(
-            "subject.html",
-            subject=subject,
-            map_name=config.map,
-            source=meta["Sources"][0],
-            template=template,
-            resolution=config.resolution,
-            grid_shape=shape,
-            qc=qc,
-            normalisation=norm_info,
-            interpolation=INTERPOLATION,
-            figure=os.path.relpath(figure, report.parent),
-            outputs={
-                "map": os.path.relpath(out_path, out_dir),
-                "sidecar": os.path.relpath(sidecar, out_dir),
-                "activations": None,
-            },
-        )
+        html = subject_page(config, subject, template, meta)
         save_nifti(normalised, out_path)
         registration_figure(
             resampled, template, figure, title=f"sub-{subject} {config.map} on {template.name}"

@@ -509,7 +509,7 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
                        prefix: str = "space-MNI152NLin2009cAsym_res-2",
                        coefficients=None, scale: float = 1.0, shift: float = 0.0,
                        n_random: int = 20, seed: int = 0, device="cpu",
-                       batch_size: int = 4) -> dict:
+                       batch_size: int = 4, loadings_file: str | None = "loadings.tsv") -> dict:
     """Write every dataset-level explanation into ``group_dir`` and return the report parts.
 
     The one entry point for the group workflow: RoI images and tables, loadings against
@@ -541,6 +541,10 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
         Network output to target units.
     coefficients : array-like, optional
         The linear model's per-RoI coefficients.
+    loadings_file : str or None
+        Where the loadings table goes in ``group_dir``; None writes none (the group
+        workflow keeps the selection stage's ``loadings.tsv``, which has the held-out
+        loadings and the linear model's predictions too).
 
     Returns
     -------
@@ -592,7 +596,8 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
         load[name] = np.asarray(u1)[:, r]
     fits = _loadings.describe_loadings(load, load[target], roi_columns=names_r,
                                        coefficients=coefficients, target=target, seed=seed)
-    paths["loadings"] = write_tsv(group_dir / "loadings.tsv", load)
+    if loadings_file is not None:
+        paths["loadings"] = write_tsv(group_dir / loadings_file, load)
     paths["loading_fits"] = write_tsv(group_dir / f"loadings_vs_{target}.tsv", fits)
 
     cam_img, _ = _gradcam.average_gradcam(model, module, list(x), geometry, template_img,

@@ -1,14 +1,16 @@
-"""Group level part 1 end to end: simulated cohort -> participant level -> group level.
+"""The whole group level end to end: simulated cohort -> participant level -> every stage.
 
-The cohort is the session's ``sim_bids`` (24 subjects, 4 mm); the network is narrow and
-trains for a few epochs, which is enough to check the plumbing, not the accuracy (that is
-``benchmarks/bench_training.py``'s job).
+The cohort is the session's ``sim_bids`` (24 subjects, 4 mm); the network is narrow
+(``--widths``/``--depths``) and trains for a few epochs, and the rank grid is small, which
+is enough to check the data flow and the consistency of the outputs, not the accuracy
+(that is the benchmarks' job).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -24,6 +26,9 @@ from brainage_xai.utils.io import read_tsv
 
 WIDTHS, DEPTHS = [4, 6, 8], [1, 1, 1]
 COMMON = ["--resolution", "4", "--skip-bids-validation", "--quiet", "--n-cpus", "1"]
+NETWORK = ["--widths", *map(str, WIDTHS), "--depths", *map(str, DEPTHS)]
+RANK_GRID = [2, 3, 4]
+PREFIX = "space-MNI152NLin2009cAsym_res-4"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,8 +40,9 @@ def restore_threads():
 
 def group(bids, out, *extra):
     """Run the group level with the narrow test network; returns the Config."""
-    config = parse_args([str(bids), str(out), "group", *COMMON, "--epochs", "3", *extra])
-    config.widths, config.depths = WIDTHS, DEPTHS
+    config = parse_args([str(bids), str(out), "group", *COMMON, "--epochs", "3", *NETWORK,
+                         "--rank-grid", "2:4", *extra])
+    assert config.widths == WIDTHS and config.depths == DEPTHS
     assert run(config) == 0
     return config
 
@@ -47,6 +53,13 @@ def first_run(sim_bids, tmp_path_factory):
     assert main([str(sim_bids), str(out), "participant", *COMMON]) == 0
     config = group(sim_bids, out)
     return {"bids": sim_bids, "out": out, "group": out / "group", "config": config}
+
+
+def _outputs(g, work):
+    """Every file of the group and work folders and the subject pages, with mtimes."""
+    files = [p for d in (g, work) for p in d.rglob("*") if p.is_file()]
+    files += sorted(g.parent.glob("sub-*.html"))
+    return {str(p): p.stat().st_mtime_ns for p in files}
 
 
 def test_outputs_are_complete_and_consistent(first_run):
@@ -99,14 +112,15 @@ def test_outputs_are_complete_and_consistent(first_run):
     np.testing.assert_allclose(head * norm["target_std"][0] + norm["target_mean"][0], pred["predicted_age"], atol=1e-3)
 
 
-def test_rerun_reuses_split_model_and_outputs(first_run):
-    g = first_run["group"]
-    files = ["split.tsv", "model.safetensors", "predictions.tsv", "metrics.json"]
-    before = {f: (g / f).stat().st_mtime_ns for f in files}
-    sha = model_sha256(g / "model.safetensors")
+def test_rerun_skips_every_stage(first_run):
+    # Every stage writes files (outputs, activations, stamps): none is touched again.
+    g, work = first_run["group"], first_run["config"].work
+    before = _outputs(g, work)
+    stamps = sorted(p.stem for p in (work / "group" / "stamps").glob("*.json"))
+    assert stamps == sorted(["predictions", "activations", "selection", "explanations", "report"])
+    assert len(before) > 40
     group(first_run["bids"], first_run["out"])
-    assert {f: (g / f).stat().st_mtime_ns for f in files} == before
-    assert model_sha256(g / "model.safetensors") == sha
+    assert _outputs(g, work) == before
 
 
 def test_given_model_skips_training_and_reuses_participant_activations(first_run, tmp_path):
@@ -122,7 +136,15 @@ def test_given_model_skips_training_and_reuses_participant_activations(first_run
     assert img.shape == (*model.feature_shape(preproc.shape), 8)
     np.testing.assert_allclose(img.affine, model.feature_affine(preproc.affine))
 
-    config = group(first_run["bids"], out, "--model", str(model_path))
+    # --ranks and --lambda: no sweeps; the rest of the group level as usual
+    config = group(first_run["bids"], out, "--model", str(model_path), "--ranks", "2", "2",
+                   "--lambda", "0")
+    assert not (out / "group" / "rank_sweep.tsv").exists()
+    assert not (out / "group" / "lambda_sweep.tsv").exists()
+    choice = json.loads((out / "group" / "selection.json").read_text())
+    assert choice["ranks"]["R1"] == 2 and choice["lambda"]["lambda"] == 0
+    assert "given" in choice["ranks"]["rule"] and "given" in choice["lambda"]["rule"]
+    assert (out / "group" / "report.html").is_file()
     assert not list(config.work.glob("group/train-*")), "trained although --model was given"
     assert model_sha256(out / "group" / "model.safetensors") == model_sha256(model_path)
     ours = read_tsv(out / "group" / "predictions.tsv")
@@ -147,3 +169,119 @@ def test_model_on_another_grid_is_a_data_error(first_run, tmp_path, capsys):
     preproc = next(out.glob("sub-*/anat/*_desc-preproc_probseg.nii.gz"))
     with pytest.raises(DataError, match="the model expects grid"):
         write_participant_activations(config, preproc.name.split("_")[0][4:], preproc)
+
+
+def test_selection_metrics_compare_the_four_predictors(first_run):
+    g = first_run["group"]
+    pred = read_tsv(g / "predictions.tsv")
+    choice = json.loads((g / "selection.json").read_text())
+    r1, r2 = choice["ranks"]["R1"], choice["ranks"]["R2"]
+    assert r1 in RANK_GRID and r2 in RANK_GRID and choice["ranks"]["rule"]
+    sweep = read_tsv(g / "rank_sweep.tsv")
+    assert sorted(set(sweep["R1"])) == RANK_GRID and len(sweep) == len(RANK_GRID) ** 2
+    lam = read_tsv(g / "lambda_sweep.tsv")
+    assert choice["lambda"]["lambda"] == pytest.approx(lam.loc[lam["val_mae"].idxmin(), "lambda"])
+    for name in ("scree", "rank_sweep", "lambda_sweep"):
+        assert (g / "figures" / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+
+    metrics = json.loads((g / "metrics.json").read_text())
+    # the training metrics are still there, beside the decomposition's
+    network = metrics["metrics"]["age"]
+    decomposition = metrics["decomposition"]
+    assert decomposition["rank"] == [r1, r2] and decomposition["l1"] == choice["lambda"]["lambda"]
+    for split in ("val", "test"):
+        m = decomposition["metrics"]["age"][split]
+        assert set(m) == {"network", "linear_model_on_decomposition",
+                          "network_head_on_reconstruction", "mean_predictor"}
+        # (a) is the network's own prediction and (d) the training mean, in years
+        assert m["network"]["mae"] == pytest.approx(network[split]["mae"], rel=1e-4)
+        assert m["mean_predictor"]["mae"] == pytest.approx(network[split]["mean_predictor_mae"], rel=1e-6)
+        rows = pred[pred["split"] == split]
+        assert m["network"]["mse"] == pytest.approx((rows["brain_age_gap"] ** 2).mean(), rel=1e-4)
+        assert all(np.isfinite(v["mae"]) and v["mse"] >= v["mae"] ** 2 - 1e-9 for v in m.values())
+    # the same numbers on the standardised target, as the selection wrote them
+    std = load_model(g / "model.safetensors")[1]["normalisation"]["target_std"][0]
+    raw = decomposition["standardised"]["test"]["linear_model_on_decomposition"]["mae"]
+    assert raw * std == pytest.approx(decomposition["metrics"]["age"]["test"]["linear_model_on_decomposition"]["mae"])
+
+    loadings = read_tsv(g / "loadings.tsv")
+    assert sorted(loadings["participant_id"]) == sorted(pred["participant_id"])
+    merged = loadings.merge(pred, on="participant_id", suffixes=("", "_pred"))
+    assert (merged["split"] == merged["split_pred"]).all()
+    assert [c for c in loadings.columns if c.startswith("roi_")] == [f"roi_{r + 1}" for r in range(r1)]
+    with np.load(g / "decomposition.npz") as npz:
+        act = load_activation_tensor(first_run["config"].work / "group" / "activations" / "layer-block3_activations.json")
+        assert npz["U3"].shape == (act.array.shape[2], r1) and (npz["U3"] >= 0).all()
+        assert npz["U1"].shape == (14, r1) and npz["U1_test"].shape == (5, r1)
+
+
+def test_explanations_are_on_the_template_grid(first_run):
+    g = first_run["group"]
+    r1 = json.loads((g / "selection.json").read_text())["ranks"]["R1"]
+    preproc = nib.load(str(next(first_run["out"].glob("sub-*/anat/*_desc-preproc_probseg.nii.gz"))))
+    comps = nib.load(str(g / f"{PREFIX}_desc-rois_components.nii.gz"))
+    assert comps.shape == (*preproc.shape, r1)
+    np.testing.assert_allclose(comps.affine, preproc.affine)
+    data = comps.get_fdata()
+    assert data.min() >= 0 and (data.reshape(-1, r1).max(axis=0) > 0).any()
+    dseg = nib.load(str(g / f"{PREFIX}_desc-rois_dseg.nii.gz"))
+    np.testing.assert_allclose(dseg.affine, preproc.affine)
+    assert set(np.unique(dseg.get_fdata()).astype(int)) <= set(range(r1 + 1))
+    assert len(read_tsv(g / f"{PREFIX}_desc-rois_dseg.tsv")) == r1
+    rois = read_tsv(g / "rois.tsv")
+    assert list(rois["index"]) == list(range(1, r1 + 1))
+    cam = nib.load(str(g / f"{PREFIX}_desc-gradcam_map.nii.gz"))
+    assert cam.shape == preproc.shape and np.allclose(cam.affine, preproc.affine)
+    fits = read_tsv(g / "loadings_vs_age.tsv")
+    assert len(fits) == r1 and fits["statement"].str.startswith("RoI").all()
+    assert fits["coefficient"].notna().all()
+    occ = read_tsv(g / "occlusion.tsv")
+    null = read_tsv(g / "occlusion_null.tsv")
+    assert len(occ) == r1 and len(null) == 20 * r1
+    # the baseline MAE of the occlusion test is the network's test MAE, in years
+    test_mae = json.loads((g / "metrics.json").read_text())["metrics"]["age"]["test"]["mae"]
+    assert occ["mae_baseline"].iloc[0] == pytest.approx(test_mae, rel=1e-3)
+
+
+def test_report_and_subject_pages(first_run):
+    g, out = first_run["group"], first_run["out"]
+    html = (g / "report.html").read_text()
+    for section in ("summary", "predictions", "ranks", "rois", "loadings", "gradcam", "occlusion"):
+        assert f'id="{section}"' in html, section
+    for alt in ("predicted vs true age", "scree plots", "rank sweep", "lambda sweep",
+                "combined RoI map", "loadings vs age", "GradCAM average", "occlusion test"):
+        assert f'alt="{alt}"' in html, alt
+    assert "network head on the reconstruction" in html and "training-mean predictor" in html
+    assert html.count('class="viewer"') == json.loads((g / "selection.json").read_text())["ranks"]["R1"]
+    assert 'href="../sub-' in html
+
+    pred = read_tsv(g / "predictions.tsv").set_index("participant_id")
+    pages = sorted(out.glob("sub-*.html"))
+    assert len(pages) == 24
+    for page in pages[:3]:
+        text = page.read_text()
+        row = pred.loc[page.stem]
+        assert 'id="subject-rois"' in text and 'id="registration"' in text
+        assert f"{row['predicted_age']:.2f}" in text and f"{row['brain_age_gap']:+.2f}" in text
+        assert "RoI 1" in text
+
+
+def test_participant_rerun_then_group_restores_subject_sections(first_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    page = out / f"{sorted(p.stem for p in out.glob('sub-*.html'))[0]}.html"
+    # A participant re-run that rewrites a page (its map changed) drops the group section ...
+    sidecar = next((out / page.stem / "anat").glob("*_desc-preproc_probseg.json"))
+    meta = json.loads(sidecar.read_text())
+    meta["InputFingerprint"] = "changed"
+    sidecar.write_text(json.dumps(meta))
+    assert main([str(first_run["bids"]), str(out), "participant", *COMMON,
+                 "--participant-label", page.stem]) == 0
+    assert 'id="subject-rois"' not in page.read_text()
+    # ... and the group level puts it back without redoing the stages before the report.
+    before = _outputs(out / "group", out / ".work" / "group" / "activations")
+    group(first_run["bids"], out)
+    assert 'id="subject-rois"' in page.read_text()
+    after = _outputs(out / "group", out / ".work" / "group" / "activations")
+    changed = {Path(k).name for k in before if after[k] != before[k]}
+    assert changed == {"report.html"} | {p.name for p in out.glob("sub-*.html")}

@@ -48,9 +48,18 @@ window.addEventListener('load', function () {
 
 
 @pytest.fixture(scope="module")
-def context():
-    """A full report context from real small images, a real tiny network and real fits."""
+def context(tmp_path_factory):
+    """A full report context from real small images, a real tiny network and real fits.
+
+    The predictions, scree, rank-sweep and lambda-sweep figures are drawn by the modules
+    that own them (the report embeds their files) from real tables.
+    """
     from nilearn.datasets import load_mni152_template
+
+    from brainage_xai.prediction import compute_metrics
+    from brainage_xai.prediction import plot_predictions as draw_predictions
+    from brainage_xai.selection import compute_scree
+    from brainage_xai.selection.plots import plot_lambda_sweep, plot_rank_sweep, plot_scree
 
     rng = np.random.default_rng(0)
     template = load_mni152_template(resolution=8)
@@ -87,20 +96,31 @@ def context():
         occlusion.torch_predictor(net, scale=10, shift=40), np.stack(inputs), age[-6:],
         rois.roi_masks(comps), np.mean(inputs, axis=0), brain, n_random=20,
         zooms=(8.0, 8.0, 8.0))
+    figures = tmp_path_factory.mktemp("figures")
+    predictions["predicted_age_corrected"] = predictions["predicted_age"]
+    draw_predictions(predictions, "age", compute_metrics(predictions, ["age"], {}),
+                     figures / "predictions.svg")
+    scree = compute_scree(rng.random((12, 8, 30)), max_rank=8)
+    plot_scree(scree, figures / "scree.png", {"R1": 3, "R2": 4})
     r12 = [(a, b, 0.5 / a + 0.01 * b, 0.6 / a + 0.02 * b + 0.05) for a in range(2, 7)
            for b in range(2, 7)]
+    plot_rank_sweep(pd.DataFrame(r12, columns=["R1", "R2", "train_error", "val_error"]),
+                    figures / "rank_sweep.png", {"R1": 3, "R2": 4})
+    plot_lambda_sweep(pd.DataFrame({"lambda": [0.0, 0.01, 0.1, 1.0],
+                                    "train_mae": [4.0, 4.1, 4.3, 5.5],
+                                    "val_mae": [5.0, 4.8, 4.6, 6.0],
+                                    "sparsity": [0.0, 0.2, 0.5, 0.9]}),
+                      figures / "lambda_sweep.png", {"lambda": 0.1})
     return {
         "title": "Group report <test>",
         "summary": {"Subjects": n, "Map": "volume", "Dataset <name>": "sim & co"},
         "metrics": pd.DataFrame({"predictor": ["network", "mean predictor"],
                                  "split": ["test", "test"], EVIL_COLUMN: [4.2, 15.1]}),
         "predictions": predictions,
-        "scree": {f"mode-{k}": np.sort(rng.random(10))[::-1] for k in (1, 2, 3)},
-        "rank_sweep": pd.DataFrame(r12, columns=["R1", "R2", "train_error", "val_error"]),
+        "figures": {name: figures / f"{name}.{'svg' if name == 'predictions' else 'png'}"
+                    for name in ("predictions", "scree", "rank_sweep", "lambda_sweep")},
         "ranks": (3, 4), "rank_reason": "knee of the validation error",
-        "lambda_sweep": pd.DataFrame({"lambda": [0.0, 0.01, 0.1, 1.0],
-                                      "val_mae": [5.0, 4.8, 4.6, 6.0]}),
-        "lambda": 0.1,
+        "lambda": 0.1, "lambda_reason": "smallest validation MAE",
         "rois_img": comps, "dseg_img": dseg, "rois_table": table,
         "background_img": template, "mask_img": nib.Nifti1Image(brain.astype(np.uint8),
                                                                  template.affine),
@@ -116,7 +136,7 @@ def rendered(context, tmp_path_factory):
     return out
 
 
-def test_report_is_self_contained_and_escapes_dataset_text(rendered):
+def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
     html = rendered.read_text()
     # no request leaves the file: every src is a data URI, no remote link or script
     assert not re.findall(r"""(?:src|href)=["'](?:https?:)?//""", html)
@@ -129,6 +149,13 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered):
     for section in ("summary", "ranks", "rois", "loadings", "gradcam", "occlusion", "methods"):
         assert f'id="{section}"' in html
     assert "equals CAM" in html and "Selvaraju" in html
+    # the stage figures are the owners' files, embedded byte for byte
+    for name, alt in (("scree", "scree plots"), ("rank_sweep", "rank sweep"),
+                      ("lambda_sweep", "lambda sweep"), ("predictions", "predicted vs true age")):
+        path = context["figures"][name]
+        uri = report.file_uri(path)
+        assert f'src="{uri}" alt="{alt}"' in html, name
+    assert "smallest validation MAE" in html
     assert "RoI 1: loadings rise linearly" in html
     assert html.count('class="viewer"') == 3
 
@@ -175,6 +202,42 @@ def test_report_renders_in_headless_chromium(rendered, tmp_path):
 def test_subject_partial_renders_loadings(context):
     info = report.subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
     assert [roi for roi, _, _ in info["loadings"]] == ["RoI 1", "RoI 2", "RoI 3"]
-    html = report.environment().get_template("group_subject_rois.html").render(subject=info)
+    from brainage_xai.reports import render
+
+    html = render("group_subject_rois.html", subject=info)
     assert "predicted age" in html and "RoI 3" in html
     assert info["gap"] == pytest.approx(info["predicted"] - info["true"])
+
+
+def test_missing_figures_are_dropped(context, tmp_path):
+    # --ranks and --lambda given: no sweep figures exist, the page still renders
+    figures = dict(context["figures"], rank_sweep=None, lambda_sweep=tmp_path / "absent.png")
+    small = {k: context[k] for k in ("title", "predictions", "ranks", "lambda")}
+    out = report.render_group_report({**small, "figures": figures}, tmp_path / "r.html")
+    html = out.read_text()
+    assert 'alt="scree plots"' in html and 'alt="rank sweep"' not in html
+    assert 'alt="lambda sweep"' not in html
+
+
+def test_subject_page_carries_the_group_section(context):
+    from brainage_xai import reports
+
+    info = report.subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
+    qc = {"DeclaredSpace": "MNI152NLin2009cAsym", "Orientation": "RAS", "VoxelSize": [8.0] * 3,
+          "Dice": 0.9, "Correlation": 0.9, "CentroidOffsetMM": 1.0, "Coverage": 1.0,
+          "Passed": True, "Thresholds": {"Dice": 0.7, "Correlation": 0.5,
+                                         "CentroidOffsetMM": 10, "Coverage": 0.9}}
+    page = dict(subject="01", map_name="volume", source="bids:raw:x.nii.gz",
+                template={"name": "MNI152NLin2009cAsym", "source": "nilearn",
+                          "description": "ICBM 2009"},
+                resolution=8, grid_shape=[1, 2, 3], qc=qc,
+                normalisation={"Method": "mean", "Factor": 1.0, "OriginalMean": 1.0,
+                               "ReferenceMean": 1.0},
+                interpolation="spline", figure="f.svg",
+                outputs={"map": "m", "sidecar": "s", "activations": None})
+    plain = reports.render("subject.html", **page)
+    assert 'id="subject-rois"' not in plain and 'id="registration"' in plain
+    with_group = reports.render("subject.html", **page, group_rois=info)
+    assert 'id="subject-rois"' in with_group and "RoI 2" in with_group
+    assert f"{info['predicted']:.2f}" in with_group and "sub-01" in with_group
+    assert EVIL_LABEL not in with_group

@@ -173,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune", type=_non_negative_int, default=0, metavar="N", help="TPE trials of hyperparameter tuning (0: none)")
     g.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs")
     g.add_argument("--dask-scheduler", metavar="ADDR", help="dask scheduler address for the sweeps")
+    g.add_argument(
+        "--widths", nargs="+", type=_positive_int, metavar="C",
+        help="advanced: channels of each block of the network (default: the paper's 8 16 32 64 128); "
+        "a narrower network trains faster on small machines and in tests",
+    )  # fmt: skip
+    g.add_argument(
+        "--depths", nargs="+", type=_positive_int, metavar="U",
+        help="advanced: residual units of each block (default: the paper's 3 4 6 4 3); "
+        "as many values as --widths",
+    )  # fmt: skip
 
     g = parser.add_argument_group("resources and reproducibility")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="work directory (default: OUTPUT_DIR/.work)")
@@ -249,6 +259,14 @@ def parse_args(argv=None) -> Config:
         if not model.exists():
             parser.error(f"--model {opts.model} does not exist")
 
+    if (opts.widths is None) != (opts.depths is None) or (
+        opts.widths is not None and len(opts.widths) != len(opts.depths)
+    ):
+        parser.error(
+            "--widths and --depths go together, one value per block each; "
+            f"{len(opts.widths or [])} widths and {len(opts.depths or [])} depths were provided"
+        )
+
     kwargs = {
         "bids_dir": bids_dir,
         "output_dir": output_dir,
@@ -275,6 +293,8 @@ def parse_args(argv=None) -> Config:
         "dask_scheduler": opts.dask_scheduler,
         "tune": opts.tune,
         "epochs": opts.epochs,
+        "widths": opts.widths,
+        "depths": opts.depths,
         "verbose": opts.verbose,
         "quiet": opts.quiet,
     }

@@ -17,17 +17,17 @@ summary : dict
 metrics : DataFrame or list of dict
     Rows of predictor x split metrics (network, linear model on loadings, network head on
     the reconstruction, mean predictor).
-predictions : DataFrame
-    ``participant_id``, ``split``, the target column and ``predicted_<target>``.
 target : str
     Target name (default ``age``).
-scree : dict
-    Mode name -> singular values (1D).
-rank_sweep : DataFrame
-    ``R1``, ``R2``, ``train_error``, ``val_error``; with ``ranks`` (R1, R2) and
-    ``rank_reason`` (str).
-lambda_sweep : DataFrame
-    ``lambda``, ``val_mae`` (optionally ``train_mae``); with ``lambda`` (the choice).
+figures : dict
+    Figure files drawn by the stages that made the numbers, embedded as they are (SVG
+    or PNG): ``predictions`` (:mod:`brainage_xai.prediction`), ``scree``,
+    ``rank_sweep`` and ``lambda_sweep`` (:mod:`brainage_xai.selection.plots`). The
+    report draws none of these again, so there is one implementation of each plot.
+ranks : (int, int)
+    The chosen ``(R1, R2)``; with ``rank_reason`` (str), the rule that chose them.
+lambda : float
+    The chosen l1 penalty; with ``lambda_reason`` (str).
 rois_img, dseg_img, background_img, mask_img : nibabel images
     RoI components (4D), combined map, template for display, brain mask.
 rois_table : DataFrame
@@ -51,7 +51,6 @@ subjects : list of dict
 from __future__ import annotations
 
 import base64
-import datetime as _dt
 import io
 import platform
 import re
@@ -62,8 +61,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-#: The package data folder with the report templates.
-TEMPLATE_PACKAGE = ("brainage_xai", "data/reports")
+#: The figures the template shows (keys of ``page["figures"]``).
+FIGURES = ("predictions", "scree", "rank_sweep", "lambda_sweep", "combined", "loadings",
+           "gradcam", "occlusion")
 
 DEFAULT_METHODS = (
     "A pre-activation 3D ResNet (He et al., 2016) was trained to predict {target} from "
@@ -169,89 +169,13 @@ def _records(table) -> dict | None:
 # -- figures --------------------------------------------------------------------------
 
 
-def plot_predictions(predictions: pd.DataFrame, target: str = "age"):
-    """Predicted against true target, coloured by split, with the identity line."""
-    plt = _plt()
-    pred_col = f"predicted_{target}"
-    fig, ax = plt.subplots(figsize=(4, 4))
-    colours = {"train": "#4c72b0", "val": "#dd8452", "validation": "#dd8452", "test": "#55a868"}
-    for split, part in predictions.groupby("split", sort=False):
-        ax.scatter(part[target], part[pred_col], s=10, alpha=0.75, label=str(split),
-                   color=colours.get(str(split)))
-    lims = [np.nanmin(predictions[[target, pred_col]].to_numpy()),
-            np.nanmax(predictions[[target, pred_col]].to_numpy())]
-    ax.plot(lims, lims, color="k", lw=0.8)
-    ax.set_xlabel(f"true {target}")
-    ax.set_ylabel(f"predicted {target}")
-    ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_scree(scree: dict):
-    """Singular values of each unfolding (log scale)."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(scree), figsize=(3.2 * len(scree), 2.8), squeeze=False)
-    for ax, (name, values) in zip(axes[0], scree.items()):
-        values = np.asarray(values, dtype=float)
-        ax.semilogy(np.arange(1, values.size + 1), values, "o-", ms=3)
-        ax.set_title(str(name), fontsize=9)
-        ax.set_xlabel("rank")
-        ax.set_ylabel("singular value")
-    fig.tight_layout()
-    return fig
-
-
-def plot_rank_sweep(sweep: pd.DataFrame, ranks=None):
-    """Validation-error heat map over (R1, R2) and error curves against R1."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 3.3))
-    grid = sweep.pivot_table(index="R1", columns="R2", values="val_error")
-    im = ax1.imshow(grid.to_numpy(), origin="lower", aspect="auto", cmap="viridis",
-                    extent=[grid.columns.min() - 0.5, grid.columns.max() + 0.5,
-                            grid.index.min() - 0.5, grid.index.max() + 0.5])
-    fig.colorbar(im, ax=ax1, label="validation error")
-    ax1.set_xlabel("R2")
-    ax1.set_ylabel("R1")
-    r2 = ranks[1] if ranks is not None else sweep["R2"].max()
-    part = sweep[sweep["R2"] == r2].sort_values("R1")
-    if part.empty:
-        part = sweep.groupby("R1", as_index=False)[["train_error", "val_error"]].min()
-    ax2.plot(part["R1"], part["train_error"], "o-", ms=3, label="train")
-    ax2.plot(part["R1"], part["val_error"], "o-", ms=3, label="validation")
-    if ranks is not None:
-        ax1.plot(ranks[1], ranks[0], marker="*", color="w", ms=12, mec="k")
-        ax2.axvline(ranks[0], color="k", ls="--", lw=0.8, label=f"chosen R1 = {ranks[0]}")
-    ax2.set_xlabel("R1")
-    ax2.set_ylabel("relative error")
-    ax2.set_title(f"R2 = {r2}", fontsize=9)
-    ax2.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def plot_lambda_sweep(sweep: pd.DataFrame, chosen=None):
-    """Linear-model MAE against the l1 penalty, the choice marked."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.2, 3))
-    lam = sweep["lambda"].to_numpy(dtype=float)
-    positive = lam > 0
-    x = np.where(positive, lam, np.nan)
-    for col, label in (("train_mae", "train"), ("val_mae", "validation")):
-        if col in sweep:
-            ax.plot(lam[positive], sweep[col].to_numpy()[positive], "o-", ms=3, label=label)
-    if (~positive).any():
-        ax.axhline(sweep.loc[~positive, "val_mae"].iloc[0], color="0.5", ls=":",
-                   label="lambda = 0 (validation)")
-    if np.isfinite(x).any():
-        ax.set_xscale("log")
-    if chosen is not None and chosen > 0:
-        ax.axvline(chosen, color="k", ls="--", lw=0.8, label=f"chosen {chosen:g}")
-    ax.set_xlabel("lambda (l1 on U3)")
-    ax.set_ylabel("MAE")
-    ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    return fig
+def file_uri(path) -> str:
+    """A figure file (SVG or PNG) as a ``data:`` URI."""
+    path = Path(path)
+    mime = {".svg": "image/svg+xml", ".png": "image/png"}.get(path.suffix.lower())
+    if mime is None:
+        raise ValueError(f"figure {path} must be .svg or .png; got {path.suffix!r}")
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
 def _index_img(img, r):
@@ -342,38 +266,6 @@ def roi_gradcam_correlations(rois_img, gradcam_img, mask=None) -> pd.DataFrame:
 # -- rendering ------------------------------------------------------------------------
 
 
-def environment():
-    """The Jinja2 environment of the report templates (autoescape on)."""
-    import jinja2
-
-    try:  # the package-wide environment (filters, globals), when the package has one
-        from . import environment as shared_environment
-
-        return shared_environment()
-    except ImportError:
-        pass
-    from .._version import __version__
-
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader(*TEMPLATE_PACKAGE),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.globals.update(version=__version__)
-    return env
-
-
-def _base_template(env) -> str:
-    """The shared base page when the package has one, else the group report's own."""
-    try:
-        env.get_template("base.html")
-        return "base.html"
-    except Exception:  # noqa: BLE001 - any lookup failure means: use ours
-        return "group_base.html"
-
-
 def build_page(context: dict) -> dict:
     """Turn the context (tables, images) into what the template shows."""
     target = context.get("target", "age")
@@ -385,21 +277,12 @@ def build_page(context: dict) -> dict:
         "subjects": context.get("subjects") or [],
         "sections": [],
     }
-    figs: dict[str, str] = {}
-    preds = context.get("predictions")
-    if preds is not None and f"predicted_{target}" in preds:
-        figs["predictions"] = figure_uri(plot_predictions(preds, target))
-    if context.get("scree"):
-        figs["scree"] = figure_uri(plot_scree(context["scree"]))
-    if context.get("rank_sweep") is not None:
-        figs["rank_sweep"] = figure_uri(plot_rank_sweep(context["rank_sweep"],
-                                                        context.get("ranks")))
-    if context.get("lambda_sweep") is not None:
-        figs["lambda_sweep"] = figure_uri(plot_lambda_sweep(context["lambda_sweep"],
-                                                            context.get("lambda")))
+    figs = {name: file_uri(path) for name, path in (context.get("figures") or {}).items()
+            if path is not None and Path(path).is_file()}
     page["ranks"] = context.get("ranks")
     page["rank_reason"] = context.get("rank_reason")
     page["lambda"] = context.get("lambda")
+    page["lambda_reason"] = context.get("lambda_reason")
     bg = context.get("background_img")
     rois_img = context.get("rois_img")
     page["rois_table"] = _records(context.get("rois_table"))
@@ -449,7 +332,9 @@ def build_page(context: dict) -> dict:
         figs["occlusion"] = figure_uri(plot_occlusion(table, null, unit=context.get(
             "target_unit", "years" if target == "age" else "target units")))
         page["occlusion_table"] = _records(table)
-    page["figures"] = figs
+    # every figure the template names, so that a run without one (e.g. --ranks given:
+    # no rank sweep) drops the figure instead of failing on an undefined key
+    page["figures"] = dict.fromkeys(FIGURES) | figs
     page["methods"] = context.get("methods") or DEFAULT_METHODS.format(target=target)
     page["citations"] = context.get("citations") or CITATIONS
     page["versions"] = list((context.get("versions") or software_versions()).items())
@@ -465,35 +350,44 @@ def render_group_report(context: dict, out_path) -> Path:
         ``out_path``.
     """
     from ..utils.io import write_text
+    from . import render
 
-    env = environment()
-    page = build_page(context)
-    html = env.get_template("group.html").render(
-        page=page,
-        base_template=_base_template(env),
-        generated=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-    )
-    return write_text(out_path, html)
+    return write_text(out_path, render("group.html", page=build_page(context)))
 
 
 def subject_rois(participant_id: str, predictions: pd.DataFrame | None,
                  loadings: pd.DataFrame | None, target: str = "age") -> dict:
     """Context for the per-subject RoI partial (``group_subject_rois.html``).
 
+    Parameters
+    ----------
+    participant_id : str
+        ``sub-X``.
+    predictions : DataFrame, optional
+        ``predictions.tsv`` (columns named by :func:`brainage_xai.prediction.columns`).
+    loadings : DataFrame, optional
+        ``participant_id`` and one ``RoI <r>`` column per RoI, all subjects.
+    target : str
+
     Returns
     -------
     dict
-        ``predicted``, ``true``, ``gap``, ``split`` and ``loadings`` (list of
-        ``(roi, value, percentile among all subjects)``).
+        ``predicted``, ``true``, ``gap``, ``gap_corrected`` (when in the table), ``split``
+        and ``loadings`` (list of ``(roi, value, percentile among all subjects)``).
     """
+    from ..prediction import columns
+
+    col = columns(target)
     out: dict = {"participant_id": participant_id, "target": target, "loadings": []}
     if predictions is not None:
         row = predictions.loc[predictions["participant_id"] == participant_id]
         if not row.empty:
             row = row.iloc[0]
-            out["true"] = row.get(target)
-            out["predicted"] = row.get(f"predicted_{target}")
-            out["gap"] = row.get("brain_age_gap", out["predicted"] - out["true"])
+            out["true"] = float(row[col["true"]])
+            out["predicted"] = float(row[col["predicted"]])
+            out["gap"] = float(row.get(col["gap"], out["predicted"] - out["true"]))
+            if col["gap_corrected"] in row:
+                out["gap_corrected"] = float(row[col["gap_corrected"]])
             out["split"] = row.get("split")
     if loadings is not None:
         row = loadings.loc[loadings["participant_id"] == participant_id]
