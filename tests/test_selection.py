@@ -191,6 +191,10 @@ def test_rank_sweep_resumes_after_interruption(cohort, tmp_path, monkeypatch):
     assert refits == []
     run_rank_sweep(A_tr * 2, A_va * 2, grid, out_tsv=out, quiet=True)
     assert len(refits) == 10
+    # So do other settings (here the other constraint set).
+    refits.clear()
+    run_rank_sweep(A_tr * 2, A_va * 2, grid, out_tsv=out, quiet=True, constraints="paper")
+    assert len(refits) == 10
 
 
 def test_rank_sweep_parallel_equals_serial(cohort):

@@ -173,7 +173,7 @@ def _read_finished(out_tsv: Path, fingerprint: str, grid: list[int]) -> dict:
         except (OSError, ValueError):
             stamp = None
     if stamp != fingerprint:
-        LOG.warning("%s was computed on other data; recomputing the rank sweep", out_tsv)
+        LOG.warning("%s was computed on other data or settings; recomputing the rank sweep", out_tsv)
         return {}
     try:
         table = read_tsv(out_tsv)
@@ -275,7 +275,8 @@ def run_rank_sweep(
         Values tried for both R1 and R2 (paper: 2..20).
     out_tsv : path-like, optional
         ``rank_sweep.tsv``; rows are appended as cells finish and read back on a re-run
-        (only when computed on the same data, checked by a content hash in the sidecar).
+        (only when computed on the same data and settings, checked by a content hash and
+        the settings in the sidecar's ``DataFingerprint``).
     n_jobs : int or None
         Parallel workers (joblib; ``-1`` all cores). With ``dask_scheduler`` the Dask
         cluster's workers are used instead.
@@ -311,7 +312,11 @@ def run_rank_sweep(
     grid = _check_grid(rank_grid, A_train.shape)
     out_tsv = Path(out_tsv) if out_tsv is not None else None
     cache_dir = Path(cache_dir) if cache_dir is not None else None
-    fingerprint = tensor_fingerprint(A_train, A_val)
+    # The settings are part of the stamp: a table fitted otherwise is not resumed.
+    fingerprint = (
+        f"{tensor_fingerprint(A_train, A_val)}-{constraints}-tol{tol:g}-it{n_iter_max}"
+        f"-seed{random_state}"
+    )
     rows = _read_finished(out_tsv, fingerprint, grid) if out_tsv is not None else {}
     n_resumed = len(rows)
 
