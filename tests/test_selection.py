@@ -395,3 +395,23 @@ def test_run_selection_end_to_end(cohort, sweep_small, tmp_path):
     sel = json.loads((group / "selection.json").read_text())
     assert sel["lambda"]["lambda"] == lam.loc[lam["val_mae"].idxmin(), "lambda"]
     assert not list(group.glob(".*"))  # no temporary files left behind
+
+
+def test_run_selection_torch_float32_two_targets(cohort, tmp_path):
+    import torch
+
+    A, y = cohort
+    A_tr, A_va, A_te = (torch.as_tensor(a, dtype=torch.float32) for a in splits(A))
+    Y = np.c_[y, 100 - 0.5 * y]  # a second target, e.g. a cognitive score
+    group = tmp_path / "group"
+    out = run_selection(
+        A_tr, A_va, A_te, Y[:N_TRAIN], Y[N_TRAIN : N_TRAIN + N_VAL], Y[N_TRAIN + N_VAL :],
+        group, ranks=(7, 7), lambda_grid=[0.0, 0.05], target_names=["age", "score"], quiet=True,
+    )
+    final = out["final"]
+    assert final.roi_coefficients.shape == (7, 2)
+    assert read_tsv(group / "loadings.tsv").columns[-2:].tolist() == ["predicted_age", "predicted_score"]
+    # Two targets that are linear in each other: the second prediction follows the first.
+    pred = final.predictions["test"]["linear_model_on_decomposition"]
+    np.testing.assert_allclose(pred[:, 1], 100 - 0.5 * pred[:, 0], atol=1e-6)
+    assert len(out["lambda_sweep"]) == 2
