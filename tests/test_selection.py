@@ -221,6 +221,10 @@ def test_dask_scheduler_without_dask_is_a_clear_error(cohort, monkeypatch):
     monkeypatch.setitem(sys.modules, "dask.distributed", None)
     with pytest.raises(UsageError, match="dask-scheduler tcp://h:8786 needs the optional packages dask"):
         run_rank_sweep(A_tr, A_va, [2, 3], dask_scheduler="tcp://h:8786", quiet=True)
+    y = np.arange(len(A_tr) + len(A_va), dtype=float)
+    with pytest.raises(UsageError, match="needs the optional packages dask"):
+        run_lambda_sweep(A_tr, A_va, y[: len(A_tr)], y[len(A_tr) :], (2, 2), [0.0, 0.1],
+                         dask_scheduler="tcp://h:8786", quiet=True)
 
 
 def test_rank_grid_checked(cohort):

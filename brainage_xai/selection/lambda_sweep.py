@@ -19,7 +19,7 @@ import pandas as pd
 from ..utils.io import read_tsv, write_tsv
 from ._decomp import factors_numpy, relative_error
 from .linear_model import _as_2d, fit_linear_model, predict, regression_metrics
-from .rank_sweep import _parallel, tensor_fingerprint
+from .rank_sweep import _parallel, _parallel_backend, _require_dask, tensor_fingerprint
 from .scree import _check_tensor
 
 __all__ = [
@@ -153,6 +153,7 @@ def run_lambda_sweep(
     *,
     init="svd",
     n_jobs: int | None = 1,
+    dask_scheduler: str | None = None,
     random_state=0,
     quiet: bool = False,
     constraints: str = "nonneg",
@@ -178,6 +179,8 @@ def run_lambda_sweep(
         result at the chosen rank).
     n_jobs : int or None
         Parallel workers (joblib).
+    dask_scheduler : str, optional
+        Address of a Dask scheduler: the λ fits run there (joblib's dask backend).
     random_state, quiet, constraints, n_iter_max, tol
         As in :func:`~brainage_xai.selection.run_rank_sweep`.
 
@@ -193,6 +196,8 @@ def run_lambda_sweep(
 
     from ..decomposition import fit_constrained_tucker
 
+    if dask_scheduler is not None:
+        _require_dask(dask_scheduler)  # before any fitting
     A_train = _check_tensor(A_train, "A_train")
     A_val = _check_tensor(A_val, "A_val")
     y_train = _as_2d(y_train, "y_train")
@@ -237,11 +242,13 @@ def run_lambda_sweep(
             delayed(_fit_lambda)(A_train, A_val, y_train, y_val, rank, lam, base, settings)
             for lam in todo
         ]
-        for row, _ in _parallel(n_jobs or 1)(tasks):
-            rows[row["lambda"]] = row
-            n_fitted += 1
-            write()
-            bar.update(1)
+        with _parallel_backend(dask_scheduler):
+            results = _parallel(-1 if dask_scheduler else (n_jobs or 1))(tasks)
+            for row, _ in results:
+                rows[row["lambda"]] = row
+                n_fitted += 1
+                write()
+                bar.update(1)
     table = write() if (n_fitted or out_tsv is None or not out_tsv.exists()) else pd.DataFrame(
         [rows[k] for k in sorted(rows)], columns=LAMBDA_COLUMNS
     )

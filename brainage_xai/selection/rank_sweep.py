@@ -214,12 +214,8 @@ def _write(out_tsv: Path, rows: dict, grid: list[int], fingerprint: str) -> pd.D
     return table
 
 
-def _parallel_backend(dask_scheduler):
-    """A context manager selecting joblib's backend (Dask when a scheduler is given)."""
-    import contextlib
-
-    if dask_scheduler is None:
-        return contextlib.nullcontext()
+def _require_dask(dask_scheduler):
+    """``dask.distributed.Client``, or a usage error saying what to install."""
     try:
         from dask.distributed import Client
     except ImportError as exc:
@@ -227,6 +223,16 @@ def _parallel_backend(dask_scheduler):
             f"--dask-scheduler {dask_scheduler} needs the optional packages dask and "
             "distributed (pip install 'dask[distributed]'), which are not installed"
         ) from exc
+    return Client
+
+
+def _parallel_backend(dask_scheduler):
+    """A context manager selecting joblib's backend (Dask when a scheduler is given)."""
+    import contextlib
+
+    if dask_scheduler is None:
+        return contextlib.nullcontext()
+    Client = _require_dask(dask_scheduler)
     import joblib
 
     stack = contextlib.ExitStack()
@@ -302,6 +308,8 @@ def run_rank_sweep(
     from joblib import delayed
     from tqdm.auto import tqdm
 
+    if dask_scheduler is not None:
+        _require_dask(dask_scheduler)  # before any work
     A_train = _check_tensor(A_train, "A_train")
     A_val = _check_tensor(A_val, "A_val")
     if A_val.shape[1:] != A_train.shape[1:]:

@@ -198,7 +198,8 @@ def run_selection(
     else:
         lam_table = run_lambda_sweep(
             A_train, A_val, y_train, y_val, rank, lambda_grid,
-            out_tsv=group_dir / "lambda_sweep.tsv", n_jobs=n_jobs, random_state=random_state,
+            out_tsv=group_dir / "lambda_sweep.tsv", n_jobs=n_jobs, dask_scheduler=dask_scheduler,
+            random_state=random_state,
             quiet=quiet, constraints=constraints,
         )
         lam_choice = choose_lambda(lam_table)
