@@ -91,7 +91,9 @@ def main(argv=None) -> int:
     print(f"Participant results:  {results} (sub-*.html, sub-*/anat, sub-*/figures)")
     if group_done:
         report = results / "group" / "report.html"
-        print(f"Group results:        {results / 'group'}" + (f" (open {report})" if report.exists() else ""))
+        print(f"Group results:        {results / 'group'}")
+        if report.exists():
+            print(f"Group report:         {report} (open it in a browser)")
     print(f"Logs:                 {results / 'logs'}")
     return 0
 

@@ -113,15 +113,19 @@ def preproc_path(
     return Path(output_dir) / f"sub-{subject}" / "anat" / name
 
 
+def nifti_stem(nifti_path: str | os.PathLike) -> str:
+    """The file name of a NIfTI without ``.nii.gz`` or ``.nii``."""
+    name = Path(nifti_path).name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
 def sidecar_path(nifti_path: str | os.PathLike) -> Path:
     """The JSON sidecar beside a ``.nii.gz`` (or ``.nii``) file."""
     nifti_path = Path(nifti_path)
-    stem = nifti_path.name
-    for ext in (".nii.gz", ".nii"):
-        if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    return nifti_path.with_name(stem + ".json")
+    return nifti_path.with_name(nifti_stem(nifti_path) + ".json")
 
 
 def qc_figure_path(

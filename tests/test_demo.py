@@ -12,7 +12,7 @@ from brainage_xai.demo import main
 def test_demo_tiny_cohort(tmp_path, capsys):
     out = tmp_path / "demo"
     # Options after "--" go to both brainage-xai calls: one epoch, fixed ranks, no sweeps.
-    code = main([str(out), "--n-subjects", "8", "--resolution", "8", "--quiet",
+    code = main([str(out), "--n-subjects", "10", "--resolution", "8", "--quiet",
                  "--", "--epochs", "1", "--ranks", "2", "2", "--lambda", "0"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -21,7 +21,7 @@ def test_demo_tiny_cohort(tmp_path, capsys):
     assert f"Participant results:  {results}" in printed
     assert (bids / "participants.tsv").is_file()
     subjects = sorted(p.name for p in bids.glob("sub-*") if p.is_dir())
-    assert len(subjects) == 8
+    assert len(subjects) == 10
     assert sorted(p.stem for p in results.glob("sub-*.html")) == subjects
     for subject in subjects:
         maps = list((results / subject / "anat").glob("*_res-8_label-GM_desc-preproc_probseg.nii.gz"))
@@ -30,7 +30,11 @@ def test_demo_tiny_cohort(tmp_path, capsys):
     assert desc["DatasetType"] == "derivative"
     if importlib.util.find_spec("brainage_xai.group") is not None:
         assert f"Group results:        {results / 'group'}" in printed
-        assert (results / "group").is_dir() and any((results / "group").iterdir())
+        report = results / "group" / "report.html"
+        assert f"Group report:         {report}" in printed
+        assert 'id="rois"' in report.read_text()
+        page = (results / f"{subjects[0]}.html").read_text()
+        assert 'id="subject-rois"' in page and "RoI 2" in page
     else:
         assert "Group level: not available" in printed
 

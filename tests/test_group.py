@@ -285,3 +285,11 @@ def test_participant_rerun_then_group_restores_subject_sections(first_run, tmp_p
     after = _outputs(out / "group", out / ".work" / "group" / "activations")
     changed = {Path(k).name for k in before if after[k] != before[k]}
     assert changed == {"report.html"} | {p.name for p in out.glob("sub-*.html")}
+
+
+def test_widths_and_depths_go_together(sim_bids, tmp_path, capsys):
+    for extra in (["--widths", "4", "6"], ["--widths", "4", "6", "--depths", "1"]):
+        with pytest.raises(SystemExit) as exc:
+            parse_args([str(sim_bids), str(tmp_path / "out"), "group", *extra])
+        assert exc.value.code == 2
+        assert "--widths and --depths go together" in capsys.readouterr().err

@@ -20,24 +20,23 @@ _LABEL = re.compile(r"[0-9A-Za-z]+")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; {value!r} was provided") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer; {value!r} was provided")
-    return number
+def _integer(minimum: int, expected: str):
+    """An argparse type: an integer of at least ``minimum`` ("expected <expected>" else)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}; {value!r} was provided")
+        return number
+
+    return parse
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; {value!r} was provided") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0; {value!r} was provided")
-    return number
+_positive_int = _integer(1, "a positive integer")
+_non_negative_int = _integer(0, "an integer >= 0")
 
 
 def _non_negative_float(value: str) -> float:

@@ -1,8 +1,10 @@
 """HTML reports rendered with Jinja2 (autoescape on).
 
 Templates live under ``brainage_xai/data/reports/`` (loaded with :mod:`importlib.resources`):
-``base.html`` is the page, ``partials/`` holds the sections, and ``subject.html`` is the
-per-subject report ``sub-X.html``. Values from datasets (file names, labels, JSON) are
+``base.html`` is the page, ``partials/`` holds the sections, ``subject.html`` is the
+per-subject report ``sub-X.html`` (with the group level's section
+``group_subject_rois.html`` once the group level has run) and ``group.html`` the group
+report (:mod:`brainage_xai.reports.group`). Values from datasets (file names, labels, JSON) are
 escaped by Jinja2, so a crafted file name cannot inject markup.
 """
 
@@ -10,12 +12,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import os
 from importlib import resources
-from pathlib import Path
 
 from .._version import __version__
-from ..utils.io import write_text
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,7 +51,3 @@ def render(template_name: str, **context) -> str:
     context.setdefault("generated", _dt.datetime.now().strftime("%Y-%m-%d %H:%M"))
     return environment().get_template(template_name).render(**context)
 
-
-def write_subject_report(path: str | os.PathLike, **context) -> Path:
-    """Render ``subject.html`` and write it atomically to ``path`` (``sub-X.html``)."""
-    return write_text(path, render("subject.html", **context))
