@@ -668,7 +668,8 @@ def stage_explanations(ctx: GroupContext) -> None:
         # the standardised target)
         coefficients=ctx.selection["roi_coefficients"][:, 0] * std[0],
         scale=float(std[0]), shift=float(mean[0]), n_random=N_RANDOM_BLOBS,
-        seed=ctx.config.random_seed, device=ctx.device, loadings_file=None,
+        seed=ctx.config.random_seed, device=ctx.device, batch_size=4, predict_batch_size=16,
+        loadings_file=None,
     )  # fmt: skip
     ctx.model.cpu()
     ctx.explanations = {k: v for k, v in parts.items() if k not in ("paths", "geometry")}

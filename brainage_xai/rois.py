@@ -509,7 +509,8 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
                        prefix: str = "space-MNI152NLin2009cAsym_res-2",
                        coefficients=None, scale: float = 1.0, shift: float = 0.0,
                        n_random: int = 20, seed: int = 0, device="cpu",
-                       batch_size: int = 4, loadings_file: str | None = "loadings.tsv") -> dict:
+                       batch_size: int = 4, predict_batch_size: int | None = None,
+                       loadings_file: str | None = "loadings.tsv") -> dict:
     """Write every dataset-level explanation into ``group_dir`` and return the report parts.
 
     The one entry point for the group workflow: RoI images and tables, loadings against
@@ -541,6 +542,11 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
         Network output to target units.
     coefficients : array-like, optional
         The linear model's per-RoI coefficients.
+    batch_size : int
+        Subjects per GradCAM pass (forward and backward, so memory grows fast with it).
+    predict_batch_size : int, optional
+        Subjects per forward pass of the occlusion test (default ``batch_size``); larger
+        batches are faster on CPU and need no gradients.
     loadings_file : str or None
         Where the loadings table goes in ``group_dir``; None writes none (the group
         workflow keeps the selection stage's ``loadings.tsv``, which has the held-out
@@ -609,7 +615,8 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
     train = split == "train"
     if not test.any() or not train.any():
         raise DataError("the occlusion test needs subjects in the 'train' and 'test' splits")
-    predict = _occlusion.torch_predictor(model, device=device, batch_size=batch_size,
+    predict = _occlusion.torch_predictor(model, device=device,
+                                         batch_size=predict_batch_size or batch_size,
                                          scale=scale, shift=shift)
     zooms = tuple(float(z) for z in template_img.header.get_zooms()[:3])
     occ_table, null = _occlusion.occlusion_test(
