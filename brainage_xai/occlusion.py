@@ -23,7 +23,8 @@ MIN_DRAWS = 20
 
 
 def torch_predictor(model, *, target: int = 0, device="cpu", batch_size: int = 4,
-                    scale: float = 1.0, shift: float = 0.0) -> Callable[[np.ndarray], np.ndarray]:
+                    scale: float = 1.0, shift: float = 0.0,
+                    dtype=None) -> Callable[[np.ndarray], np.ndarray]:
     """Wrap a torch regression network as ``predict(x) -> y`` on numpy arrays.
 
     Parameters
@@ -34,6 +35,10 @@ def torch_predictor(model, *, target: int = 0, device="cpu", batch_size: int = 4
     scale, shift : float
         Map the network's output to target units (``y = out * scale + shift``) when it was
         trained on a standardised target.
+    dtype : torch.dtype, optional
+        Autocast precision (e.g. ``torch.bfloat16``, what training uses on CPUs with AMX
+        and on GPUs): the occlusion test makes hundreds of passes over the test set, and
+        its baseline is computed with the same predictor, so increases stay comparable.
 
     Returns
     -------
@@ -42,29 +47,16 @@ def torch_predictor(model, *, target: int = 0, device="cpu", batch_size: int = 4
     """
     import torch
 
-    from .model.training import memory_format
-
-    # The occlusion test runs hundreds of passes over the test set: the layout the
-    # training uses (channels-last, several times faster for 3D convolutions on CPU) pays.
-    fmt = memory_format(torch.device(device), None)
+    from .model.training import predict_batches
 
     def predict(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 4:
             x = x[:, None]
-        was_training = model.training
-        model.eval()
-        model.to(device=device, memory_format=fmt)
-        out = []
-        try:
-            with torch.inference_mode():
-                for start in range(0, x.shape[0], batch_size):
-                    batch = torch.from_numpy(x[start : start + batch_size]).to(device)
-                    batch = batch.contiguous(memory_format=fmt)
-                    out.append(model(batch)[:, target].float().cpu().numpy())
-        finally:
-            model.train(was_training)
-        return np.concatenate(out) * scale + shift
+        model.to(device)
+        out = predict_batches(model, torch.from_numpy(x), batch_size=batch_size,
+                              device=device, dtype=dtype)
+        return out[:, target] * scale + shift
 
     return predict
 
@@ -93,7 +85,8 @@ def _mae(predict, x, y):
 
 def occlusion_test(predict: Callable, inputs: np.ndarray, y_true, roi_masks: np.ndarray,
                    fill: np.ndarray, brain_mask: np.ndarray, *, n_random: int = MIN_DRAWS,
-                   seed: int = 0, zooms=(1.0, 1.0, 1.0), roi_names=None):
+                   seed: int = 0, zooms=(1.0, 1.0, 1.0), roi_names=None,
+                   progress: bool = False):
     """Occlude each RoI and random same-volume blobs; compare the test MAE increases.
 
     Parameters
@@ -113,6 +106,9 @@ def occlusion_test(predict: Callable, inputs: np.ndarray, y_true, roi_masks: np.
         Random blobs per RoI (at least 20).
     zooms : tuple of float
         Voxel size, so blobs are round in mm.
+    progress : bool
+        Show a progress bar over the RoIs (each is ``n_random + 1`` passes over the
+        test set).
 
     Returns
     -------
@@ -145,9 +141,15 @@ def occlusion_test(predict: Callable, inputs: np.ndarray, y_true, roi_masks: np.
         xo = np.where(mask[None], fill[None], x)
         return _mae(predict, xo, y)
 
+    import sys
+
+    from tqdm.auto import tqdm
+
     base = _mae(predict, x, y)
     rows, null_rows = [], []
-    for name, mask in zip(names, masks):
+    bar = tqdm(list(zip(names, masks)), desc="occlusion test", unit="RoI",
+               disable=not progress, file=sys.stderr)
+    for name, mask in bar:
         n_vox = int(mask.sum())
         if n_vox == 0:
             # an all-zero column of U3 (a dead component): nothing to occlude

@@ -510,7 +510,8 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
                        coefficients=None, scale: float = 1.0, shift: float = 0.0,
                        n_random: int = 20, seed: int = 0, device="cpu",
                        batch_size: int = 4, predict_batch_size: int | None = None,
-                       loadings_file: str | None = "loadings.tsv") -> dict:
+                       loadings_file: str | None = "loadings.tsv",
+                       progress: bool = False, dtype=None) -> dict:
     """Write every dataset-level explanation into ``group_dir`` and return the report parts.
 
     The one entry point for the group workflow: RoI images and tables, loadings against
@@ -551,6 +552,11 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
         Where the loadings table goes in ``group_dir``; None writes none (the group
         workflow keeps the selection stage's ``loadings.tsv``, which has the held-out
         loadings and the linear model's predictions too).
+    progress : bool
+        Progress bar over the occlusion test, the slowest part.
+    dtype : torch.dtype, optional
+        Autocast precision of the occlusion test's forward passes
+        (:func:`brainage_xai.occlusion.torch_predictor`).
 
     Returns
     -------
@@ -617,11 +623,12 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
         raise DataError("the occlusion test needs subjects in the 'train' and 'test' splits")
     predict = _occlusion.torch_predictor(model, device=device,
                                          batch_size=predict_batch_size or batch_size,
-                                         scale=scale, shift=shift)
+                                         scale=scale, shift=shift, dtype=dtype)
     zooms = tuple(float(z) for z in template_img.header.get_zooms()[:3])
     occ_table, null = _occlusion.occlusion_test(
         predict, x[test], table[target].to_numpy()[test], roi_masks(out["components_img"]),
         x[train].mean(axis=0), mask, n_random=n_random, seed=seed, zooms=zooms,
+        progress=progress,
     )
     paths["occlusion"] = write_tsv(group_dir / "occlusion.tsv", occ_table)
     paths["occlusion_null"] = write_tsv(group_dir / "occlusion_null.tsv", null)

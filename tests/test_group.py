@@ -238,9 +238,10 @@ def test_explanations_are_on_the_template_grid(first_run):
     occ = read_tsv(g / "occlusion.tsv")
     null = read_tsv(g / "occlusion_null.tsv")
     assert len(occ) == r1 and len(null) == 20 * r1
-    # the baseline MAE of the occlusion test is the network's test MAE, in years
+    # the baseline MAE of the occlusion test is the network's test MAE, in years (up to
+    # the training's precision, bf16 on CPUs with AMX, which the test's passes use)
     test_mae = json.loads((g / "metrics.json").read_text())["metrics"]["age"]["test"]["mae"]
-    assert occ["mae_baseline"].iloc[0] == pytest.approx(test_mae, rel=1e-3)
+    assert occ["mae_baseline"].iloc[0] == pytest.approx(test_mae, rel=0.02)
 
 
 def test_report_and_subject_pages(first_run):
