@@ -294,3 +294,19 @@ def test_widths_and_depths_go_together(sim_bids, tmp_path, capsys):
             parse_args([str(sim_bids), str(tmp_path / "out"), "group", *extra])
         assert exc.value.code == 2
         assert "--widths and --depths go together" in capsys.readouterr().err
+
+
+def test_earlier_layer_has_no_head_metric(first_run, tmp_path):
+    # The head reads the last layer's pooled channels: for block2 metric (c) is left out.
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    group(first_run["bids"], out, "--layer", "block2", "--ranks", "2", "2", "--lambda", "0")
+    g = out / "group"
+    test = json.loads((g / "metrics.json").read_text())["decomposition"]["metrics"]["age"]["test"]
+    assert set(test) == {"network", "linear_model_on_decomposition", "mean_predictor"}
+    act = load_activation_tensor(out / ".work" / "group" / "activations" / "layer-block2_activations.json")
+    with np.load(g / "decomposition.npz") as npz:
+        assert npz["U3"].shape == (act.array.shape[2], 2)
+    comps = nib.load(str(g / f"{PREFIX}_desc-rois_components.nii.gz"))
+    assert comps.shape[3] == 2
+    assert "Decomposed layer</th><td>block2" in (g / "report.html").read_text()
