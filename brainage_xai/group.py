@@ -512,9 +512,9 @@ def _decomposition_metrics(final, y_true: dict, mean, std, targets, key: str) ->
 def _merge_metrics(ctx: GroupContext, decomposition: dict) -> None:
     """Put the decomposition's metrics into ``metrics.json`` beside the network's.
 
-    The selection stage writes its own ``metrics.json``; the network's metrics (written
-    by the predictions stage) are kept at the top level and the selection's go under
-    ``decomposition``.
+    The network's metrics (written by the predictions stage) stay at the top level and the
+    decomposition's go under ``decomposition``; the file is rewritten only when that
+    part changed, so a re-run leaves it untouched.
     """
     path = ctx.group_dir / "metrics.json"
     try:
@@ -536,7 +536,7 @@ def stage_selection(ctx: GroupContext) -> None:
 
     config, act, group = ctx.config, ctx.activations, ctx.group_dir
     key = _selection_key(ctx)
-    names = ("scree.tsv", "selection.json", "decomposition.npz", "decomposition.json", "loadings.tsv", "metrics.json")
+    names = ("scree.tsv", "selection.json", "decomposition.npz", "decomposition.json", "loadings.tsv")
     saved = ctx.work_dir / "selection" / "metrics.json"
     outputs = [group / n for n in names] + [saved]
     if ctx.is_done("selection", key, outputs):
@@ -567,7 +567,7 @@ def stage_selection(ctx: GroupContext) -> None:
         dask_scheduler=config.dask_scheduler, work_dir=ctx.work_dir / "selection",
         random_state=config.random_seed, quiet=config.quiet,
     )  # fmt: skip
-    standardised = json.loads((group / "metrics.json").read_text())
+    standardised = json.loads((group / "decomposition.json").read_text())["metrics"]
     decomposition = _decomposition_metrics(
         result["final"], {s: true[r] for s, r in rows.items()}, mean, std, list(ctx.targets.columns), key
     )

@@ -368,8 +368,10 @@ def test_run_selection_with_given_ranks_and_lambda(cohort, tmp_path, monkeypatch
     loadings = read_tsv(group / "loadings.tsv")
     assert loadings.columns.tolist() == ["participant_id", "split"] + [f"roi_{r}" for r in range(1, 7)] + ["predicted_age"]
     assert loadings["participant_id"].tolist()[:2] == ["sub-train00", "sub-train01"]
-    metrics = json.loads((group / "metrics.json").read_text())
-    assert metrics["rank"] == [6, 4] and "linear_model_on_decomposition" in metrics["test"]
+    decomposition = json.loads((group / "decomposition.json").read_text())
+    assert decomposition["rank"] == [6, 4]
+    assert "linear_model_on_decomposition" in decomposition["metrics"]["test"]
+    assert not (group / "metrics.json").exists()  # the group level owns metrics.json
     assert (group / "scree.tsv").exists() and (group / "figures" / "scree.png").stat().st_size > 0
 
 
@@ -392,7 +394,7 @@ def test_run_selection_end_to_end(cohort, sweep_small, tmp_path):
     for name in (
         "scree.tsv", "scree.json", "rank_sweep.tsv", "rank_sweep.json", "lambda_sweep.tsv",
         "selection.json", "decomposition.npz", "decomposition.json", "loadings.tsv",
-        "metrics.json", "figures/scree.png", "figures/rank_sweep.png", "figures/lambda_sweep.png",
+        "figures/scree.png", "figures/rank_sweep.png", "figures/lambda_sweep.png",
     ):
         assert (group / name).stat().st_size > 0, name
     lam = read_tsv(group / "lambda_sweep.tsv")

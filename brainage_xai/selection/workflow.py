@@ -43,7 +43,11 @@ def write_scree(scree, group_dir, choice: dict | None = None) -> None:
 def write_final(
     final: FinalModel, group_dir, participant_ids: dict | None = None, target_names=None
 ) -> None:
-    """``decomposition.npz`` + JSON, ``loadings.tsv`` + JSON and ``metrics.json``."""
+    """``decomposition.npz`` + JSON (with the metrics) and ``loadings.tsv`` + JSON.
+
+    The metrics go into ``decomposition.json``, in the units of the targets given (the
+    group level passes standardised targets and writes ``metrics.json`` in years itself).
+    """
     group_dir = Path(group_dir)
     res = final.result
     U1, U2, U3 = (as_numpy(f) for f in res.factors)
@@ -82,6 +86,13 @@ def write_final(
                 final.loadings["train"], final.roi_coefficients
             ).mean(axis=0).tolist(),
             "linear_model_intercept": np.atleast_1d(final.linear_model.intercept_).tolist(),
+            "metrics": {
+                "Description": "MAE and MSE (averaged over targets, in the units of the "
+                "targets given) of: the network; the linear model on the voxel-averaged "
+                "reconstruction; the network's head applied to the voxel-averaged "
+                "reconstruction; the training-mean predictor.",
+                **final.metrics,
+            },
         },
     )
     table = loadings_table(final, participant_ids, target_names)
@@ -97,18 +108,6 @@ def write_final(
         if col.startswith("predicted_"):
             sidecar[col] = {"Description": "Prediction of the linear model on the decomposition."}
     write_tsv(group_dir / "loadings.tsv", table, sidecar=sidecar)
-    write_json(
-        group_dir / "metrics.json",
-        {
-            "Description": "MAE and MSE (averaged over targets) of: the network; the linear "
-            "model on the voxel-averaged reconstruction; the network's head applied to the "
-            "voxel-averaged reconstruction; the training-mean predictor.",
-            "rank": list(final.rank),
-            "l1": final.l1,
-            "targets": names,
-            **final.metrics,
-        },
-    )
 
 
 def run_selection(
