@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .derivatives import nifti_stem
 from .errors import DataError, UsageError
 from .model.data import check_grid, standardise_inputs
 from .model.io import load_model, model_sha256, weights_path
@@ -215,12 +216,7 @@ def participant_activations_path(preproc_path: str | os.PathLike, layer: str) ->
     different maps of one subject do not collide.
     """
     preproc_path = Path(preproc_path)
-    name = preproc_path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    stem = name.rsplit("_", 1)[0]  # drop the suffix (probseg, ...)
+    stem = nifti_stem(preproc_path).rsplit("_", 1)[0]  # drop the suffix (probseg, ...)
     parts = [p for p in stem.split("_") if not p.startswith("desc-")]
     return preproc_path.with_name("_".join(parts) + f"_desc-{layer}_activations.nii.gz")
 

@@ -52,6 +52,9 @@ SPLIT_SIDECAR = {
 }
 
 
+#: Fewest subjects a group run accepts (a 60/20/20 split and 5-fold fits of the loadings).
+MIN_SUBJECTS = 10
+
 def _sha(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -186,6 +189,12 @@ def stage_inputs(ctx: GroupContext) -> None:
             raise MissingInputError(
                 f"no preprocessed {config.map} map for {', '.join('sub-' + s for s in missing)}"
             )
+    if len(found) < MIN_SUBJECTS:
+        # A 60/20/20 split and the loadings' cross-validated fits need this many.
+        raise DataError(
+            f"the group level needs at least {MIN_SUBJECTS} subjects with preprocessed "
+            f"{config.map} maps; found {len(found)}"
+        )
     ctx.subjects = [s for s, _ in found]
     ctx.paths = [p for _, p in found]
     ctx.targets = load_targets(config.bids_dir, list(config.target), ctx.subjects)

@@ -310,3 +310,14 @@ def test_earlier_layer_has_no_head_metric(first_run, tmp_path):
     comps = nib.load(str(g / f"{PREFIX}_desc-rois_components.nii.gz"))
     assert comps.shape[3] == 2
     assert "Decomposed layer</th><td>block2" in (g / "report.html").read_text()
+
+
+def test_too_few_subjects_is_a_data_error_before_any_work(first_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))
+    labels = sorted(p.name[4:] for p in out.glob("sub-*") if p.is_dir())[:6]
+    code = main([str(first_run["bids"]), str(out), "group", *COMMON, "--participant-label", *labels])
+    assert code == EX_DATAERR
+    err = capsys.readouterr().err.strip()
+    assert "at least 10 subjects" in err and "found 6" in err and "\n" not in err
+    assert not (out / "group" / "split.tsv").exists()
