@@ -11,22 +11,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import EX_FAILURE, BrainAgeXAIError, OutputError
+from ..utils.env import writable
 
 LOGGER = logging.getLogger("brainage_xai")
-
-
-def _writable(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError:
-        return False
-    return True
 
 
 def check_output_dir(path: Path) -> None:
@@ -35,7 +25,7 @@ def check_output_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder {path}: {exc.strerror}") from exc
-    if not _writable(path):
+    if not writable(path):
         raise OutputError(f"output folder {path} is not writable")
 
 

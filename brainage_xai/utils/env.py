@@ -77,7 +77,7 @@ def _default_location(name: str, environ: Mapping[str, str]) -> Path | None:
     }[name]
 
 
-def _writable(path: Path, create: bool = True) -> bool:
+def writable(path: Path, create: bool = True) -> bool:
     """True when ``path`` can be created and written to, by actually trying.
 
     ``os.access`` says yes for root on a read-only bind mount and knows nothing of
@@ -116,7 +116,7 @@ def _usable(name: str, path: Path | None) -> bool:
         # The image's /opt/templateflow is read-only on purpose: templates are fetched
         # at build time and only read at run time.
         return True
-    return _writable(path, create=False)
+    return writable(path, create=False)
 
 
 _TEMP_BASE: Path | None = None
@@ -189,7 +189,7 @@ def configure_runtime(
             if base is None:
                 base = _work_base(work_dir)
             target = base / _FALLBACK_NAMES[name]
-        if not _writable(target):
+        if not writable(target):
             # The work dir passed the first probe but not this one (quota, a race): a
             # private temporary folder is the last resort.
             target = _temporary_base() / _FALLBACK_NAMES[name]
@@ -205,7 +205,7 @@ def configure_runtime(
 def _work_base(work_dir: str | os.PathLike | None) -> Path:
     if work_dir is not None:
         base = Path(work_dir).absolute() / "cache"
-        if _writable(base):
+        if writable(base):
             return base
     return _temporary_base()
 
