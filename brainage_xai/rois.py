@@ -245,13 +245,68 @@ def downsample(volume: np.ndarray, geometry: FeatureGeometry) -> np.ndarray:
     return means.reshape(geometry.feature_shape)
 
 
-def resolution_ceiling(mask: np.ndarray, geometry: FeatureGeometry, within=None) -> float:
-    """Correlation of a region with itself taken down to the feature grid and back up.
+def upsampling_operator(geometry: FeatureGeometry, within=None):
+    """:func:`upsample` (trilinear) as a sparse matrix from feature voxels to input voxels.
 
-    The best any map on this feature grid can reach against ``mask``.
+    Parameters
+    ----------
+    geometry : FeatureGeometry
+    within : ndarray of bool, optional
+        Keep only the rows of these input voxels.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, shape (input voxels (in ``within``), feature voxels)
+        Both sides flattened in C order, so ``B @ f.ravel()`` equals
+        ``upsample(f, geometry).ravel()``.
     """
-    back = upsample(downsample(mask.astype(float), geometry), geometry)
-    return spatial_correlation(mask.astype(float), back, within)
+    from scipy import sparse
+
+    factors = []
+    for axis, c in enumerate(_input_coords(geometry, geometry.input_shape)):
+        n_f = geometry.feature_shape[axis]
+        # map_coordinates' "nearest" mode: coordinates beyond the edge centres clamp
+        c = np.clip(c.ravel(), 0, n_f - 1)
+        lo = np.minimum(np.floor(c).astype(int), max(n_f - 2, 0))
+        w = c - lo
+        rows = np.arange(c.size)
+        hi = np.minimum(lo + 1, n_f - 1)
+        factors.append(sparse.csr_matrix(
+            (np.concatenate([1 - w, w]), (np.concatenate([rows, rows]), np.concatenate([lo, hi]))),
+            shape=(c.size, n_f)))
+    op = sparse.kron(sparse.kron(factors[0], factors[1]), factors[2], format="csr")
+    if within is not None:
+        op = op[np.flatnonzero(np.asarray(within, dtype=bool).ravel())]
+    return op
+
+
+def resolution_ceiling(mask: np.ndarray, geometry: FeatureGeometry, within=None) -> float:
+    """The best correlation with ``mask`` that an RoI on this feature grid can reach.
+
+    The mask is taken down to the feature grid by a non-negative least-squares fit of the
+    upsampled feature map to it (within ``within``) and back up with :func:`upsample`. A
+    plain footprint average (:func:`downsample`) is not the inverse of the trilinear
+    upsampling: on a 4 x 4 x 3 grid it gave ceilings 0.1-0.35 below RoIs the
+    decomposition actually found.
+    """
+    from scipy.linalg import cho_factor, solve_triangular
+    from scipy.optimize import nnls
+
+    target = np.asarray(mask, dtype=float)
+    sel = np.ones(target.shape, bool) if within is None else np.asarray(within, dtype=bool)
+    op = upsampling_operator(geometry, sel)
+    # NNLS on the Cholesky factor of the small Gram matrix instead of the tall operator:
+    # ||B f - m||^2 = ||L' f - L^-1 B' m||^2 + const, with feature voxels, not input
+    # voxels, as rows. The ridge keeps feature voxels with no input voxel in `within`
+    # (Gram row of zeros) from breaking the factorisation.
+    gram = (op.T @ op).toarray()
+    gram[np.diag_indices_from(gram)] += 1e-9 * max(gram.diagonal().max(), 1.0)
+    chol, _ = cho_factor(gram, lower=True)
+    rhs = solve_triangular(chol, op.T @ target[sel], lower=True)
+    coef, _ = nnls(np.tril(chol).T, rhs, maxiter=50 * gram.shape[0])
+    back = np.zeros(target.shape)
+    back[sel] = op @ coef
+    return spatial_correlation(target, back, sel)
 
 
 def spatial_correlation(a: np.ndarray, b: np.ndarray, within=None) -> float:

@@ -84,6 +84,37 @@ def test_downsample_then_upsample_and_resolution_ceiling():
     assert ceil_small < ceil_big
 
 
+def test_upsampling_operator_is_upsample(rng):
+    geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (1.0, 0.0, 2.0))
+    fmap = rng.random(geo.feature_shape)
+    op = rois.upsampling_operator(geo)
+    np.testing.assert_allclose(op @ fmap.ravel(), rois.upsample(fmap, geo).ravel(), atol=1e-12)
+    within = np.zeros(SHAPE, bool)
+    within[3:15, 2:20, 4:12] = True
+    np.testing.assert_allclose(rois.upsampling_operator(geo, within) @ fmap.ravel(),
+                               rois.upsample(fmap, geo)[within], atol=1e-12)
+
+
+def test_resolution_ceiling_bounds_every_feature_grid_map(rng):
+    # what an RoI can reach: no non-negative feature map, upsampled, correlates better
+    geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    within = np.zeros(SHAPE, bool)
+    within[1:20, 1:22, 1:18] = True
+    region = np.zeros(SHAPE, bool)
+    region[5:12, 7:13, 6:11] = True
+    ceiling = rois.resolution_ceiling(region, geo, within)
+    footprint = rois.upsample(rois.downsample(region.astype(float), geo), geo)
+    assert ceiling >= rois.spatial_correlation(region, footprint, within) + 0.01
+    exact = np.zeros(geo.feature_shape)
+    exact[1:3, 2:3, 2:3] = 1.0  # a feature-grid region is reached exactly
+    assert rois.resolution_ceiling(rois.upsample(exact, geo) > 0.999, geo) < 1.0
+    assert rois.resolution_ceiling(rois.upsample(exact, geo), geo) == pytest.approx(1.0, abs=1e-6)
+    for _ in range(20):
+        fmap = rng.random(geo.feature_shape) * (rng.random(geo.feature_shape) < 0.2)
+        corr = rois.spatial_correlation(region, rois.upsample(fmap, geo), within)
+        assert corr <= ceiling + 1e-9
+
+
 def test_roi_components_dseg_and_atlas_on_template_grid(tmp_path, rng):
     geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
     affine = mni_affine(4.0)
