@@ -257,11 +257,16 @@ def run(config) -> int:
     """
     from tqdm.auto import tqdm
 
-    from .bids import build_layout, find_maps, select_subjects
+    from .bids import build_layout, find_maps, load_targets, select_subjects
     from .templates import get_template
 
     layout = build_layout(config.bids_dir, config.derivatives or None)
     subjects = select_subjects(layout, config.participant_label)
+    if config.model is None:
+        # The group level will need the targets: a missing column or an n/a fails here,
+        # before a cluster spends hours on the subjects. With --model (applying a trained
+        # network to new subjects) the targets may be unknown.
+        load_targets(config.bids_dir, list(config.target), subjects)
     found, missing = find_maps(
         layout, subjects, config.map, config.bids_filters, resolution=config.resolution
     )

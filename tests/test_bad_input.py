@@ -224,3 +224,19 @@ def test_missing_derivatives_description(sim_bids_copy, tmp_path, capsys):
     assert main([str(sim_bids_copy), str(tmp_path / "out"), "participant",
                  "--derivatives", f"maps={deriv}", *ARGS]) == 66
     assert "no dataset_description.json" in _one_line_error(capsys)
+
+
+def test_participant_level_checks_targets_before_any_work(sim_bids_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(sim_bids_copy, out, "001", extra=["--target", "height"]) == 66
+    assert "no column 'height'" in _one_line_error(capsys)
+    tsv = sim_bids_copy / "participants.tsv"
+    lines = tsv.read_text().splitlines()
+    age = lines[0].split("\t").index("age")
+    row = lines[1].split("\t")
+    row[age] = "n/a"
+    lines[1] = "\t".join(row)
+    tsv.write_text("\n".join(lines) + "\n")
+    assert _run(sim_bids_copy, out, row[0][4:]) == 65
+    assert f"n/a or non-numeric values for 1 subject(s): {row[0]}" in _one_line_error(capsys)
+    assert not list(out.glob("sub-*"))
