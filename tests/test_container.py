@@ -725,36 +725,19 @@ def test_singularity_runscript_and_test_sections_run(replayed_venv, scratch, net
     _, sections = _def_sections()
     path = f"{replayed_venv / 'bin'}:{_validator_dir()}:/usr/local/bin:/usr/bin:/bin"
     env = {"PATH": path, "LANG": "C.UTF-8"}
-    proc = subprocess.run(
-        _offline(_as_user(["/bin/sh", "-c", sections["runscript"], "runscript", "--version"])),
-        env=env,
-        cwd=scratch,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+
+    def sh(*args):
+        return subprocess.run(
+            _offline(_as_user(["/bin/sh", "-c", *args])),
+            env=env, cwd=scratch, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    proc = sh(sections["runscript"], "runscript", "--version")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"brainage-xai {__version__}"
-    proc = subprocess.run(
-        _offline(_as_user(["/bin/sh", "-c", sections["runscript"], "runscript", "--no-such"])),
-        env=env,
-        cwd=scratch,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = sh(sections["runscript"], "runscript", "--no-such")
     assert proc.returncode == 2  # arguments reach the app, which rejects this one
-    proc = subprocess.run(
-        _offline(_as_user(["/bin/sh", "-c", sections["test"]])),
-        env=env,
-        cwd=scratch,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = sh(sections["test"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert __version__ in proc.stdout
 
