@@ -280,6 +280,10 @@ def upsampling_operator(geometry: FeatureGeometry, within=None):
     return op
 
 
+#: Feature voxels up to which the ceiling's NNLS runs on a dense Gram matrix.
+_DENSE_CEILING_MAX = 4000
+
+
 def resolution_ceiling(mask: np.ndarray, geometry: FeatureGeometry, within=None) -> float:
     """The best correlation with ``mask`` that an RoI on this feature grid can reach.
 
@@ -290,11 +294,17 @@ def resolution_ceiling(mask: np.ndarray, geometry: FeatureGeometry, within=None)
     decomposition actually found.
     """
     from scipy.linalg import cho_factor, solve_triangular
-    from scipy.optimize import nnls
+    from scipy.optimize import lsq_linear, nnls
 
     target = np.asarray(mask, dtype=float)
     sel = np.ones(target.shape, bool) if within is None else np.asarray(within, dtype=bool)
     op = upsampling_operator(geometry, sel)
+    if op.shape[1] > _DENSE_CEILING_MAX:
+        # fine grids (block2 at 4 mm, block3 at 2 mm): a dense Gram matrix would not fit
+        fit = lsq_linear(op, target[sel], bounds=(0, np.inf), lsmr_tol="auto", tol=1e-8)
+        back = np.zeros(target.shape)
+        back[sel] = op @ fit.x
+        return spatial_correlation(target, back, sel)
     # NNLS on the Cholesky factor of the small Gram matrix instead of the tall operator:
     # ||B f - m||^2 = ||L' f - L^-1 B' m||^2 + const, with feature voxels, not input
     # voxels, as rows. The ridge keeps feature voxels with no input voxel in `within`

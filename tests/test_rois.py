@@ -258,3 +258,13 @@ def test_write_explanations_writes_every_output(tmp_path, rng):
     assert list(out["loadings"].columns) == ["participant_id", "split", "age", "RoI 1", "RoI 2"]
     assert len(out["occlusion"][0]) == 2 and len(out["occlusion"][1]) == 40
     assert not (nib.load(out["paths"]["components"]).get_fdata()[~mask] > 0).any()
+
+
+def test_resolution_ceiling_sparse_fit_agrees_with_dense(monkeypatch):
+    # fine feature grids take the sparse bounded least-squares route
+    geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    region = np.zeros(SHAPE, bool)
+    region[5:12, 7:13, 6:11] = True
+    dense = rois.resolution_ceiling(region, geo)
+    monkeypatch.setattr(rois, "_DENSE_CEILING_MAX", 10)
+    assert rois.resolution_ceiling(region, geo) == pytest.approx(dense, abs=1e-3)
