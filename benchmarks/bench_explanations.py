@@ -126,6 +126,7 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
     g = sidecar["FeatureGeometry"]
     geo = rois.FeatureGeometry(tuple(g["InputShape"]), tuple(g["FeatureShape"]),
                                tuple(g["Stride"]), tuple(g["Offset"]))
+    layer = args.layer or sidecar.get("Layer", "unknown")
     comps = nib.load(str(comps_path))
     roi_maps = np.moveaxis(np.asarray(comps.dataobj, dtype=float), -1, 0)
     cam = np.asarray(nib.load(str(_one(group, "*_desc-gradcam_map.nii.gz"))).dataobj, float)
@@ -177,7 +178,7 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
     planted, decoy = tab[~is_decoy], tab[is_decoy]
     above = planted["roi"] > planted["null95"]
     summary = {
-        "layer": args.layer, "grid": "x".join(map(str, geo.feature_shape)),
+        "layer": layer, "grid": "x".join(map(str, geo.feature_shape)),
         "stride_mm": geo.stride[0] * resolution, "R1": int(u3.shape[1]),
         "test_mae": _test_mae(metrics),
         "planted_above_null": f"{int(above.sum())}/{len(planted)}",
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bids", required=True, help="simulated BIDS dataset (planted_dseg)")
     parser.add_argument("--output", required=True, help="output directory of a group run")
-    parser.add_argument("--layer", default="last", help="label of the decomposed layer")
+    parser.add_argument("--layer", help="label of the decomposed layer (default: the one "
+                        "recorded in the RoI components' JSON sidecar)")
     parser.add_argument("--permutations", type=int, default=200)
     parser.add_argument("--occlude-planted", action="store_true",
                         help="positive control: occlusion test on the planted masks")
@@ -223,7 +225,7 @@ def main(argv=None) -> int:
     tab, summary = evaluate(args)
     pd.set_option("display.width", 200)
     pd.set_option("display.max_columns", 30)
-    print(f"{args.output} (layer {args.layer}); baseline: GradCAM average of the same network")
+    print(f"{args.output}; baseline: GradCAM average of the same network")
     print(tab.to_string(index=False))
     print()
     for k, v in summary.items():

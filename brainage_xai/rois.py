@@ -527,8 +527,12 @@ ROIS_SIDECAR = {
 def write_rois(out_dir, u3, geometry: FeatureGeometry, template_img, *,
                prefix: str = "space-MNI152NLin2009cAsym_res-2",
                mask=None, atlas_img=None, atlas_labels=None,
-               threshold: float = DEFAULT_THRESHOLD) -> dict[str, Path]:
+               threshold: float = DEFAULT_THRESHOLD,
+               layer: str | None = None) -> dict[str, Path]:
     """Write the RoI images and tables into ``out_dir`` (the ``group/`` folder).
+
+    ``layer`` (the decomposed layer's name) goes into the components' JSON sidecar beside
+    the feature geometry, so that the RoIs can be evaluated later without the run's log.
 
     Returns
     -------
@@ -555,6 +559,7 @@ def write_rois(out_dir, u3, geometry: FeatureGeometry, template_img, *,
             "Description": "RoIs: columns of the spatial factor U3 upsampled (trilinear) "
             "from the feature grid with the network's stride geometry; one volume per RoI",
             "FeatureGeometry": geometry.to_dict(),
+            **({"Layer": layer} if layer is not None else {}),
         },
     )
     save_nifti(dseg_img, paths["dseg"])
@@ -664,7 +669,8 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
     except (ImportError, FileNotFoundError, OSError) as exc:
         warnings.warn(f"no atlas to name the RoIs: {exc}", stacklevel=2)
     out = write_rois(group_dir, u3, geometry, template_img, prefix=prefix, mask=mask,
-                     atlas_img=atlas_img, atlas_labels=atlas_labels)
+                     atlas_img=atlas_img, atlas_labels=atlas_labels,
+                     layer=layer if isinstance(layer, str) else None)
     paths = {k: v for k, v in out.items() if isinstance(v, Path)}
 
     names_r = roi_names(np.asarray(u1).shape[1])

@@ -1,5 +1,7 @@
 """RoI maps: stride geometry, upsampling, combined map, atlas naming, files on disk."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -253,6 +255,10 @@ def test_write_explanations_writes_every_output(tmp_path, rng):
                 "gradcam", "occlusion", "occlusion_null"):
         assert out["paths"][key].exists(), key
     assert out["geometry"].stride == (2.0, 2.0, 2.0)
+    sidecar = json.loads(out["paths"]["components"].with_name(
+        "space-MNI152NLin2009cAsym_res-4_desc-rois_components.json").read_text())
+    assert sidecar["Layer"] == "block2"
+    assert sidecar["FeatureGeometry"]["Stride"] == [2.0, 2.0, 2.0]
     assert nib.load(out["paths"]["gradcam"]).shape == SHAPE
     np.testing.assert_allclose(nib.load(out["paths"]["gradcam"]).affine, template.affine)
     assert list(out["loadings"].columns) == ["participant_id", "split", "age", "RoI 1", "RoI 2"]
