@@ -14,7 +14,6 @@ decoy), so a larger R1 costs minutes without showing more.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -85,25 +84,17 @@ def main(argv=None) -> int:
         print(f"brainage-xai-demo: participant level failed (exit {code}); see {results / 'logs'}", file=sys.stderr)
         return code
 
-    if importlib.util.find_spec("brainage_xai.group") is None:
-        say("[3/3] Group level: not available in this version; skipped")
-        group_done = False
-    else:
-        say(f"[3/3] Group level -> {results / 'group'}")
-        code = cli_main([str(bids_dir), str(results), "group", *common, *extra])
-        if code != 0:
-            print(f"brainage-xai-demo: group level failed (exit {code}); see {results / 'logs'}", file=sys.stderr)
-            return code
-        group_done = True
+    say(f"[3/3] Group level -> {results / 'group'}")
+    code = cli_main([str(bids_dir), str(results), "group", *common, *extra])
+    if code != 0:
+        print(f"brainage-xai-demo: group level failed (exit {code}); see {results / 'logs'}", file=sys.stderr)
+        return code
 
     print(f"Synthetic dataset:    {bids_dir}")
     print(f"Ground truth:         {bids_dir / 'sourcedata' / 'simulation'}")
     print(f"Participant results:  {results} (sub-*.html, sub-*/anat, sub-*/figures)")
-    if group_done:
-        report = results / "group" / "report.html"
-        print(f"Group results:        {results / 'group'}")
-        if report.exists():
-            print(f"Group report:         {report} (open it in a browser)")
+    print(f"Group results:        {results / 'group'}")
+    print(f"Group report:         {results / 'group' / 'report.html'} (open it in a browser)")
     print(f"Logs:                 {results / 'logs'}")
     return 0
 

@@ -660,14 +660,11 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
     if mask is None:
         mask = np.ones(x.shape[1:], dtype=bool)
     mask = np.asarray(mask, dtype=bool)
-    atlas_img = atlas_labels = None
-    try:
-        from .atlas import load_atlas
+    from .atlas import load_atlas
 
-        atlas_img, names = load_atlas(template_img)
-        atlas_labels = dict(zip(names["index"].astype(int), names["name"].astype(str)))
-    except (ImportError, FileNotFoundError, OSError) as exc:
-        warnings.warn(f"no atlas to name the RoIs: {exc}", stacklevel=2)
+    # The package ships its atlas, so RoIs are always named, offline too.
+    atlas_img, names = load_atlas(template_img)
+    atlas_labels = dict(zip(names["index"].astype(int), names["name"].astype(str)))
     out = write_rois(group_dir, u3, geometry, template_img, prefix=prefix, mask=mask,
                      atlas_img=atlas_img, atlas_labels=atlas_labels,
                      layer=layer if isinstance(layer, str) else None)

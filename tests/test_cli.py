@@ -1,7 +1,6 @@
 """The command line: parsing, the exit code of each kind of wrong call, logs, dispatch."""
 
 import json
-import sys
 
 import pytest
 
@@ -120,15 +119,6 @@ def test_logs_and_config_written(sim_bids, tmp_path):
     assert f'bids_dir = "{sim_bids}"' in toml
     text = logs[0].read_text()
     assert "sub-003" in text and "registration check passed" in text
-
-
-def test_group_level_dispatch_when_missing(sim_bids, tmp_path, monkeypatch, capsys):
-    # An import of a module set to None in sys.modules raises ModuleNotFoundError, as when
-    # the group level is not installed.
-    monkeypatch.setitem(sys.modules, "brainage_xai.group", None)
-    code = main([str(sim_bids), str(tmp_path / "out"), "group", "--skip-bids-validation", "--quiet"])
-    assert code == 1
-    assert "group level is not implemented yet" in capsys.readouterr().err
 
 
 def test_bids_validation_runs_and_passes(sim_bids, tmp_path):

@@ -1,6 +1,5 @@
 """``brainage-xai-demo`` on a tiny cohort: simulate, both levels, where the results are."""
 
-import importlib.util
 import json
 
 import pytest
@@ -28,16 +27,12 @@ def test_demo_tiny_cohort(tmp_path, capsys):
         assert len(maps) == 1
     desc = json.loads((results / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
-    if importlib.util.find_spec("brainage_xai.group") is not None:
-        assert f"Group results:        {results / 'group'}" in printed
-        report = results / "group" / "report.html"
-        assert f"Group report:         {report}" in printed
-        assert 'id="rois"' in report.read_text()
-        page = (results / f"{subjects[0]}.html").read_text()
-        assert 'id="subject-rois"' in page and "RoI 2" in page
-    else:
-        assert "Group level: not available" in printed
-
+    assert f"Group results:        {results / 'group'}" in printed
+    report = results / "group" / "report.html"
+    assert f"Group report:         {report}" in printed
+    assert 'id="rois"' in report.read_text()
+    page = (results / f"{subjects[0]}.html").read_text()
+    assert 'id="subject-rois"' in page and "RoI 2" in page
 
 def test_demo_bad_arguments(tmp_path, capsys):
     assert main([str(tmp_path / "demo"), "--n-subjects", "0", "--quiet"]) == 2

@@ -169,8 +169,8 @@ def _chromium(args, cwd):
     )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_report_renders_in_headless_chromium(rendered, tmp_path):
+    assert CHROMIUM, "Debian's chromium is missing: apt-get install chromium (.ci/run does)"
     html = rendered.read_text()
     checked = tmp_path / "checked.html"
     checked.write_text(html.replace("<head>", "<head>\n" + CHECKER, 1))

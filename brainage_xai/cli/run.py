@@ -67,17 +67,6 @@ def _close_logging() -> None:
         handler.close()
 
 
-def _run_group(config) -> int:
-    try:
-        from ..group import run as run_group
-    except ModuleNotFoundError as exc:
-        if exc.name != "brainage_xai.group":
-            raise
-        print("brainage-xai: group level is not implemented yet", file=sys.stderr)
-        return EX_FAILURE
-    return int(run_group(config) or 0)
-
-
 def run(config) -> int:
     """Run one level with a parsed configuration; returns the exit code."""
     from ..utils.env import configure_runtime
@@ -107,7 +96,9 @@ def run(config) -> int:
         from ..participant import run as run_participant
 
         return int(run_participant(config) or 0)
-    return _run_group(config)
+    from ..group import run as run_group
+
+    return int(run_group(config) or 0)
 
 
 def main(argv=None) -> int:
