@@ -4,8 +4,10 @@ Real cohorts cannot be redistributed, and an explanation can only be checked aga
 truth, so the package generates one. Each subject's maps are the MNI152 template's grey
 matter (and a stiffness map derived from its tissue classes) with
 
-- age-dependent change planted in six large regions of the package atlas
-  (:mod:`brainage_xai.atlas`); five follow **complementary** trajectories, each
+- age-dependent change planted in six compact regions: five pairs of 20 mm balls
+  (mirrored left and right, clipped to their lobe of the package atlas,
+  :mod:`brainage_xai.atlas`), 16 % of the brain together, and the deep grey nuclei;
+  five follow **complementary** trajectories, each
   changing mainly in its own age band (childhood, adolescence, mid-life, late life) or
   weakly over the whole lifespan, each with its own subject-level noise, so that an
   accurate predictor must combine all of them; the sixth is a **decoy** with strong
@@ -50,7 +52,11 @@ REFERENCE_AGES = (5.0, 81.0)
 
 @dataclass(frozen=True)
 class PlantedRegion:
-    """One planted region: an atlas structure (both hemispheres) and its trajectory.
+    """One planted region: where it is, and its trajectory.
+
+    The region is the atlas structure ``name`` (both hemispheres), restricted, when
+    ``centre`` is given, to two balls of ``radius`` mm centred at ``centre`` (MNI mm, the
+    right hemisphere) and at its mirror image ``(-x, y, z)``.
 
     The subject's relative change of grey matter in the region is
     ``amplitude * curve(age) + N(0, subject_sd)``, where ``curve`` rises smoothly
@@ -64,6 +70,8 @@ class PlantedRegion:
     offset: float
     amplitude: float
     subject_sd: float
+    centre: tuple[float, float, float] | None = None
+    radius: float | None = None
 
     def curve(self, age):
         """Noise-free trajectory (0..1) at ``age`` (years); 0 for the decoy."""
@@ -76,15 +84,24 @@ class PlantedRegion:
         return t * t * (3.0 - 2.0 * t)
 
 
+#: Radius (mm) of the balls that make the compact planted regions: 2.5 feature voxels
+#: across at the 16 mm spacing of block3 at 4 mm (block4 at 2 mm).
+REGION_RADIUS_MM = 20.0
+
 #: The planted regions, in label order (label = position + 1). Bands overlap, and the
 #: first and last extend past 5 and 81 years, so that some region changes at every age;
-#: signs alternate so that total grey matter is not itself a clean age marker.
+#: signs alternate so that total grey matter is not itself a clean age marker. The
+#: regions are compact (a pair of balls inside their lobe: calcarine/occipital pole,
+#: superior parietal lobule, dorsolateral prefrontal cortex, middle/inferior temporal
+#: gyrus, cerebellar hemispheres), so that most of the brain carries no age effect and
+#: occluding a region can be told apart from occluding a random blob of its volume.
 PLANTED = (
-    PlantedRegion("occipital", "childhood", 2.0, 18.0, +0.30, 0.015),
-    PlantedRegion("parietal", "adolescence", 11.0, 32.0, -0.30, 0.015),
-    PlantedRegion("frontal", "mid-life", 28.0, 60.0, -0.25, 0.015),
-    PlantedRegion("temporal", "late-life", 54.0, 85.0, -0.35, 0.015),
-    PlantedRegion("cerebellum", "lifespan-linear", *REFERENCE_AGES, +0.25, 0.03),
+    PlantedRegion("occipital", "childhood", 2.0, 18.0, +0.30, 0.015, (20.0, -90.0, 2.0), REGION_RADIUS_MM),
+    PlantedRegion("parietal", "adolescence", 11.0, 32.0, -0.30, 0.015, (30.0, -60.0, 52.0), REGION_RADIUS_MM),
+    PlantedRegion("frontal", "mid-life", 28.0, 60.0, -0.25, 0.015, (36.0, 36.0, 28.0), REGION_RADIUS_MM),
+    PlantedRegion("temporal", "late-life", 54.0, 85.0, -0.35, 0.015, (54.0, -18.0, -18.0), REGION_RADIUS_MM),
+    PlantedRegion("cerebellum", "lifespan-linear", *REFERENCE_AGES, +0.25, 0.03, (26.0, -68.0, -36.0),
+                  REGION_RADIUS_MM),
     PlantedRegion("deepgrey", "decoy", float("nan"), float("nan"), 0.0, 0.15),
 )
 
@@ -286,9 +303,16 @@ def _layout(resolution: int) -> _Layout:
     dseg = np.zeros(shape, dtype=np.int16)
     weights = np.zeros((len(PLANTED), support.size), dtype=np.float32)
     sigma = REGION_SMOOTH_MM / resolution
+    xyz = np.tensordot(affine[:3, :3], np.indices(shape, dtype=np.float32), axes=1)
+    xyz += affine[:3, 3].reshape(3, 1, 1, 1)
     for k, region in enumerate(PLANTED):
         labels = table.loc[table["structure"] == region.name, "index"].to_numpy()
         inside = np.isin(atlas, labels) & mask
+        if region.centre is not None:
+            cx, cy, cz = region.centre
+            d2 = (xyz[1] - cy) ** 2 + (xyz[2] - cz) ** 2
+            balls = (np.minimum((xyz[0] - cx) ** 2, (xyz[0] + cx) ** 2) + d2) <= region.radius**2
+            inside &= balls
         dseg[inside] = k + 1
         weights[k] = ndimage.gaussian_filter(inside.astype(np.float32), sigma).ravel()[support]
     bases_deform = tuple(_dct_basis(n, DEFORMATION_BASIS) for n in shape)
@@ -531,6 +555,8 @@ def _write_dataset_files(out: Path, table, params: dict) -> None:
             "offset_age": r.offset if r.trajectory != "decoy" else None,
             "amplitude": r.amplitude,
             "subject_sd": r.subject_sd,
+            "centre_mm": "n/a" if r.centre is None else " ".join(f"{c:g}" for c in r.centre),
+            "radius_mm": "n/a" if r.radius is None else r.radius,
         }
         for k, r in enumerate(PLANTED)
     ]
@@ -539,12 +565,14 @@ def _write_dataset_files(out: Path, table, params: dict) -> None:
         pd.DataFrame(rows),
         sidecar={
             "index": {"Description": "Label value in planted_dseg.nii.gz"},
-            "name": {"Description": "Atlas structure (both hemispheres) of brainage_xai.atlas"},
+            "name": {"Description": "Atlas structure (both hemispheres) of brainage_xai.atlas that holds the region"},
             "trajectory": {"Description": "Age band in which the region changes, or decoy (no age effect)"},
             "onset_age": {"Description": "Age at which the change starts", "Units": "year"},
             "offset_age": {"Description": "Age at which the change is complete", "Units": "year"},
             "amplitude": {"Description": "Total relative grey-matter change over the trajectory"},
             "subject_sd": {"Description": "Standard deviation of the subject-level effect noise"},
+            "centre_mm": {"Description": "Centre x y z of the right-hemisphere ball (the left one is at -x); n/a: the whole structure", "Units": "mm"},
+            "radius_mm": {"Description": "Radius of the two balls the region is restricted to", "Units": "mm"},
         },
     )
     traj = table.copy()

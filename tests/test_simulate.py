@@ -55,6 +55,40 @@ def test_layout_and_tables(sim_bids):
     assert np.allclose(traj["age"], table["age"])
 
 
+def test_planted_regions_are_compact_and_named(sim_bids):
+    # Most of the brain carries no age effect (so that occluding a region differs from
+    # occluding a random blob), each region lies in its two balls and in its lobe.
+    from brainage_xai.atlas import load_atlas
+    from brainage_xai.templates import get_template
+
+    tpl = get_template(4)
+    brain = np.asarray(tpl.mask.dataobj) > 0
+    dseg = nib.load(sim_bids / "sourcedata" / "simulation" / "planted_dseg.nii.gz")
+    labels = np.asarray(dseg.dataobj)
+    planted = read_tsv(sim_bids / "sourcedata" / "simulation" / "planted_dseg.tsv")
+    atlas_img, table = load_atlas(tpl.t1)
+    atlas = np.asarray(atlas_img.dataobj)
+    xyz = nib.affines.apply_affine(dseg.affine, np.argwhere(labels > 0))
+    values = labels[labels > 0]
+    fractions = []
+    for row, region in zip(planted.itertuples(), PLANTED):
+        inside = labels == row.index
+        fractions.append(inside.sum() / brain.sum())
+        assert inside.sum() > 20, region.name
+        lobe = np.isin(atlas, table.loc[table["structure"] == region.name, "index"])
+        assert lobe[inside].all() and brain[inside].all(), region.name
+        if region.centre is None:
+            assert pd.isna(row.centre_mm) and pd.isna(row.radius_mm)  # n/a in the file
+            continue
+        assert [float(c) for c in row.centre_mm.split()] == list(region.centre)
+        pts = xyz[values == row.index]
+        d = np.minimum(np.linalg.norm(pts - region.centre, axis=1),
+                       np.linalg.norm(pts - np.multiply(region.centre, (-1, 1, 1)), axis=1))
+        assert d.max() <= row.radius_mm + 1e-6, region.name
+        assert (pts[:, 0] > 0).any() and (pts[:, 0] < 0).any(), region.name  # both hemispheres
+    assert 0.1 < sum(fractions) < 0.25, fractions
+
+
 def test_bids_validator_no_errors(sim_bids, bids_validator):
     res = subprocess.run([bids_validator, "--json", str(sim_bids)], capture_output=True,
                          text=True, timeout=300)
