@@ -81,9 +81,9 @@ class ActivationTensor:
         return np.flatnonzero(np.asarray(self.split) == split)
 
 
-def _check_layer(model: PreActResNet3d, layer: str | None) -> str:
+def _check_layer(model: PreActResNet3d, layer: str | None, voxel_mm: float | None = None) -> str:
     try:
-        return model.check_layer(layer)
+        return model.check_layer(layer, voxel_mm)
     except ValueError as exc:
         raise UsageError(f"--layer: {exc}") from exc
 
@@ -266,8 +266,8 @@ def write_participant_activations(config, subject: str, preproc_path: str | os.P
     if config.model is None:
         raise UsageError("participant activations need --model")
     model, meta, sha = model_for(config.model)
-    layer = _check_layer(model, config.layer)
     img = nib.load(str(preproc_path))
+    layer = _check_layer(model, config.layer, float(max(img.header.get_zooms()[:3])))
     check_model_grid(meta, img.shape, img.affine, f"sub-{subject} map {Path(preproc_path).name}")
     data = np.asarray(img.dataobj, dtype=np.float32).reshape((1, 1) + img.shape[:3])
     x = standardise_inputs(data, meta["normalisation"])

@@ -409,7 +409,8 @@ def stage_activations(ctx: GroupContext) -> None:
     )
 
     try:
-        layer = ctx.model.check_layer(ctx.config.layer)
+        voxel_mm = float(np.sqrt((np.asarray(ctx.input_affine)[:3, :3] ** 2).sum(axis=0)).max())
+        layer = ctx.model.check_layer(ctx.config.layer, voxel_mm)
     except ValueError as exc:
         raise UsageError(f"--layer: {exc}") from exc
     folder = ctx.work_dir / "activations"

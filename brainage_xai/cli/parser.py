@@ -164,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("group level")
     g.add_argument("--model", type=Path, metavar="PATH", help="trained model (safetensors); skips training")
-    g.add_argument("--layer", metavar="NAME", help="layer whose activations are decomposed (default: last)")
+    g.add_argument(
+        "--layer", metavar="NAME",
+        help="layer whose activations are decomposed: block1..block5, or auto (the deepest "
+        "whose feature voxels are at most 16 mm apart: block3 at 4 mm, block4 at 2 mm). "
+        "Default: the last (the paper's)",
+    )
     g.add_argument("--ranks", nargs=2, type=_positive_int, metavar=("R1", "R2"), help="decomposition ranks; skips the rank sweep")
     g.add_argument("--lambda", dest="l1", type=_non_negative_float, metavar="L", help="l1 penalty on the spatial factor; skips the lambda sweep")
     g.add_argument("--rank-grid", type=_rank_grid, metavar="LO:HI", help="ranks of the sweep (e.g. 2:20)")

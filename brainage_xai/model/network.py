@@ -55,6 +55,11 @@ class PreActUnit(nn.Module):
         return out + residual
 
 
+#: Feature spacing (mm) that ``--layer auto`` aims for: fine enough to tell apart
+#: regions a few centimetres across (see docs/report.md, "Does it find the truth?").
+AUTO_SPACING_MM = 16.0
+
+
 class PreActResNet3d(nn.Module):
     """Pre-activation 3D ResNet regressor.
 
@@ -127,13 +132,33 @@ class PreActResNet3d(nn.Module):
             "in_channels": self.in_channels,
         }
 
-    def check_layer(self, layer: str | None) -> str:
-        """Return ``layer`` (or the default) after checking that the network has it."""
+    def check_layer(self, layer: str | None, voxel_mm: float | None = None) -> str:
+        """Return ``layer`` (or the default) after checking that the network has it.
+
+        ``"auto"`` needs ``voxel_mm`` (the input voxel size) and picks
+        :meth:`layer_for_spacing`.
+        """
         if layer is None:
             return self.default_layer
+        if layer == "auto" and voxel_mm is not None:
+            return self.layer_for_spacing(voxel_mm)
         if layer not in self.layers:
-            raise ValueError(f"'layer' must be one of {list(self.layers)}. {layer!r} was provided.")
+            choices = list(self.layers) + (["auto"] if voxel_mm is not None else [])
+            raise ValueError(f"'layer' must be one of {choices}. {layer!r} was provided.")
         return layer
+
+    def layer_for_spacing(self, voxel_mm: float, spacing_mm: float = AUTO_SPACING_MM) -> str:
+        """The deepest layer whose feature voxels are at most ``spacing_mm`` apart.
+
+        For inputs of ``voxel_mm`` (the largest voxel dimension); the first block if
+        none is that fine. At the default 16 mm: ``block3`` at 4 mm, ``block4`` at
+        2 mm, ``block5`` (the paper's last layer) at 1 mm.
+        """
+        best = self.layers[0]
+        for b, name in enumerate(self.layers):
+            if (2**b) * float(voxel_mm) <= spacing_mm + 1e-6:
+                best = name
+        return best
 
     def activation_module_name(self, layer: str | None = None) -> str:
         """Name (as in ``named_modules()``) of the BN-ReLU whose output is ``layer``."""
