@@ -470,7 +470,7 @@ def _selection_key(ctx: GroupContext) -> str:
     c = ctx.config
     return ctx.key(
         model=ctx.model_sha, layer=ctx.activations.layer, inputs=ctx.inputs_sha,
-        split=ctx.split_sha, targets=ctx.targets_sha, ranks=c.ranks, l1=c.l1,
+        split=ctx.split_sha, targets=ctx.targets_sha, tensor=c.tensor, ranks=c.ranks, l1=c.l1,
         rank_grid=c.rank_grid, lambda_grid=c.lambda_grid, seed=c.random_seed,
     )  # fmt: skip
 
@@ -542,7 +542,7 @@ def _merge_metrics(ctx: GroupContext, decomposition: dict) -> None:
 def stage_selection(ctx: GroupContext) -> None:
     """Scree, rank sweep, λ sweep and the final decomposition (:func:`run_selection`)."""
     from .prediction import columns
-    from .selection import head_from_torch, run_selection
+    from .selection import deviation_head, deviation_tensor, head_from_torch, run_selection
 
     config, act, group = ctx.config, ctx.activations, ctx.group_dir
     key = _selection_key(ctx)
@@ -567,7 +567,13 @@ def stage_selection(ctx: GroupContext) -> None:
     A = {s: np.asarray(act.array[r]) for s, r in rows.items()}
     # The head reads the pooled output of the last layer; an earlier layer's channels are not its input.
     head = head_from_torch(ctx.model.head.cpu()) if act.layer == ctx.model.default_layer else None
-    LOGGER.info("selection: tensor %s per split %s", act.array.shape[1:], {s: len(r) for s, r in rows.items()})
+    if config.tensor == "deviations":
+        centre = A["train"].mean(axis=0)
+        A = {s: deviation_tensor(a, centre) for s, a in A.items()}
+        if head is not None:
+            head = deviation_head(head, centre.mean(axis=1))
+    LOGGER.info("selection: %s tensor %s per split %s", config.tensor, A["train"].shape[1:],
+                {s: len(r) for s, r in rows.items()})
     result = run_selection(
         A["train"], A["val"], A["test"], y["train"], y["val"], y["test"], group,
         ranks=config.ranks, l1=config.l1, rank_grid=config.rank_grid, lambda_grid=config.lambda_grid,
@@ -582,6 +588,7 @@ def stage_selection(ctx: GroupContext) -> None:
         result["final"], {s: true[r] for s, r in rows.items()}, mean, std, list(ctx.targets.columns), key
     )
     decomposition["standardised"] = standardised
+    decomposition["tensor"] = config.tensor
     write_json(saved, decomposition)
     _merge_metrics(ctx, decomposition)
     ctx.selection = _load_selection(group)
@@ -710,6 +717,10 @@ def _summary(ctx: GroupContext) -> dict:
         "Model grid": f"{ctx.template.name}, {config.resolution} mm, {' × '.join(map(str, ctx.input_shape))} voxels",
         "Network": f"{ctx.model_meta.get('architecture', {}).get('name', 'network')}, {model}",
         "Decomposed layer": f"{act.layer}: {act.array.shape[1]} channels × {' × '.join(map(str, act.grid_shape))} voxels",
+        "Decomposed tensor": (
+            "the activations (as in the paper)" if config.tensor == "activations" else
+            "deviations from the training mean activation, positive and negative parts "
+            f"({2 * act.array.shape[1]} channels)"),
         "Ranks": f"R1 = {sel['ranks'][0]}, R2 = {sel['ranks'][1]} ({sel['rank_rule']})",
         "l1 penalty (lambda)": f"{sel['lambda']:.4g} ({sel['lambda_rule']})",
         "Test MAE": "; ".join(f"{PREDICTORS[k]} {v['mae']:.2f}" for k, v in test.items()),
@@ -734,7 +745,12 @@ def stage_report(ctx: GroupContext) -> None:
     from .derivatives import report_path, sidecar_path
     from .participant import subject_page
     from .prediction import figure_path
-    from .reports.group import render_group_report, subject_rois
+    from .reports.group import (
+        DEFAULT_METHODS,
+        DEVIATIONS_METHODS,
+        render_group_report,
+        subject_rois,
+    )
     from .utils.io import write_text
 
     config, group = ctx.config, ctx.group_dir
@@ -754,6 +770,8 @@ def stage_report(ctx: GroupContext) -> None:
         **ctx.explanations,
         "title": f"brainage-xai group report: {config.map} map, {', '.join(ctx.targets.columns)}",
         "summary": _summary(ctx),
+        "methods": DEFAULT_METHODS.format(target=target)
+        + (DEVIATIONS_METHODS if config.tensor == "deviations" else ""),
         "metrics": _metrics_table(ctx),
         "predictions": ctx.predictions,
         "target": target,

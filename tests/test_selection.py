@@ -285,6 +285,22 @@ def test_lambda_sweep_resumes_and_given_grid(lambda_table, cohort, monkeypatch):
     np.testing.assert_allclose(again["val_mae"], table["val_mae"])
 
 
+def test_deviation_tensor_is_exact_and_non_negative(rng):
+    from brainage_xai.selection import deviation_head, deviation_tensor
+
+    A = rng.random((6, 4, 9)).astype(np.float32)
+    centre = A[:4].mean(axis=0)
+    D = deviation_tensor(A, centre)
+    assert D.shape == (6, 8, 9) and D.dtype == np.float32 and D.flags.c_contiguous
+    assert D.min() >= 0 and not (D[:, :4] * D[:, 4:]).any()  # one part is zero at each entry
+    np.testing.assert_allclose(centre + D[:, :4] - D[:, 4:], A, atol=1e-6)
+    weights = rng.normal(size=(4, 2))
+    head = deviation_head(lambda avg: avg @ weights, centre.mean(axis=1))
+    np.testing.assert_allclose(head(D.mean(axis=2)), A.mean(axis=2) @ weights, atol=1e-5)
+    with pytest.raises(ValueError, match="centre"):
+        deviation_tensor(A, centre[:, :3])
+
+
 def test_linear_model_is_a_model_on_roi_loadings(cohort):
     from brainage_xai.decomposition import fit_constrained_tucker
 

@@ -167,8 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--layer", metavar="NAME",
         help="layer whose activations are decomposed: block1..block5, or auto (the deepest "
-        "whose feature voxels are at most 16 mm apart: block3 at 4 mm, block4 at 2 mm). "
+        "whose feature voxels are at most 8 mm apart: block2 at 4 mm, block3 at 2 mm). "
         "Default: the last (the paper's)",
+    )
+    g.add_argument(
+        "--tensor", choices=("activations", "deviations"), default="activations",
+        help="what is decomposed: the activations (the paper's) or each subject's deviation "
+        "from the training mean, split into positive and negative parts (finds where subjects "
+        "differ rather than where activations are large; docs/decomposition.md)",
     )
     g.add_argument("--ranks", nargs=2, type=_positive_int, metavar=("R1", "R2"), help="decomposition ranks; skips the rank sweep")
     g.add_argument("--lambda", dest="l1", type=_non_negative_float, metavar="L", help="l1 penalty on the spatial factor; skips the lambda sweep")
@@ -290,6 +296,7 @@ def parse_args(argv=None) -> Config:
         "allow_resample": opts.allow_resample,
         "model": model,
         "layer": opts.layer,
+        "tensor": opts.tensor,
         "ranks": tuple(opts.ranks) if opts.ranks else None,
         "l1": opts.l1,
         "rank_grid": opts.rank_grid,

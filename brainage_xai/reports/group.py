@@ -83,6 +83,14 @@ DEFAULT_METHODS = (
     "same volume."
 )
 
+#: Added to the methods when ``--tensor deviations`` was used.
+DEVIATIONS_METHODS = (
+    " Unlike the original method (which decomposes the activations themselves), the "
+    "decomposed tensor held each subject's deviation from the training subjects' mean "
+    "activation, split into its positive and negative parts so that it stays non-negative; "
+    "the RoIs are therefore where subjects differ, not where activations are large."
+)
+
 CITATIONS = [
     "He K, Zhang X, Ren S, Sun J (2016). Identity mappings in deep residual networks. ECCV.",
     "Kossaifi J, Panagakis Y, Anandkumar A, Pantic M (2016). TensorLy: Tensor learning in "
