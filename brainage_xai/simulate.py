@@ -85,7 +85,7 @@ class PlantedRegion:
 
 
 #: Radius (mm) of the balls that make the compact planted regions: 2.5 feature voxels
-#: across at the 16 mm spacing of block3 at 4 mm (block4 at 2 mm).
+#: across at the 16 mm spacing of block3 at 4 mm, 5 at the 8 mm of block2 (`--layer auto`).
 REGION_RADIUS_MM = 20.0
 
 #: The planted regions, in label order (label = position + 1). Bands overlap, and the

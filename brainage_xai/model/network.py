@@ -56,8 +56,10 @@ class PreActUnit(nn.Module):
 
 
 #: Feature spacing (mm) that ``--layer auto`` aims for: fine enough to tell apart
-#: regions a few centimetres across (see docs/report.md, "Does it find the truth?").
-AUTO_SPACING_MM = 16.0
+#: regions a few centimetres across; on the synthetic cohort the subject-specific signal
+#: of each planted region is most localised there (docs/report.md, "Does it find the
+#: truth?").
+AUTO_SPACING_MM = 8.0
 
 
 class PreActResNet3d(nn.Module):
@@ -151,8 +153,8 @@ class PreActResNet3d(nn.Module):
         """The deepest layer whose feature voxels are at most ``spacing_mm`` apart.
 
         For inputs of ``voxel_mm`` (the largest voxel dimension); the first block if
-        none is that fine. At the default 16 mm: ``block3`` at 4 mm, ``block4`` at
-        2 mm, ``block5`` (the paper's last layer) at 1 mm.
+        none is that fine. At the default 8 mm: ``block2`` at 4 mm, ``block3`` at
+        2 mm, ``block4`` at 1 mm, and the paper's last layer ``block5`` at 0.5 mm.
         """
         best = self.layers[0]
         for b, name in enumerate(self.layers):
