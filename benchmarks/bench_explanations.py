@@ -10,6 +10,13 @@ for each planted region and the decoy:
   baseline, from the same run and network);
 - ``ceiling``: the resolution ceiling, the mask's correlation with itself taken down to
   the feature grid and back up (geometry from the components' JSON sidecar);
+- ``rand95``: the issue's first null, the 95th percentile (over ``--random-networks``
+  networks of the same architecture with random weights, PyTorch's initialisation) of
+  the best correlation with the RoIs obtained by the same pipeline: activations of the
+  same layer for the training subjects, scaled to the trained network's tensor norm so
+  that the run's λ means the same, decomposed at the run's ranks and λ, upsampled. It
+  keeps everything but the training: an RoI above it shows what the network learned,
+  not what the architecture's receptive fields and the brain's shape give for free;
 - ``perm95`` / ``shift95``: the 95th percentile of the best correlation with spatially
   permuted RoIs (the feature voxels of each column of U3 shuffled within the brain) and
   with randomly shifted RoIs (each RoI's feature map rolled by a random offset, keeping
@@ -23,7 +30,8 @@ for each planted region and the decoy:
   masks themselves with the run's network (``plant_gain`` / ``plant_p95``). If occluding
   the truth does not beat random blobs either, the test cannot tell at this setting.
 
-Then the issue's goal: every planted region matched above the null and above GradCAM,
+Then the issue's goal: every planted region matched above the nulls (``rand95`` and
+``perm95`` both) and above GradCAM,
 the decoy by none, median best correlation >= 0.6 x ceiling, every matched RoI above its
 occlusion null.
 
@@ -94,14 +102,12 @@ def _nulls(u3, geometry, masks, brain, rng, n_perm):
     return {k: np.percentile(v, 95, axis=0) for k, v in best.items()}
 
 
-def _occlude_planted(out: Path, group: Path, resolution: float, masks, names, brain,
-                     draws: int, seed: int, device: str):
-    """The occlusion test with the planted masks as RoIs (positive control)."""
-    from brainage_xai import occlusion
+def _inputs(out: Path, group: Path, resolution: float, device: str):
+    """The run's network, its standardised inputs ``(n, X, Y, Z)``, splits and targets."""
     from brainage_xai.derivatives import collect_preprocessed
     from brainage_xai.model.data import load_maps, standardise_inputs
     from brainage_xai.model.io import load_model
-    from brainage_xai.model.training import resolve_device, resolve_precision
+    from brainage_xai.model.training import resolve_device
     from brainage_xai.utils.io import read_tsv
 
     dev = resolve_device(device)
@@ -110,11 +116,60 @@ def _occlude_planted(out: Path, group: Path, resolution: float, masks, names, br
     found = collect_preprocessed(out, meta.get("map", "volume"), resolution=resolution)
     split = read_tsv(group / "split.tsv").set_index("participant_id")["split"]
     preds = read_tsv(group / "predictions.tsv").set_index("participant_id")
-    target = meta["targets"][0]
     subjects = ["sub-" + s for s, _ in found]
     which = split.loc[subjects].to_numpy()
     x = standardise_inputs(load_maps([p for _, p in found])[0], meta["normalisation"]).numpy()[:, 0]
-    y = preds.loc[subjects, target].to_numpy(float)
+    y = preds.loc[subjects, meta["targets"][0]].to_numpy(float)
+    return dev, model, meta, x, which, y
+
+
+def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, seed,
+                         tensor="activations"):
+    """Per region: the best correlation with the RoIs of ``n_nets`` untrained networks.
+
+    Returns an ``(n_nets, regions)`` array. Each network gets PyTorch's default
+    initialisation under its own seed and is used in eval mode (unit BN statistics);
+    its training-set activations of ``layer`` (or their deviations, as the run's
+    ``--tensor``) are scaled to the trained tensor's norm, then decomposed at the run's
+    ranks and λ exactly as the run's final fit.
+    """
+    import torch
+
+    from brainage_xai.activations import iter_activations
+    from brainage_xai.decomposition import fit_constrained_tucker
+    from brainage_xai.model.network import build_network
+    from brainage_xai.rois import columns_to_feature_maps, upsample
+    from brainage_xai.selection import deviation_tensor
+
+    def tensor_of(net):
+        act = np.concatenate(list(iter_activations(net, train, layer, device=dev)))
+        act = act.reshape(act.shape[0], act.shape[1], -1).astype(np.float32)
+        return deviation_tensor(act, act.mean(axis=0)) if tensor == "deviations" else act
+
+    dev, model, meta, x, which, _ = inputs
+    train = torch.from_numpy(np.ascontiguousarray(x[which == "train"][:, None]))
+    norm = float(np.linalg.norm(tensor_of(model)))
+    r1, r2 = (int(r) for r in dec["rank"])
+    best = np.zeros((n_nets, len(masks)))
+    for i in range(n_nets):
+        torch.manual_seed(seed + 1000 + i)
+        act = tensor_of(build_network(meta["architecture"]).to(dev).eval())
+        act *= norm / max(float(np.linalg.norm(act)), 1e-12)
+        fit = fit_constrained_tucker(act, (r1, r2), l1=float(dec["l1"]), random_state=seed)
+        u3 = fit.factors[2]
+        up = np.clip(upsample(columns_to_feature_maps(u3, geometry.feature_shape), geometry), 0, None)
+        up = up * brain
+        for k, mask in enumerate(masks):
+            best[i, k] = _best(up, mask, brain)[0]
+    return best
+
+
+def _occlude_planted(inputs, masks, names, brain, resolution: float, draws: int, seed: int):
+    """The occlusion test with the planted masks as RoIs (positive control)."""
+    from brainage_xai import occlusion
+    from brainage_xai.model.training import resolve_precision
+
+    dev, model, meta, x, which, y = inputs
     norm = meta["normalisation"]
     predict = occlusion.torch_predictor(
         model, device=dev, batch_size=16, scale=float(norm["target_std"][0]),
@@ -166,12 +221,25 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
     t0 = time.perf_counter()
     nulls = _nulls(u3, geo, masks, brain, rng, args.permutations)
     t_null = time.perf_counter() - t0
+    inputs = None
+    if args.occlude_planted or args.random_networks:
+        inputs = _inputs(out, group, resolution, args.device)
+    rand = None
+    t_rand = 0.0
+    if args.random_networks:
+        t0 = time.perf_counter()
+        dec_json = json.loads((group / "decomposition.json").read_text())
+        rand = np.percentile(
+            _random_network_null(inputs, layer, geo, masks, brain, dec_json, args.random_networks,
+                                 args.seed, metrics.get("decomposition", {}).get("tensor", "activations")),
+            95, axis=0)
+        t_rand = time.perf_counter() - t0
     plant = None
     t_plant = 0.0
     if args.occlude_planted:
         t0 = time.perf_counter()
-        plant = _occlude_planted(out, group, resolution, masks, names, brain, args.draws,
-                                 args.seed, args.device).set_index("roi")
+        plant = _occlude_planted(inputs, masks, names, brain, resolution, args.draws,
+                                 args.seed).set_index("roi")
         t_plant = time.perf_counter() - t0
     rows = []
     for name, mask in zip(names, masks):
@@ -183,6 +251,7 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
             "ceiling": round(rois.resolution_ceiling(mask, geo, brain), 3),
             "perm95": round(float(nulls["permute"][len(rows)]), 3),
             "shift95": round(float(nulls["shift"][len(rows)]), 3),
+            "rand95": round(float(rand[len(rows)]), 3) if rand is not None else float("nan"),
             "occl_gain": round(float(occ.loc[roi, "mae_increase"]), 3),
             "occl_p95": round(float(occ.loc[roi, "null_p95"]), 3),
         }
@@ -194,19 +263,30 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
     is_decoy = tab["region"].str.contains("decoy")
     planted, decoy = tab[~is_decoy], tab[is_decoy]
     above = planted["roi"] > planted["perm95"]
+    decoy_matched = (decoy["roi"] > decoy["perm95"]).any()
+    if rand is not None:
+        above &= planted["roi"] > planted["rand95"]
+        decoy_matched = decoy_matched and (decoy["roi"] > decoy["rand95"]).any()
     summary = {
         "layer": layer, "grid": "x".join(map(str, geo.feature_shape)),
         "stride_mm": geo.stride[0] * resolution, "R1": int(u3.shape[1]),
+        "tensor": metrics.get("decomposition", {}).get("tensor", "activations"),
         "test_mae": _test_mae(metrics),
-        "planted_above_null": f"{int(above.sum())}/{len(planted)}",
+        "planted_above_null": f"{int(above.sum())}/{len(planted)}"
+        + (" (perm95 and rand95)" if rand is not None else " (perm95 only)"),
+        "planted_above_perm_null": f"{int((planted['roi'] > planted['perm95']).sum())}/{len(planted)}",
+        "planted_above_random_net_null": (f"{int((planted['roi'] > planted['rand95']).sum())}/{len(planted)}"
+                                          if rand is not None else "not run"),
         "planted_above_gradcam": f"{int((planted['roi'] > planted['gradcam']).sum())}/{len(planted)}",
         "planted_above_shift_null": f"{int((planted['roi'] > planted['shift95']).sum())}/{len(planted)}",
-        "decoy_matched": bool((decoy["roi"] > decoy["perm95"]).any()),
+        "decoy_matched": bool(decoy_matched),
         "median_best_over_ceiling": round(float(np.median(planted["roi"] / planted["ceiling"])), 3),
         "matched_occlusion_above_null": int(((planted["occl_gain"] > planted["occl_p95"]) & above).sum()),
         "rois_occlusion_above_null": f"{int(occ['above_null'].astype(str).eq('True').sum())}/{len(occ)}",
         "null_s": round(t_null, 1),
     }
+    if rand is not None:
+        summary["random_networks_s"] = round(t_rand, 1)
     if plant is not None:
         summary["planted_occlusion_above_null"] = (
             f"{int((planted['plant_gain'] > planted['plant_p95']).sum())}/{len(planted)}")
@@ -233,6 +313,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", help="label of the decomposed layer (default: the one "
                         "recorded in the RoI components' JSON sidecar)")
     parser.add_argument("--permutations", type=int, default=200)
+    parser.add_argument("--random-networks", type=int, default=10, metavar="N",
+                        help="untrained networks for the rand95 null (0: skip it)")
     parser.add_argument("--occlude-planted", action="store_true",
                         help="positive control: occlusion test on the planted masks")
     parser.add_argument("--draws", type=int, default=20)

@@ -8,10 +8,12 @@ after ``--`` go to both ``brainage-xai`` calls (for example ``-- --epochs 5``).
 The demo sweeps ranks :data:`DEMO_RANK_GRID` (not 2..20) unless ``--rank-grid`` or
 ``--ranks`` is given after ``--``: the occlusion test costs ``R1 × 21`` passes over the
 test set, and the simulated cohort has six structures (five planted regions and a
-decoy), so a larger R1 costs minutes without showing more. It decomposes the layer
-chosen by ``--layer auto`` (feature voxels 16 mm apart: ``block3`` at the demo's 4 mm)
-unless ``--layer`` is given after ``--``: the paper's last layer is a 4 × 4 × 3 grid at
-4 mm, too coarse to tell the planted regions apart (docs/report.md).
+decoy), so a larger R1 costs minutes without showing more. Unless given after ``--``,
+it decomposes the layer chosen by ``--layer auto`` (feature voxels 8 mm apart:
+``block2`` at the demo's 4 mm) and ``--tensor deviations`` (each subject's deviation
+from the mean activation): with the paper's settings (the last layer, a 4 × 4 × 3 grid
+at 4 mm, and the activations themselves) the RoIs do not find the planted regions
+(docs/report.md, "Does it find the truth?").
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ def main(argv=None) -> int:
         return code
 
     say(f"[3/3] Group level -> {results / 'group'}")
-    layer = [] if "--layer" in extra else ["--layer", "auto"]
-    code = cli_main([str(bids_dir), str(results), "group", *common, *layer, *extra])
+    explain = [] if "--layer" in extra else ["--layer", "auto"]
+    explain += [] if "--tensor" in extra else ["--tensor", "deviations"]
+    code = cli_main([str(bids_dir), str(results), "group", *common, *explain, *extra])
     if code != 0:
         print(f"brainage-xai-demo: group level failed (exit {code}); see {results / 'logs'}", file=sys.stderr)
         return code
