@@ -131,3 +131,26 @@ def test_bids_validation_runs_and_passes(sim_bids, tmp_path):
     assert code == 0
     log = next((out / "logs").glob("*.log")).read_text()
     assert "BIDS validation passed" in log
+
+
+def test_python_warnings_go_to_the_log(sim_bids, tmp_path, capsys):
+    import warnings
+
+    from brainage_xai.cli.run import _close_logging, setup_logging
+
+    config = parse_args([str(sim_bids), str(tmp_path / "out"), "participant", "--quiet"])
+    log_file = setup_logging(config)
+    try:
+        warnings.warn("RoI 6 is empty after thresholding; not occluded", UserWarning, stacklevel=1)
+    finally:
+        _close_logging()
+    assert "WARNING" in log_file.read_text() and "RoI 6 is empty" in log_file.read_text()
+    err = capsys.readouterr().err
+    assert "RoI 6 is empty" in err and "WARNING" in err  # formatted like the app's own messages
+    assert not logging_captures_warnings()
+
+
+def logging_captures_warnings() -> bool:
+    import warnings
+
+    return warnings.showwarning.__module__ == "logging"

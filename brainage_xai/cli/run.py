@@ -58,10 +58,23 @@ def setup_logging(config) -> Path:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG)
     LOGGER.addHandler(handler)
+    # Python warnings (e.g. an RoI left empty by thresholding) go to the same console
+    # and log file, formatted like the rest, instead of bare to stderr.
+    logging.captureWarnings(True)
+    py_warnings = logging.getLogger("py.warnings")
+    py_warnings.propagate = False
+    for h in list(py_warnings.handlers):
+        py_warnings.removeHandler(h)
+    py_warnings.addHandler(console)
+    py_warnings.addHandler(handler)
     return log_file
 
 
 def _close_logging() -> None:
+    py_warnings = logging.getLogger("py.warnings")
+    for h in list(py_warnings.handlers):
+        py_warnings.removeHandler(h)
+    logging.captureWarnings(False)
     for handler in list(LOGGER.handlers):
         LOGGER.removeHandler(handler)
         handler.close()
