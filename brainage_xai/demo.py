@@ -8,7 +8,9 @@ after ``--`` go to both ``brainage-xai`` calls (for example ``-- --epochs 5``).
 The demo sweeps ranks :data:`DEMO_RANK_GRID` (not 2..20) unless ``--rank-grid`` or
 ``--ranks`` is given after ``--``: the occlusion test costs ``R1 × 21`` passes over the
 test set, and the simulated cohort has six structures (five planted regions and a
-decoy), so a larger R1 costs minutes without showing more. Unless given after ``--``,
+decoy). The grid must reach well past six: the knee rule picked R1 = 5 on 2..8 (fewer
+RoIs than structures, so one RoI merged the decoy with a planted region) and R1 = 7 on
+2..12 (docs/report.md). Unless given after ``--``,
 it decomposes the layer chosen by ``--layer auto`` (feature voxels 8 mm apart:
 ``block2`` at the demo's 4 mm) and ``--tensor deviations`` (each subject's deviation
 from the mean activation): with the paper's settings (the last layer, a 4 × 4 × 3 grid
@@ -26,7 +28,7 @@ from ._version import __version__
 from .errors import BrainAgeXAIError
 
 #: The demo's rank grid unless ``-- --rank-grid`` or ``-- --ranks`` says otherwise.
-DEMO_RANK_GRID = "2:8"
+DEMO_RANK_GRID = "2:12"
 
 
 def _parser() -> argparse.ArgumentParser:
