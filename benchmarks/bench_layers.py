@@ -1,0 +1,110 @@
+"""Which layer keeps each planted region's signal in place, and which tensor finds it?
+
+A diagnostic for issue 6 on the simulated cohort, from an existing run's trained network
+(nothing is retrained). For each layer of the network it prints:
+
+- ``signal``: where each planted region's *subject-level* signal lives in the
+  activations. The region's realised effect minus its noise-free trajectory
+  (``trajectories.tsv``) is independent of age and of the other regions, so the voxels
+  whose activations correlate with it (best channel's r², upsampled) are where the
+  network carries that region's own information. Shown as its spatial correlation with
+  the region's mask / the resolution ceiling. An explanation at that layer cannot be
+  better placed than this;
+- for the baseline (``activations``, the paper's tensor) and ``deviations`` (each
+  subject's deviation from the training mean, ``--tensor deviations``), at each rank
+  ``R1 = R2`` with λ = 0: the best correlation of any RoI with each region, the median
+  best / ceiling over the planted regions, and the test MAE of the linear model on the
+  loadings.
+
+Run::
+
+    python benchmarks/bench_layers.py --bids BIDS --output OUT [--layers block1,...] [--ranks 5,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None) -> int:
+    import nibabel as nib
+    import torch
+    from bench_explanations import _inputs
+
+    from brainage_xai import rois
+    from brainage_xai.activations import iter_activations
+    from brainage_xai.selection import deviation_tensor, fit_final
+    from brainage_xai.templates import get_template
+    from brainage_xai.utils.io import read_tsv
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bids", required=True, help="simulated BIDS dataset")
+    p.add_argument("--output", required=True, help="output directory of a group run (its model)")
+    p.add_argument("--layers", default=None, help="comma-separated (default: all)")
+    p.add_argument("--ranks", default="5,8", help="comma-separated R1 = R2 values")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+
+    bids, out = Path(args.bids), Path(args.output)
+    truth_img = nib.load(bids / "sourcedata/simulation/planted_dseg.nii.gz")
+    resolution = float(abs(truth_img.affine[0, 0]))
+    dev, model, meta, x, which, _ = _inputs(out, out / "group", resolution, args.device)
+    subjects = sorted(p.name for p in out.glob("sub-*") if p.is_dir())
+    traj = read_tsv(bids / "sourcedata/simulation/trajectories.tsv").set_index("participant_id").loc[subjects]
+    table = read_tsv(bids / "sourcedata/simulation/planted_dseg.tsv")
+    truth = np.asarray(truth_img.dataobj).astype(int)
+    brain = np.asarray(get_template(resolution).mask.dataobj) > 0
+    names = table["name"].tolist()
+    masks = [truth == k for k in table["index"].astype(int)]
+    planted = [t != "decoy" for t in table["trajectory"]]
+    age = traj["age"].to_numpy(float)
+    X = torch.from_numpy(np.ascontiguousarray(x[:, None]))
+    layers = args.layers.split(",") if args.layers else list(model.layers)
+    ranks = [int(r) for r in args.ranks.split(",")]
+    print(f"{out}: {len(subjects)} subjects at {resolution:g} mm; baseline: tensor 'activations' (the paper's)")
+    for layer in layers:
+        A = np.concatenate(list(iter_activations(model, X, layer, batch_size=16, device=dev)))
+        geo = rois.feature_geometry(model, model.activation_module_name(layer), x.shape[1:])
+        A = A.reshape(A.shape[0], A.shape[1], -1).astype(np.float32)
+        ceiling = [rois.resolution_ceiling(m, geo, brain) for m in masks]
+        Z = (A - A.mean(0)) / (A.std(0) + 1e-9)
+        cells = []
+        for name, mask, ceil in zip(names, masks, ceiling):
+            e = (traj[name] - traj[f"{name}_trajectory"]).to_numpy(float)
+            e = (e - e.mean()) / e.std()
+            r2 = ((np.einsum("n,ncv->cv", e, Z) / len(e)) ** 2).max(axis=0)
+            up = rois.upsample(rois.columns_to_feature_maps(r2[:, None], geo.feature_shape), geo)[0] * brain
+            cells.append(f"{name[:10]} {rois.spatial_correlation(up, mask, brain):.2f}/{ceil:.2f}")
+        grid = "x".join(map(str, geo.feature_shape))
+        print(f"\n{layer} ({A.shape[1]} channels, {grid}, {geo.stride[0] * resolution:g} mm)")
+        print("  signal (corr / ceiling): " + "  ".join(cells))
+        centre = A[which == "train"].mean(axis=0)
+        for tensor in ("activations", "deviations"):
+            T = {s: np.ascontiguousarray(A[which == s]) for s in ("train", "val", "test")}
+            if tensor == "deviations":
+                T = {s: deviation_tensor(a, centre) for s, a in T.items()}
+            for R in ranks:
+                t0 = time.perf_counter()
+                fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],
+                                age[which == "val"], age[which == "test"], (R, R), 0.0)
+                u3 = np.asarray(fit.result.factors[2])
+                up = np.clip(rois.upsample(rois.columns_to_feature_maps(u3, geo.feature_shape), geo), 0, None)
+                up = up * brain
+                best = [max(rois.spatial_correlation(u, m, brain) for u in up) for m in masks]
+                ratio = np.median([b / c for b, c, k in zip(best, ceiling, planted) if k])
+                mae = fit.metrics["test"]["linear_model_on_decomposition"]["mae"]
+                print(f"  {tensor:11s} R{R:<3d} " + "  ".join(f"{n[:10]} {b:.2f}" for n, b in zip(names, best))
+                      + f"  | median/ceiling {ratio:.2f} | linear model test MAE {mae:.2f}"
+                      + f" | {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
