@@ -263,19 +263,6 @@ def test_lambda_choice_minimises_validation_mae(lambda_table):
     assert len(read_tsv(out)) == 9
 
 
-def test_lambda_choice_keeps_every_roi():
-    # The best validation MAE is at a λ that empties two RoIs: it is not chosen.
-    table = pd.DataFrame({
-        "lambda": [0.0, 0.1, 1.0, 2.0], "val_mae": [0.70, 0.62, 0.66, 0.40],
-        "val_mse": [0.5, 0.4, 0.45, 0.2], "sparsity": [0.5, 0.7, 0.9, 0.97],
-        "n_active_rois": [7, 7, 7, 5],
-    })
-    choice = choose_lambda(table)
-    assert choice["lambda"] == 0.1 and choice["numbers"]["n_active_rois"] == 7
-    assert choice["numbers"]["best_val_mae_emptying_rois"] == 0.40
-    assert "keep every RoI" in choice["rule"]
-
-
 def test_lambda_sweep_resumes_and_given_grid(lambda_table, cohort, monkeypatch):
     table, out = lambda_table
     A, y = cohort

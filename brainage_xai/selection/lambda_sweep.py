@@ -257,24 +257,15 @@ def run_lambda_sweep(
 
 
 def choose_lambda(table: pd.DataFrame) -> dict:
-    """The λ with the smallest validation MAE (ties: the larger λ, i.e. the sparser RoIs)
-    among those that keep every RoI.
-
-    A λ that empties RoIs would override the rank choice (R1 is chosen before λ, on the
-    reconstruction error) through a validation MAE measured on 20 % of the subjects;
-    so only the λ values with the most active RoIs in the table are candidates.
-    """
+    """The λ with the smallest validation MAE (ties: the larger λ, i.e. the sparser RoIs)."""
     if table.empty:
         raise ValueError("the λ sweep table is empty; nothing to choose from")
-    keep = table.loc[table["n_active_rois"] == table["n_active_rois"].max()]
-    best = keep["val_mae"].min()
-    tied = keep.loc[np.isclose(keep["val_mae"], best, rtol=1e-12, atol=0)]
+    best = table["val_mae"].min()
+    tied = table.loc[np.isclose(table["val_mae"], best, rtol=1e-12, atol=0)]
     row = tied.sort_values("lambda").iloc[-1]
-    emptying = table.loc[table["n_active_rois"] < table["n_active_rois"].max()]
     return {
         "lambda": float(row["lambda"]),
-        "rule": "smallest validation MAE of the linear model on the voxel-averaged reconstruction, "
-        "among the λ values that keep every RoI",
+        "rule": "smallest validation MAE of the linear model on the voxel-averaged reconstruction",
         "numbers": {
             "val_mae": float(row["val_mae"]),
             "val_mse": float(row["val_mse"]),
@@ -284,6 +275,5 @@ def choose_lambda(table: pd.DataFrame) -> dict:
             ),
             "sparsity": float(row["sparsity"]),
             "n_active_rois": int(row["n_active_rois"]),
-            "best_val_mae_emptying_rois": float(emptying["val_mae"].min()) if len(emptying) else None,
         },
     }
