@@ -141,13 +141,14 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
     from brainage_xai.rois import columns_to_feature_maps, upsample
     from brainage_xai.selection import deviation_tensor
 
+    dev, model, meta, x, which, _ = inputs
+    train = torch.from_numpy(np.ascontiguousarray(x[which == "train"][:, None]))
+
     def tensor_of(net):
         act = np.concatenate(list(iter_activations(net, train, layer, device=dev)))
         act = act.reshape(act.shape[0], act.shape[1], -1).astype(np.float32)
         return deviation_tensor(act, act.mean(axis=0)) if tensor == "deviations" else act
 
-    dev, model, meta, x, which, _ = inputs
-    train = torch.from_numpy(np.ascontiguousarray(x[which == "train"][:, None]))
     norm = float(np.linalg.norm(tensor_of(model)))
     r1, r2 = (int(r) for r in dec["rank"])
     best = np.zeros((n_nets, len(masks)))
