@@ -138,7 +138,7 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
     from brainage_xai.activations import iter_activations
     from brainage_xai.decomposition import fit_constrained_tucker
     from brainage_xai.model.network import build_network
-    from brainage_xai.rois import columns_to_feature_maps, upsample
+    from brainage_xai.rois import roi_maps
     from brainage_xai.selection import deviation_tensor
 
     dev, model, meta, x, which, _ = inputs
@@ -158,8 +158,7 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
         act *= norm / max(float(np.linalg.norm(act)), 1e-12)
         fit = fit_constrained_tucker(act, (r1, r2), l1=float(dec["l1"]), random_state=seed)
         u3 = fit.factors[2]
-        up = np.clip(upsample(columns_to_feature_maps(u3, geometry.feature_shape), geometry), 0, None)
-        up = up * brain
+        up = roi_maps(u3, geometry, brain)
         for k, mask in enumerate(masks):
             best[i, k] = _best(up, mask, brain)[0]
     return best

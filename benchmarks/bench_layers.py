@@ -95,8 +95,7 @@ def main(argv=None) -> int:
                 fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],
                                 age[which == "val"], age[which == "test"], (R, R), 0.0)
                 u3 = np.asarray(fit.result.factors[2])
-                up = np.clip(rois.upsample(rois.columns_to_feature_maps(u3, geo.feature_shape), geo), 0, None)
-                up = up * brain
+                up = rois.roi_maps(u3, geo, brain)
                 best = [max(rois.spatial_correlation(u, m, brain) for u in up) for m in masks]
                 ratio = np.median([b / c for b, c, k in zip(best, ceiling, planted) if k])
                 mae = fit.metrics["test"]["linear_model_on_decomposition"]["mae"]

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from nibabel.affines import voxel_sizes
 
 from .errors import DataError, MissingInputError, UsageError
 from .utils.io import atomic_path, read_tsv, write_json, write_tsv
@@ -342,7 +343,7 @@ def stage_model(ctx: GroupContext) -> None:
         "input_grid": {
             "shape": list(ctx.input_shape),
             "affine": np.asarray(ctx.input_affine).tolist(),
-            "voxel_size": np.sqrt((np.asarray(ctx.input_affine)[:3, :3] ** 2).sum(axis=0)).tolist(),
+            "voxel_size": voxel_sizes(ctx.input_affine).tolist(),
         },
         "normalisation": norm,
         "layers": list(model.layers),
@@ -409,8 +410,7 @@ def stage_activations(ctx: GroupContext) -> None:
     )
 
     try:
-        voxel_mm = float(np.sqrt((np.asarray(ctx.input_affine)[:3, :3] ** 2).sum(axis=0)).max())
-        layer = ctx.model.check_layer(ctx.config.layer, voxel_mm)
+        layer = ctx.model.check_layer(ctx.config.layer, float(voxel_sizes(ctx.input_affine).max()))
     except ValueError as exc:
         raise UsageError(f"--layer: {exc}") from exc
     folder = ctx.work_dir / "activations"

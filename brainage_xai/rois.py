@@ -343,6 +343,18 @@ def columns_to_feature_maps(u3: np.ndarray, feature_shape) -> np.ndarray:
     return u3.T.reshape((u3.shape[1], *feature_shape))
 
 
+def roi_maps(u3, geometry: FeatureGeometry, mask=None) -> np.ndarray:
+    """The columns of U3 upsampled to the input grid: ``(R, X, Y, Z)``, non-negative.
+
+    ``mask`` (boolean, on the input grid) zeroes the voxels outside it.
+    """
+    maps = upsample(columns_to_feature_maps(u3, geometry.feature_shape), geometry)
+    maps = np.clip(maps, 0, None)  # U3 >= 0; trilinear weights cannot create negatives
+    if mask is not None:
+        maps = maps * np.asarray(mask, dtype=bool)[None]
+    return maps
+
+
 def roi_components(u3, geometry: FeatureGeometry, template_img, mask=None):
     """The RoIs as a 4D image on the template grid (one volume per column of U3).
 
@@ -366,11 +378,7 @@ def roi_components(u3, geometry: FeatureGeometry, template_img, mask=None):
             f"template grid {template_img.shape[:3]} differs from the network input grid "
             f"{geometry.input_shape}"
         )
-    maps = upsample(columns_to_feature_maps(u3, geometry.feature_shape), geometry)
-    maps = np.clip(maps, 0, None)  # U3 >= 0; trilinear weights cannot create negatives
-    if mask is not None:
-        maps = maps * np.asarray(mask, dtype=bool)[None]
-    data = np.moveaxis(maps, 0, -1).astype(np.float32)
+    data = np.moveaxis(roi_maps(u3, geometry, mask), 0, -1).astype(np.float32)
     img = nib.Nifti1Image(data, template_img.affine)
     img.header.set_xyzt_units("mm")
     return img
