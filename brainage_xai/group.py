@@ -135,8 +135,15 @@ class GroupContext:
 
     # -- skip-if-done -------------------------------------------------------------------
     def key(self, **parts) -> str:
-        """A digest of a stage's settings and inputs."""
-        return _sha(parts)
+        """A digest of a stage's settings and inputs, and of the package version.
+
+        The version is part of every key: a work directory left by another release is
+        not trusted (its code may have computed something else), as fMRIPrep does not
+        reuse work directories across versions. ``--model`` reuses a network explicitly.
+        """
+        from ._version import __version__
+
+        return _sha({**parts, "version": __version__})
 
     def _stamp(self, stage: str) -> Path:
         return self.work_dir / "stamps" / f"{stage}.json"
@@ -277,6 +284,7 @@ def _use_given_model(ctx: GroupContext) -> None:
 
 def stage_model(ctx: GroupContext) -> None:
     """Train the network, or reuse the trained one, or use ``--model``."""
+    from ._version import __version__
     from .model.data import input_normalisation, standardise_inputs
     from .model.io import load_model, model_sha256, read_metadata, save_model
     from .model.network import build_network
@@ -295,11 +303,16 @@ def stage_model(ctx: GroupContext) -> None:
     path = ctx.group_dir / "model.safetensors"
     if path.is_file():
         try:
-            if read_metadata(path).get("stage_key") == key:
+            saved = read_metadata(path)
+            if saved.get("stage_key") == key:
                 ctx.model, ctx.model_meta = load_model(path)
                 ctx.model_path, ctx.model_sha = path, model_sha256(path)
                 LOGGER.info("model: up to date (%s), training skipped", path)
                 return
+            trained_by = saved.get("versions", {}).get("brainage_xai")
+            if trained_by and trained_by != __version__:
+                LOGGER.info("model: %s was trained by brainage-xai %s (this is %s); training again "
+                            "(pass --model %s to reuse it)", path, trained_by, __version__, path)
         except (DataError, MissingInputError) as exc:
             LOGGER.warning("model: cannot reuse %s (%s); training again", path, exc)
 
@@ -519,12 +532,13 @@ def _decomposition_metrics(final, y_true: dict, mean, std, targets, key: str) ->
     }
 
 
-def _merge_metrics(ctx: GroupContext, decomposition: dict) -> None:
+def _merge_metrics(ctx: GroupContext, decomposition: dict, fresh: bool = False) -> None:
     """Put the decomposition's metrics into ``metrics.json`` beside the network's.
 
     The network's metrics (written by the predictions stage) stay at the top level and the
-    decomposition's go under ``decomposition``; the file is rewritten only when that
-    part changed, so a re-run leaves it untouched.
+    decomposition's go under ``decomposition``. After the selection ran (``fresh``) the
+    file is always rewritten; when it was skipped, only if its decomposition part is from
+    another run, so a re-run leaves it untouched.
     """
     path = ctx.group_dir / "metrics.json"
     try:
@@ -534,7 +548,7 @@ def _merge_metrics(ctx: GroupContext, decomposition: dict) -> None:
     base = {k: v for k, v in ctx.metrics.items() if k != "decomposition"}
     merged = {**base, "decomposition": decomposition}
     stale = current.get("decomposition", {}).get("stage_key") != decomposition["stage_key"]
-    if stale or "metrics" not in current or "bias_correction" not in current:
+    if fresh or stale or "metrics" not in current or "bias_correction" not in current:
         write_json(path, merged)
     ctx.metrics = merged
 
@@ -590,7 +604,7 @@ def stage_selection(ctx: GroupContext) -> None:
     decomposition["standardised"] = standardised
     decomposition["tensor"] = config.tensor
     write_json(saved, decomposition)
-    _merge_metrics(ctx, decomposition)
+    _merge_metrics(ctx, decomposition, fresh=True)
     ctx.selection = _load_selection(group)
     test = decomposition["metrics"][ctx.targets.columns[0]]["test"]
     LOGGER.info(
@@ -741,7 +755,6 @@ def stage_report(ctx: GroupContext) -> None:
     """``report.html`` and the group section of every ``sub-X.html``."""
     import os
 
-    from ._version import __version__
     from .derivatives import report_path, sidecar_path
     from .participant import subject_page
     from .prediction import figure_path
@@ -757,7 +770,7 @@ def stage_report(ctx: GroupContext) -> None:
     target = ctx.targets.columns[0]
     out = group / "report.html"
     pages = {s: report_path(config.output_dir, s) for s in ctx.subjects}
-    key = ctx.key(selection=_selection_key(ctx), explanations=_explanation_paths(ctx)[0], version=__version__)
+    key = ctx.key(selection=_selection_key(ctx), explanations=_explanation_paths(ctx)[0])
     # A participant re-run writes sub-X.html without the group section: redo the pages then.
     if ctx.is_done("report", key, [out, *pages.values()]) and all(
         'id="subject-rois"' in p.read_text(encoding="utf-8") for p in pages.values()

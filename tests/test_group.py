@@ -123,6 +123,47 @@ def test_rerun_skips_every_stage(first_run):
     assert _outputs(g, work) == before
 
 
+def test_work_of_another_version_is_not_reused(first_run, tmp_path, monkeypatch):
+    # A work directory left by another release is not trusted: every stage runs again,
+    # the network is retrained (the log says how to reuse it) and metrics.json is rewritten.
+    import brainage_xai._version
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    g, work = out / "group", out / ".work" / "group"
+    keys = {p.stem: json.loads(p.read_text())["key"] for p in (work / "stamps").glob("*.json")}
+    old_metrics = json.loads((g / "metrics.json").read_text())
+    before = {p.name: p.stat().st_mtime_ns for p in g.glob("*") if p.is_file()}
+    trained = sorted(p.name for p in work.glob("train-*"))
+    ours = brainage_xai._version.__version__
+    monkeypatch.setattr(brainage_xai._version, "__version__", "99.0")
+    group(first_run["bids"], out)
+    after = {p.stem: json.loads(p.read_text())["key"] for p in (work / "stamps").glob("*.json")}
+    assert set(after) == set(keys) and all(after[k] != keys[k] for k in keys)
+    assert len(sorted(p.name for p in work.glob("train-*"))) == len(trained) + 1
+    assert load_model(g / "model.safetensors")[1]["versions"]["brainage_xai"] == "99.0"
+    for name in ("metrics.json", "selection.json", "decomposition.npz", "report.html", "rois.tsv"):
+        assert (g / name).stat().st_mtime_ns > before[name], name
+    metrics = json.loads((g / "metrics.json").read_text())
+    assert metrics["decomposition"]["stage_key"] != old_metrics["decomposition"]["stage_key"]
+    log = max((out / "logs").glob("brainage-xai_group_*.log"), key=lambda p: p.stat().st_mtime_ns).read_text()
+    assert f"trained by brainage-xai {ours} (this is 99.0); training again" in log
+
+
+def test_selection_run_again_rewrites_metrics(first_run, tmp_path):
+    # With its stamp gone the selection runs again under the same key: metrics.json must
+    # carry what that run computed, not be left as it was.
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    g = out / "group"
+    (out / ".work" / "group" / "stamps" / "selection.json").unlink()
+    metrics = json.loads((g / "metrics.json").read_text())
+    metrics["decomposition"]["rank"] = [99, 99]
+    (g / "metrics.json").write_text(json.dumps(metrics))
+    group(first_run["bids"], out)
+    assert json.loads((g / "metrics.json").read_text())["decomposition"]["rank"] != [99, 99]
+
+
 def test_given_model_skips_training_and_reuses_participant_activations(first_run, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))
