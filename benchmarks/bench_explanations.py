@@ -129,8 +129,8 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
 
     Returns an ``(n_nets, regions)`` array. Each network gets PyTorch's default
     initialisation under its own seed and is used in eval mode (unit BN statistics);
-    its training-set activations of ``layer`` (or their deviations, as the run's
-    ``--tensor``) are scaled to the trained tensor's norm, then decomposed at the run's
+    its training-set activations of ``layer`` (or their channel-scaled deviations, as
+    the run's ``--tensor``) are scaled to the trained tensor's norm, then decomposed at the run's
     ranks and λ exactly as the run's final fit.
     """
     import torch
@@ -139,7 +139,7 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
     from brainage_xai.decomposition import fit_constrained_tucker
     from brainage_xai.model.network import build_network
     from brainage_xai.rois import roi_maps
-    from brainage_xai.selection import deviation_tensor
+    from brainage_xai.selection import channel_scale, deviation_tensor
 
     dev, model, meta, x, which, _ = inputs
     train = torch.from_numpy(np.ascontiguousarray(x[which == "train"][:, None]))
@@ -147,7 +147,9 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
     def tensor_of(net):
         act = np.concatenate(list(iter_activations(net, train, layer, device=dev)))
         act = act.reshape(act.shape[0], act.shape[1], -1).astype(np.float32)
-        return deviation_tensor(act, act.mean(axis=0)) if tensor == "deviations" else act
+        if tensor != "deviations":
+            return act
+        return deviation_tensor(act, act.mean(axis=0), channel_scale(act))
 
     norm = float(np.linalg.norm(tensor_of(model)))
     r1, r2 = (int(r) for r in dec["rank"])

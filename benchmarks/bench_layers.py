@@ -40,7 +40,7 @@ def main(argv=None) -> int:
 
     from brainage_xai import rois
     from brainage_xai.activations import iter_activations
-    from brainage_xai.selection import deviation_tensor, fit_final
+    from brainage_xai.selection import channel_scale, deviation_tensor, fit_final
     from brainage_xai.templates import get_template
     from brainage_xai.utils.io import read_tsv
 
@@ -89,7 +89,8 @@ def main(argv=None) -> int:
         for tensor in ("activations", "deviations"):
             T = {s: np.ascontiguousarray(A[which == s]) for s in ("train", "val", "test")}
             if tensor == "deviations":
-                T = {s: deviation_tensor(a, centre) for s, a in T.items()}
+                scale = channel_scale(T["train"])
+                T = {s: deviation_tensor(a, centre, scale) for s, a in T.items()}
             for R in ranks:
                 t0 = time.perf_counter()
                 fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],

@@ -10,12 +10,12 @@ The demo sweeps ranks :data:`DEMO_RANK_GRID` (not 2..20) unless ``--rank-grid`` 
 test set, and the simulated cohort has six structures (five planted regions and a
 decoy). The grid must reach well past six: the knee rule picked R1 = 5 on 2..8 (fewer
 RoIs than structures, so one RoI merged the decoy with a planted region) and R1 = 7 on
-2..12 (docs/report.md). Unless given after ``--``,
-it decomposes the layer chosen by ``--layer auto`` (feature voxels 8 mm apart:
-``block2`` at the demo's 4 mm) and ``--tensor deviations`` (each subject's deviation
-from the mean activation): with the paper's settings (the last layer, a 4 × 4 × 3 grid
-at 4 mm, and the activations themselves) the RoIs do not find the planted regions
-(docs/report.md, "Does it find the truth?").
+2..12 at block2 and R1 = 8 at block1 (docs/report.md). Unless given after ``--``,
+it decomposes the layer chosen by ``--layer auto`` (feature voxels 4 mm apart:
+``block1`` at the demo's 4 mm) and ``--tensor deviations`` (each subject's deviation
+from the mean activation, each channel in units of its spread): with the paper's
+settings (the last layer, a 4 × 4 × 3 grid at 4 mm, and the activations themselves)
+the RoIs do not find the planted regions (docs/report.md, "Does it find the truth?").
 """
 
 from __future__ import annotations

@@ -556,7 +556,13 @@ def _merge_metrics(ctx: GroupContext, decomposition: dict, fresh: bool = False) 
 def stage_selection(ctx: GroupContext) -> None:
     """Scree, rank sweep, λ sweep and the final decomposition (:func:`run_selection`)."""
     from .prediction import columns
-    from .selection import deviation_head, deviation_tensor, head_from_torch, run_selection
+    from .selection import (
+        channel_scale,
+        deviation_head,
+        deviation_tensor,
+        head_from_torch,
+        run_selection,
+    )
 
     config, act, group = ctx.config, ctx.activations, ctx.group_dir
     key = _selection_key(ctx)
@@ -582,10 +588,10 @@ def stage_selection(ctx: GroupContext) -> None:
     # The head reads the pooled output of the last layer; an earlier layer's channels are not its input.
     head = head_from_torch(ctx.model.head.cpu()) if act.layer == ctx.model.default_layer else None
     if config.tensor == "deviations":
-        centre = A["train"].mean(axis=0)
-        A = {s: deviation_tensor(a, centre) for s, a in A.items()}
+        centre, scale = A["train"].mean(axis=0), channel_scale(A["train"])
+        A = {s: deviation_tensor(a, centre, scale) for s, a in A.items()}
         if head is not None:
-            head = deviation_head(head, centre.mean(axis=1))
+            head = deviation_head(head, centre.mean(axis=1), scale)
     LOGGER.info("selection: %s tensor %s per split %s", config.tensor, A["train"].shape[1:],
                 {s: len(r) for s, r in rows.items()})
     result = run_selection(

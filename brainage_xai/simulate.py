@@ -85,7 +85,8 @@ class PlantedRegion:
 
 
 #: Radius (mm) of the balls that make the compact planted regions: 2.5 feature voxels
-#: across at the 16 mm spacing of block3 at 4 mm, 5 at the 8 mm of block2 (`--layer auto`).
+#: across at the 16 mm spacing of block3 at 4 mm, 5 at the 8 mm of block2, 10 at the 4 mm of
+#: block1 (`--layer auto` at 4 mm).
 REGION_RADIUS_MM = 20.0
 
 #: The planted regions, in label order (label = position + 1). Bands overlap, and the

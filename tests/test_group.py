@@ -354,20 +354,20 @@ def test_earlier_layer_has_no_head_metric(first_run, tmp_path):
 
 
 def test_deviations_tensor_and_auto_layer(first_run, tmp_path):
-    # --tensor deviations decomposes [max(A - M, 0), max(M - A, 0)] (2c channels); the
+    # --tensor deviations decomposes [max(A - M, 0), max(M - A, 0)] / s (2c channels); the
     # head still applies to the reconstruction, which is exact at full rank. --layer auto
-    # at 4 mm is block2 (8 mm apart).
+    # at 4 mm is block1 (4 mm apart).
     out = tmp_path / "out"
     shutil.copytree(first_run["out"], out)
     group(first_run["bids"], out, "--layer", "auto", "--tensor", "deviations", "--ranks", "3", "3", "--lambda", "0")
     g = out / "group"
-    act = load_activation_tensor(out / ".work" / "group" / "activations" / "layer-block2_activations.json")
+    act = load_activation_tensor(out / ".work" / "group" / "activations" / "layer-block1_activations.json")
     with np.load(g / "decomposition.npz") as npz:
         assert npz["U2"].shape == (2 * act.array.shape[1], 3) and npz["U3"].shape == (act.array.shape[2], 3)
     metrics = json.loads((g / "metrics.json").read_text())["decomposition"]
     assert metrics["tensor"] == "deviations"
     page = (g / "report.html").read_text()
-    assert "Decomposed layer</th><td>block2" in page and "deviations from the training mean" in page
+    assert "Decomposed layer</th><td>block1" in page and "deviations from the training mean" in page
     assert "Unlike the original method" in page
     # The last layer keeps the head metric, through the deviation head.
     group(first_run["bids"], out, "--tensor", "deviations", "--ranks", "2", "2", "--lambda", "0")

@@ -84,13 +84,13 @@ def test_unknown_layer_is_refused():
         small_net().check_layer("block9")
 
 
-def test_auto_layer_is_the_deepest_at_most_8_mm_apart():
+def test_auto_layer_is_the_deepest_at_most_4_mm_apart():
     paper = PreActResNet3d()  # five blocks, strides 1, 2, 4, 8, 16
-    assert [paper.layer_for_spacing(mm) for mm in (0.5, 1, 2, 3, 4, 8, 10)] == [
-        "block5", "block4", "block3", "block2", "block2", "block1", "block1"]
+    assert [paper.layer_for_spacing(mm) for mm in (0.25, 0.5, 1, 1.5, 2, 3, 4, 8)] == [
+        "block5", "block4", "block3", "block2", "block2", "block1", "block1", "block1"]
     assert paper.layer_for_spacing(1, spacing_mm=16) == "block5"
-    assert paper.check_layer("auto", 4.0) == "block2" and paper.check_layer("auto", 2.0) == "block3"
-    assert small_net().check_layer("auto", 0.5) == "block3"  # never deeper than the network
+    assert paper.check_layer("auto", 4.0) == "block1" and paper.check_layer("auto", 2.0) == "block2"
+    assert small_net().check_layer("auto", 0.25) == "block3"  # never deeper than the network
     with pytest.raises(ValueError, match="'auto'"):
         paper.check_layer("block9", 2.0)  # "auto" is offered where the voxel size is known
     with pytest.raises(ValueError, match="must be one of"):

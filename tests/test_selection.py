@@ -301,6 +301,28 @@ def test_deviation_tensor_is_exact_and_non_negative(rng):
         deviation_tensor(A, centre[:, :3])
 
 
+def test_channel_scaled_deviations_stay_exact(rng):
+    from brainage_xai.selection import channel_scale, deviation_head, deviation_tensor
+
+    # Channels of very different size, one dead (constant zero, as after a ReLU).
+    A = (rng.random((6, 4, 9)) * np.array([1.0, 100.0, 0.01, 0.0])[None, :, None]).astype(np.float32)
+    scale = channel_scale(A[:4])
+    np.testing.assert_allclose(scale[:3], A[:4, :3].std(axis=(0, 2)), rtol=1e-5)
+    assert scale[3] == 1.0  # a dead channel is left as it is, not divided by zero
+    centre = A[:4].mean(axis=0)
+    D = deviation_tensor(A, centre, scale)
+    assert D.min() >= 0 and np.isfinite(D).all() and not D[:, [3, 7]].any()
+    # A channel 10^4 times larger than another no longer outweighs it 10^8 to 1.
+    energy = (D[:4, :4] ** 2 + D[:4, 4:] ** 2).sum(axis=(0, 2))[:3]
+    assert energy.max() / energy.min() < 10
+    np.testing.assert_allclose(centre + scale[:, None] * (D[:, :4] - D[:, 4:]), A, rtol=1e-5, atol=1e-5)
+    weights = rng.normal(size=(4, 2))
+    head = deviation_head(lambda avg: avg @ weights, centre.mean(axis=1), scale)
+    np.testing.assert_allclose(head(D.mean(axis=2)), A.mean(axis=2) @ weights, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="positive"):
+        deviation_tensor(A, centre, -scale)
+
+
 def test_linear_model_is_a_model_on_roi_loadings(cohort):
     from brainage_xai.decomposition import fit_constrained_tucker
 

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--layer", metavar="NAME",
         help="layer whose activations are decomposed: block1..block5, or auto (the deepest "
-        "whose feature voxels are at most 8 mm apart: block2 at 4 mm, block3 at 2 mm). "
+        "whose feature voxels are at most 4 mm apart: block1 at 4 mm, block2 at 2 mm). "
         "Default: the last (the paper's)",
     )
     g.add_argument(

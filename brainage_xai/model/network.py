@@ -56,10 +56,11 @@ class PreActUnit(nn.Module):
 
 
 #: Feature spacing (mm) that ``--layer auto`` aims for: fine enough to tell apart
-#: regions a few centimetres across; on the synthetic cohort the subject-specific signal
-#: of each planted region is most localised there (docs/report.md, "Does it find the
-#: truth?").
-AUTO_SPACING_MM = 8.0
+#: regions a few centimetres across. On the synthetic cohort at 4 mm, block1 (4 mm apart)
+#: is the only layer where the RoIs find all five planted regions; block2 (8 mm) misses
+#: the parietal one (docs/report.md, "Does it find the truth?"). The tensor then has as
+#: many voxels as the input: n × c × voxels floats (1 GB for 200 subjects at 4 mm).
+AUTO_SPACING_MM = 4.0
 
 
 class PreActResNet3d(nn.Module):
@@ -153,8 +154,9 @@ class PreActResNet3d(nn.Module):
         """The deepest layer whose feature voxels are at most ``spacing_mm`` apart.
 
         For inputs of ``voxel_mm`` (the largest voxel dimension); the first block if
-        none is that fine. At the default 8 mm: ``block2`` at 4 mm, ``block3`` at
-        2 mm, ``block4`` at 1 mm, and the paper's last layer ``block5`` at 0.5 mm.
+        none is that fine. At the default 4 mm: ``block1`` at 4 mm (and coarser),
+        ``block2`` at 2 mm, ``block3`` at 1 mm, and the paper's last layer ``block5``
+        only at 0.25 mm.
         """
         best = self.layers[0]
         for b, name in enumerate(self.layers):

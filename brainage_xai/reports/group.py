@@ -87,8 +87,10 @@ DEFAULT_METHODS = (
 DEVIATIONS_METHODS = (
     " Unlike the original method (which decomposes the activations themselves), the "
     "decomposed tensor held each subject's deviation from the training subjects' mean "
-    "activation, split into its positive and negative parts so that it stays non-negative; "
-    "the RoIs are therefore where subjects differ, not where activations are large."
+    "activation, divided by each channel's standard deviation over the training subjects "
+    "and voxels and split into its positive and negative parts so that it stays "
+    "non-negative; the RoIs are therefore where subjects differ, not where activations "
+    "are large."
 )
 
 CITATIONS = [

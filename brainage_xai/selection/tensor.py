@@ -8,10 +8,13 @@ activations deviate from the training subjects' mean ``M`` (channels × voxels),
 into a positive and a negative part so that the tensor stays non-negative (the usual
 way to give signed data to a non-negative factorisation)::
 
-    D = [ max(A - M, 0) , max(M - A, 0) ]    (subjects × 2 channels × voxels)
+    D = [ max(A - M, 0) , max(M - A, 0) ] / s    (subjects × 2 channels × voxels)
 
-``A = M + D[:, :c] - D[:, c:]`` exactly, so the network's head still applies to the
-reconstruction (:func:`deviation_head`). The RoIs (U3) are then where subjects differ
+where ``s`` is each channel's standard deviation over the training subjects and voxels
+(:func:`channel_scale`): a channel's scale after BN-ReLU says nothing about how much it
+matters, so each channel enters the least-squares fit in units of its own spread rather
+than with its arbitrary size. ``A = M + s (D[:, :c] - D[:, c:])`` exactly, so the
+network's head still applies to the reconstruction (:func:`deviation_head`). The RoIs (U3) are then where subjects differ
 in a way the decomposition shares across subjects, and the loadings (U1) how strongly
 each subject shows that difference. See docs/decomposition.md and docs/report.md.
 """
@@ -23,14 +26,41 @@ import numpy as np
 TENSORS = ("activations", "deviations")
 
 
-def deviation_tensor(A, centre) -> np.ndarray:
-    """``[max(A - centre, 0), max(centre - A, 0)]`` along the channel axis.
+def channel_scale(A) -> np.ndarray:
+    """Each channel's standard deviation over subjects and voxels, shape ``(c,)``.
+
+    Computed on the training subjects' activations ``A`` (n, c, v), in float64 and in
+    one pass over ``A``. A channel that never varies (a dead ReLU) gets scale 1, so that
+    it stays zero instead of being divided by zero.
+    """
+    A = np.asarray(A)
+    if A.ndim != 3:
+        raise ValueError(f"A must be (n, c, v); got shape {A.shape}")
+    count = A.shape[0] * A.shape[2]
+    total, square = np.zeros(A.shape[1]), np.zeros(A.shape[1])
+    for a in A:  # one subject at a time: no float64 copy of A
+        a = a.astype(np.float64)
+        total += a.sum(axis=1)
+        square += np.einsum("cv,cv->c", a, a)
+    mean = total / count
+    var = np.maximum(square / count - mean**2, 0.0)
+    scale = np.sqrt(var)
+    tiny = 1e-6 * scale.max() if scale.max() > 0 else 1.0
+    scale[scale <= tiny] = 1.0
+    return scale
+
+
+def deviation_tensor(A, centre, scale=None) -> np.ndarray:
+    """``[max(A - centre, 0), max(centre - A, 0)] / scale`` along the channel axis.
 
     Parameters
     ----------
     A : array-like, shape (n, c, v)
     centre : array-like, shape (c, v)
         The training subjects' mean activation.
+    scale : array-like, shape (c,), optional
+        Per-channel divisor (:func:`channel_scale` of the training subjects); none
+        when omitted.
 
     Returns
     -------
@@ -40,27 +70,35 @@ def deviation_tensor(A, centre) -> np.ndarray:
     centre = np.asarray(centre, dtype=np.float32)
     if A.ndim != 3 or centre.shape != A.shape[1:]:
         raise ValueError(f"A must be (n, c, v) and centre (c, v); got {A.shape} and {centre.shape}")
-    out = np.empty((A.shape[0], 2 * A.shape[1], A.shape[2]), dtype=np.float32)
     c = A.shape[1]
+    if scale is not None:
+        scale = np.asarray(scale, dtype=np.float64).reshape(-1)
+        if scale.shape != (c,) or not np.all(scale > 0):
+            raise ValueError(f"scale must hold {c} positive values; got shape {scale.shape}")
+    out = np.empty((A.shape[0], 2 * c, A.shape[2]), dtype=np.float32)
     np.subtract(A, centre, out=out[:, :c])
+    if scale is not None:
+        out[:, :c] *= (1.0 / scale).astype(np.float32)[None, :, None]
     np.negative(out[:, :c], out=out[:, c:])
     np.maximum(out, 0.0, out=out)
     return out
 
 
-def deviation_head(head, centre_average):
+def deviation_head(head, centre_average, scale=None):
     """The network's head on a reconstruction of deviations.
 
     ``head`` maps voxel-averaged activations ``(m, c)`` to predictions; the returned
     function maps voxel-averaged deviations ``(m, 2 c)`` to the same predictions, through
-    ``centre_average + z[:, :c] - z[:, c:]`` (voxel averaging is linear, so this is the
-    head on the voxel average of the reconstructed activations).
+    ``centre_average + scale * (z[:, :c] - z[:, c:])`` (voxel averaging is linear, so this
+    is the head on the voxel average of the reconstructed activations). ``scale`` is the
+    one :func:`deviation_tensor` divided by (none when omitted).
     """
     centre_average = np.asarray(centre_average, dtype=np.float64)
     c = centre_average.shape[0]
+    scale = np.ones(c) if scale is None else np.asarray(scale, dtype=np.float64).reshape(c)
 
     def on_deviations(z):
         z = np.asarray(z, dtype=np.float64)
-        return head(centre_average[None] + z[:, :c] - z[:, c:])
+        return head(centre_average[None] + scale[None] * (z[:, :c] - z[:, c:]))
 
     return on_deviations
