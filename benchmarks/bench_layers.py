@@ -10,15 +10,22 @@ A diagnostic for issue 6 on the simulated cohort, from an existing run's trained
   network carries that region's own information. Shown as its spatial correlation with
   the region's mask / the resolution ceiling. An explanation at that layer cannot be
   better placed than this;
+- ``variance``: how strongly the layer responds to each region: the activations'
+  variance over subjects, summed over channels, averaged over the region (upsampled),
+  relative to the brain's average; ``input`` is the same for the network's input. A
+  least-squares decomposition fits the strongest responses first;
 - for the baseline (``activations``, the paper's tensor) and ``deviations`` (each
-  subject's deviation from the training mean, ``--tensor deviations``), at each rank
+  subject's deviation from the training mean, each channel in units of its spread,
+  ``--tensor deviations``; ``deviations-unscaled`` leaves the channels as they are, as
+  before the scaling was added), at each rank
   ``R1 = R2`` with λ = 0: the best correlation of any RoI with each region, the median
   best / ceiling over the planted regions, and the test MAE of the linear model on the
   loadings.
 
 Run::
 
-    python benchmarks/bench_layers.py --bids BIDS --output OUT [--layers block1,...] [--ranks 5,8]
+    python benchmarks/bench_layers.py --bids BIDS --output OUT [--layers block1,...] [--ranks 5,8] \
+        [--tensors activations,deviations,deviations-unscaled]
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="output directory of a group run (its model)")
     p.add_argument("--layers", default=None, help="comma-separated (default: all)")
     p.add_argument("--ranks", default="5,8", help="comma-separated R1 = R2 values")
+    p.add_argument("--tensors", default="activations,deviations",
+                   help="comma-separated: activations, deviations, deviations-unscaled")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
 
@@ -69,6 +78,9 @@ def main(argv=None) -> int:
     layers = args.layers.split(",") if args.layers else list(model.layers)
     ranks = [int(r) for r in args.ranks.split(",")]
     print(f"{out}: {len(subjects)} subjects at {resolution:g} mm; baseline: tensor 'activations' (the paper's)")
+    xvar = x.var(axis=0)
+    print("input variance (/ brain):  " + "  ".join(
+        f"{n[:10]} {xvar[m].mean() / xvar[brain].mean():.1f}" for n, m in zip(names, masks)))
     for layer in layers:
         A = np.concatenate(list(iter_activations(model, X, layer, batch_size=16, device=dev)))
         geo = rois.feature_geometry(model, model.activation_module_name(layer), x.shape[1:])
@@ -85,12 +97,18 @@ def main(argv=None) -> int:
         grid = "x".join(map(str, geo.feature_shape))
         print(f"\n{layer} ({A.shape[1]} channels, {grid}, {geo.stride[0] * resolution:g} mm)")
         print("  signal (corr / ceiling): " + "  ".join(cells))
+        var = A.var(axis=0).sum(axis=0)
+        up = rois.upsample(rois.columns_to_feature_maps(var[:, None], geo.feature_shape), geo)[0]
+        print("  variance (/ brain):      " + "  ".join(
+            f"{n[:10]} {up[m].mean() / up[brain].mean():.1f}" for n, m in zip(names, masks)))
         centre = A[which == "train"].mean(axis=0)
-        for tensor in ("activations", "deviations"):
+        for tensor in args.tensors.split(","):
             T = {s: np.ascontiguousarray(A[which == s]) for s in ("train", "val", "test")}
-            if tensor == "deviations":
-                scale = channel_scale(T["train"])
+            if tensor.startswith("deviations"):
+                scale = None if tensor == "deviations-unscaled" else channel_scale(T["train"])
                 T = {s: deviation_tensor(a, centre, scale) for s, a in T.items()}
+            elif tensor != "activations":
+                p.error(f"--tensors: unknown {tensor!r}")
             for R in ranks:
                 t0 = time.perf_counter()
                 fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],
@@ -100,7 +118,7 @@ def main(argv=None) -> int:
                 best = [max(rois.spatial_correlation(u, m, brain) for u in up) for m in masks]
                 ratio = np.median([b / c for b, c, k in zip(best, ceiling, planted) if k])
                 mae = fit.metrics["test"]["linear_model_on_decomposition"]["mae"]
-                print(f"  {tensor:11s} R{R:<3d} " + "  ".join(f"{n[:10]} {b:.2f}" for n, b in zip(names, best))
+                print(f"  {tensor:19s} R{R:<3d} " + "  ".join(f"{n[:10]} {b:.2f}" for n, b in zip(names, best))
                       + f"  | median/ceiling {ratio:.2f} | linear model test MAE {mae:.2f}"
                       + f" | {time.perf_counter() - t0:.0f} s")
     return 0
