@@ -60,6 +60,10 @@ def main(argv=None) -> int:
                    help="comma-separated: activations, deviations, deviations-unscaled")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    tensors = args.tensors.split(",")
+    unknown = set(tensors) - {"activations", "deviations", "deviations-unscaled"}
+    if unknown:
+        p.error(f"--tensors: unknown {', '.join(sorted(unknown))}")
 
     bids, out = Path(args.bids), Path(args.output)
     truth_img = nib.load(bids / "sourcedata/simulation/planted_dseg.nii.gz")
@@ -102,13 +106,11 @@ def main(argv=None) -> int:
         print("  variance (/ brain):      " + "  ".join(
             f"{n[:10]} {up[m].mean() / up[brain].mean():.1f}" for n, m in zip(names, masks)))
         centre = A[which == "train"].mean(axis=0)
-        for tensor in args.tensors.split(","):
+        for tensor in tensors:
             T = {s: np.ascontiguousarray(A[which == s]) for s in ("train", "val", "test")}
             if tensor.startswith("deviations"):
                 scale = None if tensor == "deviations-unscaled" else channel_scale(T["train"])
                 T = {s: deviation_tensor(a, centre, scale) for s, a in T.items()}
-            elif tensor != "activations":
-                p.error(f"--tensors: unknown {tensor!r}")
             for R in ranks:
                 t0 = time.perf_counter()
                 fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],

@@ -29,22 +29,15 @@ TENSORS = ("activations", "deviations")
 def channel_scale(A) -> np.ndarray:
     """Each channel's standard deviation over subjects and voxels, shape ``(c,)``.
 
-    Computed on the training subjects' activations ``A`` (n, c, v), in float64 and in
-    one pass over ``A``. A channel that never varies (a dead ReLU) gets scale 1, so that
-    it stays zero instead of being divided by zero.
+    Computed on the training subjects' activations ``A`` (n, c, v), in float64, one
+    channel at a time (a float64 copy of one channel, not of ``A``). A channel that never
+    varies (a dead ReLU) gets scale 1, so that it stays zero instead of being divided by
+    zero.
     """
     A = np.asarray(A)
     if A.ndim != 3:
         raise ValueError(f"A must be (n, c, v); got shape {A.shape}")
-    count = A.shape[0] * A.shape[2]
-    total, square = np.zeros(A.shape[1]), np.zeros(A.shape[1])
-    for a in A:  # one subject at a time: no float64 copy of A
-        a = a.astype(np.float64)
-        total += a.sum(axis=1)
-        square += np.einsum("cv,cv->c", a, a)
-    mean = total / count
-    var = np.maximum(square / count - mean**2, 0.0)
-    scale = np.sqrt(var)
+    scale = np.array([A[:, k].std(dtype=np.float64) for k in range(A.shape[1])])
     tiny = 1e-6 * scale.max() if scale.max() > 0 else 1.0
     scale[scale <= tiny] = 1.0
     return scale
