@@ -63,10 +63,11 @@ def cohort():
 
 @pytest.fixture(scope="module")
 def sweep_small(cohort, tmp_path_factory):
-    A, _ = cohort
+    A, y = cohort
     A_tr, A_va, _ = splits(A)
     out = tmp_path_factory.mktemp("sweep") / "rank_sweep.tsv"
-    table = run_rank_sweep(A_tr, A_va, range(2, 10), out_tsv=out, quiet=True)
+    table = run_rank_sweep(A_tr, A_va, range(2, 10), out_tsv=out, quiet=True,
+                           y_train=y[:N_TRAIN], y_val=y[N_TRAIN : N_TRAIN + N_VAL])
     return table, out
 
 
@@ -195,6 +196,65 @@ def test_rank_sweep_resumes_after_interruption(cohort, tmp_path, monkeypatch):
     refits.clear()
     run_rank_sweep(A_tr * 2, A_va * 2, grid, out_tsv=out, quiet=True, constraints="paper")
     assert len(refits) == 10
+
+
+def test_rank_sweep_with_targets_records_validation_mae(cohort, tmp_path):
+    from brainage_xai.decomposition import fit_constrained_tucker
+    from brainage_xai.selection.linear_model import predict, regression_metrics
+
+    A, y = cohort
+    A_tr, A_va, _ = splits(A)
+    y_tr, y_va = y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL]
+    out = tmp_path / "rank_sweep.tsv"
+    plain = run_rank_sweep(A_tr, A_va, [2, 7], out_tsv=out, quiet=True)
+    assert plain["val_mae"].isna().all()
+    # A table fitted without targets is not resumed as if it had them.
+    table = run_rank_sweep(A_tr, A_va, [2, 7], out_tsv=out, quiet=True, y_train=y_tr, y_val=y_va)
+    assert table.attrs["n_fitted"] == 3 and table["val_mae"].notna().all()
+    # The cell (7, 7) starts from the SVD: the same fit and linear model by hand.
+    res = fit_constrained_tucker(A_tr, rank=(7, 7), init="svd", l1=0.0, n_iter_max=100,
+                                 tol=1e-4, random_state=0, constraints="nonneg")
+    model = fit_linear_model(res.factors[0], res, y_tr)
+    expected = regression_metrics(y_va, predict(model, res.transform(A_va), res))["mae"]
+    got = table.loc[(table["R1"] == 7) & (table["R2"] == 7), "val_mae"].item()
+    assert got == pytest.approx(expected, rel=1e-6)
+    # Age depends on three of the seven planted components: two do not carry it.
+    assert got < 0.2 * table.loc[(table["R1"] == 2) & (table["R2"] == 2), "val_mae"].item()
+    assert read_tsv(out)["val_mae"].tolist() == pytest.approx(table["val_mae"].tolist())
+    with pytest.raises(ValueError, match="both y_train and y_val"):
+        run_rank_sweep(A_tr, A_va, [2], quiet=True, y_train=y_tr)
+    with pytest.raises(ValueError, match="one row per subject"):
+        run_rank_sweep(A_tr, A_va, [2], quiet=True, y_train=y_tr, y_val=y_tr)
+
+
+def _sweep_table(val_mae=None):
+    """A hand-made sweep: a clear knee at R1 = 6; along R2 at R1 = 6, 4 and 6 within 1%."""
+    rows = []
+    by_r1 = {2: 0.9, 3: 0.75, 4: 0.6, 5: 0.5, 6: 0.4, 7: 0.398, 8: 0.397}
+    along = {2: 0.9, 3: 0.6, 4: 0.401, 5: 0.4005, 6: 0.4}
+    for R1, e in by_r1.items():
+        for R2 in range(2, 9):
+            err = along[R2] if (R1 == 6 and R2 < 6) else (e if R2 >= R1 else e + 0.05 * (R1 - R2))
+            mae = np.nan if val_mae is None else val_mae.get((R1, min(R2, R1)), 9.0)
+            rows.append({"R1": R1, "R2": R2, "train_error": err, "val_error": err,
+                         "val_mae": mae, "n_iter": 1, "seconds": 0.0,
+                         "shared_optimum": R2 >= R1, "fitted": R2 <= R1})
+    return pd.DataFrame(rows, columns=rank_sweep_mod.SWEEP_COLUMNS)
+
+
+def test_r2_among_equal_candidates_is_chosen_by_validation_mae():
+    plain = choose_ranks(_sweep_table())
+    assert (plain["R1"], plain["R2"]) == (6, 4)
+    cands = plain["numbers"]["R2_candidates"]
+    assert cands["knee of the validation error"] == 4 and cands["R2 = R1 (constraint inactive)"] == 6
+    # The linear model on R2 = 6 predicts the validation subjects better: R2 = 6.
+    better = choose_ranks(_sweep_table({(6, 4): 5.0, (6, 6): 3.0}))
+    assert (better["R1"], better["R2"]) == (6, 6)
+    assert "smallest validation MAE" in better["rule"]
+    assert better["numbers"]["val_mae_by_R2_at_R1"][6] == 3.0
+    # Equal MAE: the smaller R2. R2 = 3 is not within 1%, however well it predicts.
+    assert choose_ranks(_sweep_table({(6, 4): 3.0, (6, 6): 3.0}))["R2"] == 4
+    assert choose_ranks(_sweep_table({(6, 3): 1.0, (6, 4): 5.0, (6, 6): 3.0}))["R2"] == 6
 
 
 def test_rank_sweep_parallel_equals_serial(cohort):

@@ -82,7 +82,16 @@ def plot_rank_sweep(sweep: pd.DataFrame, path, choice: dict | None = None) -> Pa
         ax2.plot(at["R2"], at["val_error"], "s-", ms=3, label="validation")
         ax2.axvline(choice["R2"], color="C3", ls="--", lw=1, label=f"R2 = {choice['R2']}")
         ax2.set_xlabel(f"R2 at R1 = {r1}")
-        ax2.legend(fontsize=8)
+        ax2.set_ylabel("relative error")
+        handles, labels = ax2.get_legend_handles_labels()
+        if "val_mae" in at and at["val_mae"].notna().all():
+            # R2 is chosen among equally good candidates by this curve (choose_ranks).
+            mae_ax = ax2.twinx()
+            (line,) = mae_ax.plot(at["R2"], at["val_mae"], "^:", color="C2", ms=3)
+            mae_ax.set_ylabel("validation MAE, linear model")
+            handles.append(line)
+            labels.append("validation MAE")
+        ax2.legend(handles, labels, fontsize=8)
     else:
         ax2.set_axis_off()
     ax1.legend(fontsize=8)

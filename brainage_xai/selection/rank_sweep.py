@@ -22,6 +22,7 @@ import pandas as pd
 from ..errors import UsageError
 from ..utils.io import atomic_path, read_tsv, write_tsv
 from ._decomp import relative_error
+from .linear_model import fit_linear_model, predict, regression_metrics
 from .scree import _check_tensor
 
 __all__ = ["run_rank_sweep", "SWEEP_COLUMNS", "SWEEP_SIDECAR", "tensor_fingerprint"]
@@ -29,7 +30,8 @@ __all__ = ["run_rank_sweep", "SWEEP_COLUMNS", "SWEEP_SIDECAR", "tensor_fingerpri
 LOG = logging.getLogger("brainage_xai.selection")
 
 SWEEP_COLUMNS = [
-    "R1", "R2", "train_error", "val_error", "n_iter", "seconds", "shared_optimum", "fitted",
+    "R1", "R2", "train_error", "val_error", "val_mae", "n_iter", "seconds", "shared_optimum",
+    "fitted",
 ]
 SWEEP_SIDECAR = {
     "R1": {"Description": "Rank of modes 1 and 3 (number of RoIs)."},
@@ -40,6 +42,12 @@ SWEEP_SIDECAR = {
     "val_error": {
         "Description": "Relative reconstruction error on the validation subjects, their "
         "loadings U1 refitted with the core, U2 and U3 of the training fit held fixed."
+    },
+    "val_mae": {
+        "Description": "Validation MAE of the linear model on the voxel-averaged "
+        "reconstruction (fitted on the training subjects, as in the lambda sweep); n/a when "
+        "the sweep was run without targets. Breaks ties between R2 candidates that "
+        "reconstruct equally well: R2 caps the rank of that model's inputs, not the RoIs."
     },
     "n_iter": {"Description": "Iterations of the solver for the fit that gave this row."},
     "seconds": {
@@ -93,7 +101,7 @@ def _check_grid(rank_grid, shape) -> list[int]:
     return grid
 
 
-def _fit_cell(A_train, A_val, R1, R2, init, settings):
+def _fit_cell(A_train, A_val, R1, R2, init, settings, y_train=None, y_val=None):
     """Fit one cell; runs in a worker. Returns the table row and the result."""
     from ..decomposition import fit_constrained_tucker
 
@@ -101,18 +109,40 @@ def _fit_cell(A_train, A_val, R1, R2, init, settings):
     res = fit_constrained_tucker(A_train, rank=(R1, R2), init=init, **settings)
     U1_val = res.transform(A_val)
     val_error = relative_error(A_val, res, U1_val)
+    val_mae = float("nan")
+    if y_train is not None:
+        model = fit_linear_model(res.factors[0], res, y_train)
+        val_mae = regression_metrics(y_val, predict(model, U1_val, res))["mae"]
     seconds = time.perf_counter() - t0
     row = {
         "R1": R1,
         "R2": R2,
         "train_error": float(res.rel_error),
         "val_error": val_error,
+        "val_mae": val_mae,
         "n_iter": int(res.n_iter),
         "seconds": seconds,
         "shared_optimum": R2 >= R1,
         "fitted": True,
     }
     return row, res
+
+
+def _check_targets(y_train, y_val, n_train: int, n_val: int):
+    """Both targets or neither, as float arrays with one row per subject."""
+    if (y_train is None) != (y_val is None):
+        raise ValueError("give both y_train and y_val, or neither")
+    if y_train is None:
+        return None, None
+    out = []
+    for name, y, n in (("y_train", y_train, n_train), ("y_val", y_val, n_val)):
+        y = np.asarray(y, dtype=np.float64)
+        if y.ndim not in (1, 2) or y.shape[0] != n:
+            raise ValueError(f"{name} must have one row per subject ({n}); got shape {y.shape}")
+        if not np.all(np.isfinite(y)):
+            raise ValueError(f"{name} contains NaN or Inf values")
+        out.append(y)
+    return out[0], out[1]
 
 
 def _cache_file(cache_dir: Path, R1: int, R2: int) -> Path:
@@ -270,6 +300,8 @@ def run_rank_sweep(
     n_iter_max: int = 100,
     tol: float = 1e-4,
     cache_dir=None,
+    y_train=None,
+    y_val=None,
 ) -> pd.DataFrame:
     """Train and validation relative error of the decomposition over a rank grid.
 
@@ -297,11 +329,15 @@ def run_rank_sweep(
     cache_dir : path-like, optional
         Where the factors of finished cells are kept (a work folder), so that a resumed
         sweep warm-starts from them; without it, a resumed chain restarts cold.
+    y_train, y_val : array-like, shape (n,) or (n, t), optional
+        Targets of the training and validation subjects. With them every cell also gets
+        ``val_mae``, the validation MAE of the linear model on its voxel-averaged
+        reconstruction, which :func:`choose_ranks` uses to choose among R2 candidates.
 
     Returns
     -------
     pandas.DataFrame
-        Columns ``R1, R2, train_error, val_error, n_iter, seconds, shared_optimum,
+        Columns ``R1, R2, train_error, val_error, val_mae, n_iter, seconds, shared_optimum,
         fitted``, one row per grid cell. ``table.attrs`` holds ``n_fitted`` (cells fitted
         in this call) and ``n_resumed`` (cells read back from ``out_tsv``).
     """
@@ -318,12 +354,14 @@ def run_rank_sweep(
             f"got {A_val.shape[1:]}"
         )
     grid = _check_grid(rank_grid, A_train.shape)
+    y_train, y_val = _check_targets(y_train, y_val, len(A_train), len(A_val))
     out_tsv = Path(out_tsv) if out_tsv is not None else None
     cache_dir = Path(cache_dir) if cache_dir is not None else None
     # The settings are part of the stamp: a table fitted otherwise is not resumed.
+    targets = "none" if y_train is None else tensor_fingerprint(y_train, y_val)
     fingerprint = (
         f"{tensor_fingerprint(A_train, A_val)}-{constraints}-tol{tol:g}-it{n_iter_max}"
-        f"-seed{random_state}"
+        f"-seed{random_state}-y{targets}"
     )
     rows = _read_finished(out_tsv, fingerprint, grid) if out_tsv is not None else {}
     n_resumed = len(rows)
@@ -362,7 +400,9 @@ def run_rank_sweep(
                         init = _load_cache(cache_dir, R1, above)
                     if init is None:
                         init = "svd"
-                tasks.append(delayed(_fit_cell)(A_train, A_val, R1, R2, init, settings))
+                tasks.append(
+                    delayed(_fit_cell)(A_train, A_val, R1, R2, init, settings, y_train, y_val)
+                )
             if not tasks:
                 continue
             for row, res in parallel(tasks):
@@ -401,14 +441,20 @@ def _knee(x, y) -> int | None:
     return None if knee is None else int(round(float(knee)))
 
 
-def _parsimonious(candidates: dict, curve: dict, tolerance: float):
-    """Smallest candidate rank whose error is within ``tolerance`` of the best candidate."""
+def _parsimonious(candidates: dict, curve: dict, tolerance: float, mae: dict | None = None):
+    """The candidate rank chosen among those within ``tolerance`` of the best candidate.
+
+    Without ``mae`` (or where a candidate has none) the smallest such rank; with it, the
+    one of smallest validation MAE (ties: the smaller rank).
+    """
     valid = {name: r for name, r in candidates.items() if r is not None and r in curve}
     if not valid:
         return None, None
     best = min(curve[r] for r in valid.values())
     ok = sorted({r for r in valid.values() if curve[r] <= best * (1 + tolerance)})
     rank = ok[0]
+    if mae is not None and all(np.isfinite(mae.get(r, np.nan)) for r in ok):
+        rank = min(ok, key=lambda r: (mae[r], r))
     return rank, sorted(name for name, r in valid.items() if r == rank)
 
 
@@ -421,7 +467,11 @@ def choose_ranks(sweep: pd.DataFrame, scree: pd.DataFrame | None = None, toleran
     best candidate's is chosen, so that a knee and a scree drop that disagree are settled
     by held-out error, in favour of fewer RoIs when they fit equally well. R2: likewise
     on the validation error along R2 at the chosen R1 (knee, mode-2 scree drop, and R2 =
-    R1, where the mode-2 constraint becomes inactive).
+    R1, where the mode-2 constraint becomes inactive), except that among the candidates
+    within ``tolerance`` the one whose linear model on the voxel-averaged reconstruction
+    has the smallest validation MAE is chosen, when the sweep has ``val_mae``. R2 does not
+    change the RoIs (the spatial factor has R1 columns) but caps the rank of that model's
+    inputs, so a smaller R2 that reconstructs as well can still predict worse.
 
     Parameters
     ----------
@@ -461,20 +511,28 @@ def choose_ranks(sweep: pd.DataFrame, scree: pd.DataFrame | None = None, toleran
 
     at = sweep.loc[sweep["R1"] == R1].sort_values("R2")
     curve2 = {int(r): float(e) for r, e in zip(at["R2"], at["val_error"])}
+    mae2 = None
+    if "val_mae" in at and at["val_mae"].notna().all():
+        mae2 = {int(r): float(e) for r, e in zip(at["R2"], at["val_mae"])}
     lower = [r for r in sorted(curve2) if r <= R1]
     cands2 = {
         "knee of the validation error": _knee(lower, [curve2[r] for r in lower]),
         "scree drop, mode 2": drops.get(2) if drops.get(2) in lower else None,
         "R2 = R1 (constraint inactive)": R1 if R1 in curve2 else None,
     }
-    R2, why2 = _parsimonious(cands2, curve2, tolerance)
+    R2, why2 = _parsimonious(cands2, curve2, tolerance, mae2)
     if R2 is None:
         R2 = min(curve2, key=curve2.get)
         why2 = ["smallest validation error"]
-    rule = (
-        f"R1 = {R1}: {' and '.join(why1)}; R2 = {R2}: {' and '.join(why2)} "
-        f"(the smallest candidate within {tolerance:.0%} of the best candidate's validation error)"
-    )
+    within = f"within {tolerance:.0%} of the best candidate's validation error"
+    if mae2 is None:
+        how = f"each the smallest candidate {within}"
+    else:
+        how = (
+            f"R1 the smallest candidate {within} (fewer RoIs); R2 the candidate {within} "
+            "whose linear model has the smallest validation MAE"
+        )
+    rule = f"R1 = {R1}: {' and '.join(why1)}; R2 = {R2}: {' and '.join(why2)} ({how})"
     return {
         "R1": int(R1),
         "R2": int(R2),
@@ -485,6 +543,7 @@ def choose_ranks(sweep: pd.DataFrame, scree: pd.DataFrame | None = None, toleran
             "R2_candidates": cands2,
             "val_error_by_R1": curve1,
             "val_error_by_R2_at_R1": curve2,
+            "val_mae_by_R2_at_R1": mae2,
             "val_error": curve2.get(R2),
             "train_error": float(at.loc[at["R2"] == R2, "train_error"].iloc[0]),
         },

@@ -185,6 +185,7 @@ def run_selection(
             dask_scheduler=dask_scheduler, random_state=random_state, quiet=quiet,
             constraints=constraints,
             cache_dir=None if work_dir is None else Path(work_dir) / "rank_sweep",
+            y_train=y_train, y_val=y_val,
         )
         choice = choose_ranks(sweep, scree)
         plot_rank_sweep(sweep, figures / "rank_sweep.png", choice)
