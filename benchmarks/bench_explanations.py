@@ -24,6 +24,11 @@ for each planted region and the decoy:
   ``shift95`` is a stricter check: on fine grids (block2) shuffled maps lose their
   smoothness and any smooth map beats them, while a shifted region-sized map that keeps
   overlapping along the region's long axis can be too strict;
+- ``own``: whether the best RoI is that region's own, i.e. correlates more with this
+  region than with any other planted region or the decoy; otherwise the region it
+  correlates with most. A region reached only by the tail of another region's RoI is
+  "matched" by the numbers above but has no RoI of its own (a diagnostic; the goal does
+  not use it);
 - ``occl_gain`` / ``occl_p95``: the best RoI's test MAE increase when occluded and the
   95th percentile of its random same-volume blobs (``occlusion.tsv``);
 - with ``--occlude-planted``, a positive control: the occlusion test run on the planted
@@ -244,11 +249,15 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
                                  args.seed).set_index("roi")
         t_plant = time.perf_counter() - t0
     rows = []
+    # corr[k, r]: region k with RoI r, for the "own" diagnostic.
+    corr = np.array([[rois.spatial_correlation(m, mask, brain) for m in roi_maps] for mask in masks])
     for name, mask in zip(names, masks):
         best, which = _best(roi_maps, mask, brain)
         roi = f"RoI {which + 1}"
+        owner = names[int(np.argmax(corr[:, which]))]
         row = {
             "region": name, "voxels": int(mask.sum()), "roi": round(best, 3), "which": roi,
+            "own": "yes" if owner == name else owner.split(" (")[0],
             "gradcam": round(rois.spatial_correlation(cam, mask, brain), 3),
             "ceiling": round(rois.resolution_ceiling(mask, geo, brain), 3),
             "perm95": round(float(nulls["permute"][len(rows)]), 3),
@@ -282,6 +291,8 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
         "planted_above_gradcam": f"{int((planted['roi'] > planted['gradcam']).sum())}/{len(planted)}",
         "planted_above_shift_null": f"{int((planted['roi'] > planted['shift95']).sum())}/{len(planted)}",
         "decoy_matched": bool(decoy_matched),
+        "planted_with_own_roi": f"{int(planted['own'].eq('yes').sum())}/{len(planted)}",
+        "decoy_with_own_roi": bool(decoy["own"].eq("yes").any()),
         "median_best_over_ceiling": round(float(np.median(planted["roi"] / planted["ceiling"])), 3),
         "matched_occlusion_above_null": int(((planted["occl_gain"] > planted["occl_p95"]) & above).sum()),
         "rois_occlusion_above_null": f"{int(occ['above_null'].astype(str).eq('True').sum())}/{len(occ)}",

@@ -17,15 +17,16 @@ A diagnostic for issue 6 on the simulated cohort, from an existing run's trained
 - for the baseline (``activations``, the paper's tensor) and ``deviations`` (each
   subject's deviation from the training mean, each channel in units of its spread,
   ``--tensor deviations``; ``deviations-unscaled`` leaves the channels as they are, as
-  before the scaling was added), at each rank
-  ``R1 = R2`` with λ = 0: the best correlation of any RoI with each region, the median
+  before the scaling was added), at each rank (``R`` for R1 = R2, or ``R1xR2``) and
+  λ (``--lambdas``, default 0; in the units of the group run's own sweep, which
+  decomposes the same tensor): the best correlation of any RoI with each region, the median
   best / ceiling over the planted regions, and the test MAE of the linear model on the
   loadings.
 
 Run::
 
-    python benchmarks/bench_layers.py --bids BIDS --output OUT [--layers block1,...] [--ranks 5,8] \
-        [--tensors activations,deviations,deviations-unscaled]
+    python benchmarks/bench_layers.py --bids BIDS --output OUT [--layers block1,...] [--ranks 5,8x6] \
+        [--lambdas 0,0.1] [--tensors activations,deviations,deviations-unscaled]
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--bids", required=True, help="simulated BIDS dataset")
     p.add_argument("--output", required=True, help="output directory of a group run (its model)")
     p.add_argument("--layers", default=None, help="comma-separated (default: all)")
-    p.add_argument("--ranks", default="5,8", help="comma-separated R1 = R2 values")
+    p.add_argument("--ranks", default="5,8",
+                   help="comma-separated: R (R1 = R2 = R) or R1xR2")
+    p.add_argument("--lambdas", default="0", help="comma-separated l1 penalties on U3")
     p.add_argument("--tensors", default="activations,deviations",
                    help="comma-separated: activations, deviations, deviations-unscaled")
     p.add_argument("--device", default="auto")
@@ -64,6 +67,14 @@ def main(argv=None) -> int:
     unknown = set(tensors) - {"activations", "deviations", "deviations-unscaled"}
     if unknown:
         p.error(f"--tensors: unknown {', '.join(sorted(unknown))}")
+    try:
+        ranks = [tuple(int(v) for v in r.split("x")) * (2 if "x" not in r else 1)
+                 for r in args.ranks.split(",")]
+        lambdas = [float(v) for v in args.lambdas.split(",")]
+    except ValueError:
+        p.error(f"--ranks must be R or R1xR2 and --lambdas numbers; got {args.ranks!r}, {args.lambdas!r}")
+    if any(len(r) != 2 for r in ranks):
+        p.error(f"--ranks: each entry is R or R1xR2; got {args.ranks!r}")
 
     bids, out = Path(args.bids), Path(args.output)
     truth_img = nib.load(bids / "sourcedata/simulation/planted_dseg.nii.gz")
@@ -80,7 +91,6 @@ def main(argv=None) -> int:
     age = traj["age"].to_numpy(float)
     X = torch.from_numpy(np.ascontiguousarray(x[:, None]))
     layers = args.layers.split(",") if args.layers else list(model.layers)
-    ranks = [int(r) for r in args.ranks.split(",")]
     print(f"{out}: {len(subjects)} subjects at {resolution:g} mm; baseline: tensor 'activations' (the paper's)")
     xvar = x.var(axis=0)
     print("input variance (/ brain):  " + "  ".join(
@@ -111,16 +121,18 @@ def main(argv=None) -> int:
             if tensor.startswith("deviations"):
                 scale = None if tensor == "deviations-unscaled" else channel_scale(T["train"])
                 T = {s: deviation_tensor(a, centre, scale) for s, a in T.items()}
-            for R in ranks:
+            for (R1, R2), lam in [(r, v) for r in ranks for v in lambdas]:
                 t0 = time.perf_counter()
                 fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],
-                                age[which == "val"], age[which == "test"], (R, R), 0.0)
+                                age[which == "val"], age[which == "test"], (R1, R2), lam)
                 u3 = np.asarray(fit.result.factors[2])
                 up = rois.roi_maps(u3, geo, brain)
                 best = [max(rois.spatial_correlation(u, m, brain) for u in up) for m in masks]
                 ratio = np.median([b / c for b, c, k in zip(best, ceiling, planted) if k])
                 mae = fit.metrics["test"]["linear_model_on_decomposition"]["mae"]
-                print(f"  {tensor:19s} R{R:<3d} " + "  ".join(f"{n[:10]} {b:.2f}" for n, b in zip(names, best))
+                label = f"R{R1}" if R1 == R2 else f"R{R1}x{R2}"
+                label += f" l1 {lam:g}" if len(lambdas) > 1 or lam else ""
+                print(f"  {tensor:19s} {label:<4s} " + "  ".join(f"{n[:10]} {b:.2f}" for n, b in zip(names, best))
                       + f"  | median/ceiling {ratio:.2f} | linear model test MAE {mae:.2f}"
                       + f" | {time.perf_counter() - t0:.0f} s")
     return 0
