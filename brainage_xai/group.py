@@ -584,14 +584,21 @@ def stage_selection(ctx: GroupContext) -> None:
     # Standardised as the network's training target, so that the network's head and the
     # linear model speak the same units; metrics.json converts back.
     y = {s: (true[r] - mean) / std for s, r in rows.items()}
-    A = {s: np.asarray(act.array[r]) for s, r in rows.items()}
     # The head reads the pooled output of the last layer; an earlier layer's channels are not its input.
     head = head_from_torch(ctx.model.head.cpu()) if act.layer == ctx.model.default_layer else None
     if config.tensor == "deviations":
-        centre, scale = A["train"].mean(axis=0), channel_scale(A["train"])
-        A = {s: deviation_tensor(a, centre, scale) for s, a in A.items()}
+        # Split by split from the memory-mapped tensor, so that the activations and their
+        # (twice as large) deviations are never both held for every subject.
+        train = np.asarray(act.array[rows["train"]])
+        centre, scale = train.mean(axis=0), channel_scale(train)
+        A = {"train": deviation_tensor(train, centre, scale)}
+        del train
+        for s in ("val", "test"):
+            A[s] = deviation_tensor(np.asarray(act.array[rows[s]]), centre, scale)
         if head is not None:
             head = deviation_head(head, centre.mean(axis=1), scale)
+    else:
+        A = {s: np.asarray(act.array[r]) for s, r in rows.items()}
     LOGGER.info("selection: %s tensor %s per split %s", config.tensor, A["train"].shape[1:],
                 {s: len(r) for s, r in rows.items()})
     result = run_selection(

@@ -419,3 +419,19 @@ def test_float32_error_is_accurate_at_low_noise():
     dense = np.linalg.norm(A64 - rec) / np.linalg.norm(A64)
     assert dense < 0.005  # it did not stop early on a rounding-level "convergence"
     assert abs(res.rel_error - dense) < 3e-4
+
+
+def test_svd_init_makes_no_tensor_sized_temporary(rng):
+    # Few channels (as at block1: 8 or 16): the mode-2 range finder's A_(2)^T Q was
+    # n v x c, as large as A itself; the channel Gram matrix stands in for it now.
+    import tracemalloc
+
+    A = rng.random((120, 4, 20_000), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        res = fit_constrained_tucker(A, rank=(3, 2), init="svd", n_iter_max=3, random_state=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert res.factors[2].shape == (20_000, 3)
+    assert peak < 0.5 * A.nbytes, f"peak {peak / A.nbytes:.2f} x the tensor"

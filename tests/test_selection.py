@@ -95,6 +95,34 @@ def test_scree_randomised_svd_for_a_large_unfolding(rng):
     np.testing.assert_allclose(got, exact, rtol=1e-6)
 
 
+def test_scree_makes_no_tensor_sized_temporary(rng):
+    # Voxels and subjects x channels both long: the randomised path for mode 3, as on
+    # any real layer. Neither the unfolding nor the norm may copy the tensor.
+    import tracemalloc
+
+    import sklearn.utils.extmath  # noqa: F401  (imported here, not counted below)
+
+    # Large enough that _gram's fixed 32 MB float64 chunks are small beside it.
+    # Low rank plus noise, as activations are (a flat spectrum defeats any randomised SVD).
+    U1, W, U3 = (rng.random((k, 5), dtype=np.float32) for k in (120, 8, 40_000))
+    A = np.einsum("ir,jr,kr->ijk", U1, W, U3)
+    A += rng.random(A.shape, dtype=np.float32) * 0.05
+    tracemalloc.start()
+    try:
+        scree = compute_scree(A, max_rank=10, random_state=0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * A.nbytes, f"peak {peak / A.nbytes:.2f} x the tensor"
+    flat = A.reshape(-1, A.shape[2]).astype(np.float64)  # the mode-3 unfolding, transposed
+    exact = np.sqrt(np.linalg.eigvalsh(flat @ flat.T)[::-1][:10])
+    # The five planted components exactly; the noise floor behind them is approximate.
+    got = scree.loc[scree["mode"] == 3].sort_values("index")
+    np.testing.assert_allclose(got["singular_value"][:5], exact[:5], rtol=1e-4)
+    total = np.sum(np.square(A, dtype=np.float64))
+    np.testing.assert_allclose(got["explained"][:5], exact[:5] ** 2 / total, rtol=1e-4)
+
+
 def test_scree_drop_at_planted_rank(cohort):
     A, _ = cohort
     scree = compute_scree(splits(A)[0])

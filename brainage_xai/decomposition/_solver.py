@@ -277,19 +277,26 @@ def _nonneg_columns(bk, X):
     return bk.abs(X * bk.asarray(signs)[None, :])
 
 
-def _range_svd(bk, apply, apply_t, Y, k, power_iter):
+def _range_svd(bk, apply, apply_t, Y, k, power_iter, gram=None):
     """Leading left singular vectors of an operator from a first sample ``Y``.
 
     ``apply(X)`` multiplies the unfolding by ``X``, ``apply_t(Q)`` its transpose;
     randomised subspace iteration (Halko et al. 2011), then the exact SVD of the
-    small projected problem.
+    small projected problem. ``gram``, the unfolding times its transpose when that is
+    small, replaces ``apply(apply_t(.))``: ``Z = apply_t(Q)`` is then never formed,
+    which matters when it is as large as the tensor (few channels: mode 2).
     """
     for _ in range(power_iter):
-        Y = apply(apply_t(bk.qr_q(Y)))
+        Q = bk.qr_q(Y)
+        Y = gram @ Q if gram is not None else apply(apply_t(Q))
     Q = bk.qr_q(Y)
-    Z = apply_t(Q)
-    Z = Z.reshape(-1, Q.shape[1])
-    _, V = bk.eigh(Z.T @ Z)
+    if gram is not None:
+        ZtZ = Q.T @ (gram @ Q)  # = Z^T Z for Z = A^T Q
+    else:
+        Z = apply_t(Q).reshape(-1, Q.shape[1])
+        ZtZ = Z.T @ Z
+        del Z
+    _, V = bk.eigh(ZtZ)
     V = bk.take_cols(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - min(k, V.shape[1]), -1))
     return Q @ V
 
@@ -322,8 +329,10 @@ def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=0, oversample=10):
     At = bk.swap_last(A)
     Oa, Ov = gauss(n, k), gauss(v, k)
     Y = bk.sum((A2 @ Ov).reshape(n, c, k) * Oa[:, None, :], axis=0)
+    # A_(2) A_(2)^T (c x c), subject by subject: A_(2)^T Q would be n v x k, as large as A.
+    G2 = bk.sum(bk.batched_matmul(A, At), axis=0)
     W = _range_svd(bk, lambda X: bk.sum(bk.batched_matmul(A, X), axis=0),
-                   lambda Q: bk.batched_matmul(At, Q), Y, R1, power_iter)
+                   lambda Q: bk.batched_matmul(At, Q), Y, R1, power_iter, gram=G2)
 
     # mode 3: A_(3) = A2.T  (v x nc)
     k = min(R1 + oversample, v, n * c)

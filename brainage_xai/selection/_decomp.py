@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scree import as_numpy
+from .scree import _sum_of_squares, as_numpy
 
 
 def diagonal_faces(core) -> np.ndarray:
@@ -54,7 +54,7 @@ def relative_error(A, result, U1=None) -> float:
     Y = np.einsum("icv,vr->icr", A, U3.astype(A.dtype, copy=False), optimize=True)
     inner = float(np.einsum("icr,cr,ir->", Y.astype(np.float64), W, U1))
     norm_x2 = float(np.sum((U1.T @ U1) * (W.T @ W) * (U3.T @ U3)))
-    norm_a2 = float(np.sum(np.square(A, dtype=np.float64)))
+    norm_a2 = _sum_of_squares(A)
     if norm_a2 == 0:
         return float("nan")
     return float(np.sqrt(max(norm_a2 - 2 * inner + norm_x2, 0.0) / norm_a2))

@@ -29,9 +29,15 @@ def _check_tensor(A, name: str = "A") -> np.ndarray:
     A = as_numpy(A)
     if A.ndim != 3:
         raise ValueError(f"{name} must be a 3-way (subjects, channels, voxels) tensor; got shape {A.shape}")
-    if not np.all(np.isfinite(A)):
+    # One subject at a time: a mask of the whole tensor would be a quarter of its size.
+    if not all(np.isfinite(A[i]).all() for i in range(A.shape[0])):
         raise ValueError(f"{name} contains NaN or Inf values")
     return A
+
+
+def _sum_of_squares(A: np.ndarray) -> float:
+    """``||A||^2`` in float64, squared one subject at a time (no float64 copy of ``A``)."""
+    return float(sum(np.square(A[i], dtype=np.float64).sum() for i in range(A.shape[0])))
 
 
 def _gram(A: np.ndarray, mode: int) -> np.ndarray:
@@ -70,7 +76,13 @@ def _singular_values(A: np.ndarray, mode: int, k: int, random_state) -> np.ndarr
     else:
         from sklearn.utils.extmath import randomized_svd
 
-        unfolding = np.moveaxis(A, mode, 0).reshape(size, other)
+        if mode == A.ndim - 1:
+            # The transposed unfolding has the same singular values and is a view of a
+            # C-ordered A; randomized_svd transposes it back (a view again), so the
+            # tensor is not copied.
+            unfolding = A.reshape(other, size)
+        else:
+            unfolding = np.moveaxis(A, mode, 0).reshape(size, other)
         _, s, _ = randomized_svd(unfolding, n_components=k, n_iter=7, random_state=random_state)
         return s
     return np.sqrt(np.clip(evals[::-1], 0.0, None))[:k]
@@ -98,7 +110,7 @@ def compute_scree(A_train, max_rank: int = 20, random_state=0) -> pd.DataFrame:
     A = _check_tensor(A_train, "A_train")
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1; got {max_rank}")
-    total = float(np.sum(np.square(A, dtype=np.float64)))
+    total = _sum_of_squares(A)
     rows = []
     for mode in range(3):
         k = min(max_rank, A.shape[mode])
