@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     lo, hi = (int(v) for v in args.rank_grid.split(":"))
 
     from brainage_xai.activations import load_activation_tensor
-    from brainage_xai.selection import channel_scale, deviation_tensor, workflow
+    from brainage_xai.selection import deviation_splits, workflow
 
     found = sorted(Path(args.output).glob(".work/group/activations/*.npy"))
     if not found:
@@ -111,12 +111,7 @@ def main(argv=None) -> int:
     y = {s: rng.normal(size=len(r)) for s, r in rows.items()}
     enter(f"build {args.tensor}")
     if args.tensor == "deviations":
-        train = np.asarray(act.array[rows["train"]])
-        centre, scale = train.mean(axis=0), channel_scale(train)
-        A = {"train": deviation_tensor(train, centre, scale)}
-        del train
-        for s in ("val", "test"):
-            A[s] = deviation_tensor(np.asarray(act.array[rows[s]]), centre, scale)
+        A, _, _ = deviation_splits(act.array, rows)
     else:
         A = {s: np.asarray(act.array[r]) for s, r in rows.items()}
     size = sum(a.nbytes for a in A.values())

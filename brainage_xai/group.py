@@ -558,9 +558,8 @@ def stage_selection(ctx: GroupContext) -> None:
     """Scree, rank sweep, λ sweep and the final decomposition (:func:`run_selection`)."""
     from .prediction import columns
     from .selection import (
-        channel_scale,
         deviation_head,
-        deviation_tensor,
+        deviation_splits,
         head_from_torch,
         run_selection,
     )
@@ -588,14 +587,7 @@ def stage_selection(ctx: GroupContext) -> None:
     # The head reads the pooled output of the last layer; an earlier layer's channels are not its input.
     head = head_from_torch(ctx.model.head.cpu()) if act.layer == ctx.model.default_layer else None
     if config.tensor == "deviations":
-        # Split by split from the memory-mapped tensor, so that the activations and their
-        # (twice as large) deviations are never both held for every subject.
-        train = np.asarray(act.array[rows["train"]])
-        centre, scale = train.mean(axis=0), channel_scale(train)
-        A = {"train": deviation_tensor(train, centre, scale)}
-        del train
-        for s in ("val", "test"):
-            A[s] = deviation_tensor(np.asarray(act.array[rows[s]]), centre, scale)
+        A, centre, scale = deviation_splits(act.array, rows)
         if head is not None:
             head = deviation_head(head, centre.mean(axis=1), scale)
     else:

@@ -411,6 +411,23 @@ def test_channel_scaled_deviations_stay_exact(rng):
         deviation_tensor(A, centre, -scale)
 
 
+def test_deviation_splits_use_the_training_split_only(rng, tmp_path):
+    from brainage_xai.selection import channel_scale, deviation_splits, deviation_tensor
+
+    # Memory-mapped, as the group level's activation tensor is; splits interleaved.
+    path = tmp_path / "A.npy"
+    np.save(path, rng.random((9, 3, 11)).astype(np.float32))
+    A = np.load(path, mmap_mode="r")
+    rows = {"train": np.array([0, 2, 4, 6, 8]), "val": np.array([1, 5]), "test": np.array([3, 7])}
+    tensors, centre, scale = deviation_splits(A, rows)
+    train = np.asarray(A[rows["train"]])
+    np.testing.assert_allclose(centre, train.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(scale, channel_scale(train))
+    assert list(tensors) == ["train", "val", "test"]
+    for split, r in rows.items():
+        np.testing.assert_array_equal(tensors[split], deviation_tensor(np.asarray(A[r]), centre, scale))
+
+
 def test_linear_model_is_a_model_on_roi_loadings(cohort):
     from brainage_xai.decomposition import fit_constrained_tucker
 

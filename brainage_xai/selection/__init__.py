@@ -17,7 +17,7 @@ from .linear_model import (
 )
 from .rank_sweep import choose_ranks, run_rank_sweep
 from .scree import compute_scree, scree_drop
-from .tensor import TENSORS, channel_scale, deviation_head, deviation_tensor
+from .tensor import TENSORS, channel_scale, deviation_head, deviation_splits, deviation_tensor
 from .workflow import run_selection, write_final, write_scree
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "FinalModel",
     "channel_scale",
     "deviation_head",
+    "deviation_splits",
     "deviation_tensor",
     "choose_lambda",
     "choose_ranks",

@@ -77,6 +77,39 @@ def deviation_tensor(A, centre, scale=None) -> np.ndarray:
     return out
 
 
+def deviation_splits(array, rows: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Deviation tensors of every split, centred and scaled by the training split.
+
+    Parameters
+    ----------
+    array : array-like, shape (n, c, v)
+        Activations of all subjects, typically memory-mapped.
+    rows : dict
+        Row indices per split; must hold ``"train"``.
+
+    Returns
+    -------
+    tensors : dict
+        ``{split: deviation_tensor(...)}`` in the order of ``rows``.
+    centre, scale : numpy.ndarray
+        The training mean (c, v) and :func:`channel_scale` (c,).
+
+    Notes
+    -----
+    One split's activations are read at a time and dropped once converted, so the
+    activations and their (twice as large) deviations are never both held for every
+    subject.
+    """
+    train = np.asarray(array[rows["train"]])
+    centre, scale = train.mean(axis=0), channel_scale(train)
+    tensors = {"train": deviation_tensor(train, centre, scale)}
+    del train
+    for split, r in rows.items():
+        if split != "train":
+            tensors[split] = deviation_tensor(np.asarray(array[r]), centre, scale)
+    return {s: tensors[s] for s in rows}, centre, scale
+
+
 def deviation_head(head, centre_average, scale=None):
     """The network's head on a reconstruction of deviations.
 
