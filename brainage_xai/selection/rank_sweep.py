@@ -22,7 +22,7 @@ import pandas as pd
 from ..errors import UsageError
 from ..utils.io import atomic_path, read_tsv, write_tsv
 from ._decomp import relative_error
-from .linear_model import fit_linear_model, predict, regression_metrics
+from .linear_model import _as_2d, fit_linear_model, predict, regression_metrics
 from .scree import _check_tensor
 
 __all__ = ["run_rank_sweep", "SWEEP_COLUMNS", "SWEEP_SIDECAR", "tensor_fingerprint"]
@@ -136,11 +136,9 @@ def _check_targets(y_train, y_val, n_train: int, n_val: int):
         return None, None
     out = []
     for name, y, n in (("y_train", y_train, n_train), ("y_val", y_val, n_val)):
-        y = np.asarray(y, dtype=np.float64)
-        if y.ndim not in (1, 2) or y.shape[0] != n:
+        y = _as_2d(y, name)  # shape and finiteness, as the linear model checks them
+        if y.shape[0] != n:
             raise ValueError(f"{name} must have one row per subject ({n}); got shape {y.shape}")
-        if not np.all(np.isfinite(y)):
-            raise ValueError(f"{name} contains NaN or Inf values")
         out.append(y)
     return out[0], out[1]
 
