@@ -251,8 +251,9 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
     rows = []
     # corr[k, r]: region k with RoI r, for the "own" diagnostic.
     corr = np.array([[rois.spatial_correlation(m, mask, brain) for m in roi_maps] for mask in masks])
-    for name, mask in zip(names, masks):
-        best, which = _best(roi_maps, mask, brain)
+    for k, (name, mask) in enumerate(zip(names, masks)):
+        which = int(np.argmax(corr[k]))
+        best = float(corr[k, which])
         roi = f"RoI {which + 1}"
         owner = names[int(np.argmax(corr[:, which]))]
         row = {

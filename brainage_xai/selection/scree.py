@@ -35,9 +35,11 @@ def _check_tensor(A, name: str = "A") -> np.ndarray:
     return A
 
 
-def _sum_of_squares(A: np.ndarray) -> float:
-    """``||A||^2`` in float64, squared one subject at a time (no float64 copy of ``A``)."""
-    return float(sum(np.square(A[i], dtype=np.float64).sum() for i in range(A.shape[0])))
+def _sum_of_squares(A) -> float:
+    """``||A||^2`` in float64 without a float64 copy of ``A`` (the decomposition's own norm)."""
+    from ..decomposition._backend import Backend
+
+    return Backend(A).sq_norm(A)
 
 
 def _gram(A: np.ndarray, mode: int) -> np.ndarray:
