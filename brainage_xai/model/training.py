@@ -245,9 +245,14 @@ def predict_batches(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Network outputs ``(n, n_outputs)`` for inputs ``(n, 1, *grid)``, in evaluation mode."""
+    """Network outputs ``(n, n_outputs)`` for inputs ``(n, 1, *grid)``, in evaluation mode.
+
+    The model is moved to ``device`` (in place, like :meth:`torch.nn.Module.to`): a model
+    loaded from its safetensors file lives on the CPU.
+    """
     device = torch.device(device)
     fmt = memory_format(device, dtype)
+    model.to(device)
     was_training = model.training
     model.eval()
     out = []
