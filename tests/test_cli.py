@@ -21,6 +21,23 @@ def test_version_and_help(capsys):
         assert option in out
 
 
+def test_python_dash_m(tmp_path):
+    """``python -m brainage_xai`` is the same command, and says its name, without warnings."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "error", "-m", "brainage_xai", "--version"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"brainage-xai {__version__}"
+    assert proc.stderr == ""
+    proc = subprocess.run([sys.executable, "-m", "brainage_xai", str(tmp_path / "missing"),
+                           str(tmp_path / "out"), "group"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2  # a usage error, as for the console script (docs/usage.md)
+    assert "brainage-xai: error:" in proc.stderr and "does not exist" in proc.stderr
+
+
 def test_parse_full_call(sim_bids, tmp_path):
     filt = tmp_path / "filter.json"
     filt.write_text(json.dumps({"desc": "modulated"}))
