@@ -299,8 +299,18 @@ def resolution_ceiling(mask: np.ndarray, geometry: FeatureGeometry, within=None)
     target = np.asarray(mask, dtype=float)
     sel = np.ones(target.shape, bool) if within is None else np.asarray(within, dtype=bool)
     op = upsampling_operator(geometry, sel)
+    if target[sel].min(initial=0.0) >= 0:
+        # Only feature voxels whose footprint touches the region can be non-zero: the
+        # operator and the target are non-negative, so for any other column j the
+        # gradient B_j'(B f - m) = B_j' B f is >= 0 at every f >= 0, and f_j = 0 meets
+        # the optimality (KKT) conditions of the full problem. Restricting to the rest is
+        # exact and turns block2's 141,600 unknowns at 2 mm into about 2,000 per region.
+        touching = np.flatnonzero(op.T @ target[sel] > 0)
+        if touching.size == 0:  # the region lies outside `within`: nothing reaches it
+            return spatial_correlation(target, np.zeros(target.shape), sel)
+        op = op[:, touching]
     if op.shape[1] > _DENSE_CEILING_MAX:
-        # fine grids (block2 at 4 mm, block3 at 2 mm): a dense Gram matrix would not fit
+        # large regions on fine grids: a dense Gram matrix would not fit
         fit = lsq_linear(op, target[sel], bounds=(0, np.inf), lsmr_tol="auto", tol=1e-8)
         back = np.zeros(target.shape)
         back[sel] = op @ fit.x

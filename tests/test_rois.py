@@ -97,6 +97,31 @@ def test_upsampling_operator_is_upsample(rng):
                                rois.upsample(fmap, geo)[within], atol=1e-12)
 
 
+@pytest.mark.parametrize("dense_max", [4000, 10])  # the dense NNLS path; lsq_linear's
+def test_resolution_ceiling_is_the_full_nonnegative_fit(rng, monkeypatch, dense_max):
+    # The ceiling fits only the feature voxels whose footprint touches the region; the
+    # optimum of the fit over every feature voxel, solved here independently, is the same.
+    from scipy.optimize import nnls
+
+    monkeypatch.setattr(rois, "_DENSE_CEILING_MAX", dense_max)
+    geo = rois.FeatureGeometry(SHAPE, (11, 12, 10), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    within = np.zeros(SHAPE, bool)
+    within[1:-1, 2:-1, 1:-2] = True
+    op = rois.upsampling_operator(geo, within)
+    blob = rois.upsample(rng.random(geo.feature_shape) < 0.01, geo) * rng.random(SHAPE)
+    for region in (blob > 0.2, blob):  # a mask, and a graded non-negative target
+        coef = nnls(op.toarray(), region[within].astype(float), maxiter=10_000)[0]
+        full = rois.spatial_correlation(region[within], op @ coef)
+        assert 0.5 < full < 1.0
+        touching = np.count_nonzero(op.T @ region[within].astype(float) > 0)
+        assert 0 < touching < op.shape[1] / 2  # the restriction leaves out most unknowns
+        tol = 1e-6 if dense_max > touching else 1e-3  # lsq_linear stops at its tolerance
+        assert rois.resolution_ceiling(region, geo, within) == pytest.approx(full, abs=tol)
+    outside = np.zeros(SHAPE, bool)
+    outside[0, 0, 0] = True  # the region has no voxel in `within`: nothing reaches it
+    assert rois.resolution_ceiling(outside, geo, within) == 0.0
+
+
 def test_resolution_ceiling_bounds_every_feature_grid_map(rng):
     # what an RoI can reach: no non-negative feature map, upsampled, correlates better
     geo = rois.FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
