@@ -554,6 +554,33 @@ def _merge_metrics(ctx: GroupContext, decomposition: dict, fresh: bool = False) 
     ctx.metrics = merged
 
 
+#: Peak memory of the selection over the size of the tensor it decomposes, all splits
+#: (float32): 3.58 GB for 1.81 GB on the demo (docs/selection.md, "Memory").
+SELECTION_MEMORY_FACTOR = 2.0
+
+
+def _check_selection_memory(shape, tensor: str, layer: str) -> None:
+    """Log what the selection will hold in memory; warn when it exceeds what is available.
+
+    A warning, not an error: the estimate is a measured ratio, not a bound, and a run
+    that is killed by the out-of-memory killer resumes from its stamps.
+    """
+    from .utils.env import available_memory
+
+    n, c, v = shape
+    size = n * (2 * c if tensor == "deviations" else c) * v * 4
+    need = SELECTION_MEMORY_FACTOR * size
+    free = available_memory()
+    LOGGER.info("selection: the %s tensor takes %.1f GB; the selection needs about %.1f GB (%s available)",
+                tensor, size / 1e9, need / 1e9, "unknown" if free is None else f"{free / 1e9:.1f} GB")
+    if free is not None and need > free:
+        LOGGER.warning(
+            "the selection needs about %.1f GB of memory but %.1f GB is available (layer %s, "
+            "%d subjects): give the job more memory, or choose a coarser --layer",
+            need / 1e9, free / 1e9, layer, n,
+        )
+
+
 def stage_selection(ctx: GroupContext) -> None:
     """Scree, rank sweep, λ sweep and the final decomposition (:func:`run_selection`)."""
     from .prediction import columns
@@ -586,6 +613,7 @@ def stage_selection(ctx: GroupContext) -> None:
     y = {s: (true[r] - mean) / std for s, r in rows.items()}
     # The head reads the pooled output of the last layer; an earlier layer's channels are not its input.
     head = head_from_torch(ctx.model.head.cpu()) if act.layer == ctx.model.default_layer else None
+    _check_selection_memory(act.array.shape, config.tensor, act.layer)
     if config.tensor == "deviations":
         A, centre, scale = deviation_splits(act.array, rows)
         if head is not None:

@@ -834,3 +834,30 @@ def test_entrypoint_runs_both_levels_unprivileged_offline_without_home(
         assert all(p.stat().st_uid == NOBODY for p in out.rglob("*"))
     # the group level's last stage: the page users open first
     assert (out / "group" / "report.html").is_file()
+
+
+def test_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
+    from brainage_xai.utils.env import available_memory
+
+    proc, cg = tmp_path / "proc", tmp_path / "cgroup"
+    proc.mkdir()
+    cg.mkdir()
+    (proc / "meminfo").write_text("MemTotal:       16000000 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n")
+    assert available_memory(proc, cg) == 8_000_000 * 1024  # no memory cgroup
+    (cg / "memory.max").write_text("max\n")
+    (cg / "memory.current").write_text("1000\n")
+    assert available_memory(proc, cg) == 8_000_000 * 1024  # cgroup v2 without a limit
+    (cg / "memory.max").write_text(f"{4 * 2**30}\n")  # a 4 GiB job with 1 GiB used
+    (cg / "memory.current").write_text(f"{2**30}\n")
+    assert available_memory(proc, cg) == 3 * 2**30
+    (cg / "memory.current").write_text(f"{5 * 2**30}\n")  # over its limit (page cache)
+    assert available_memory(proc, cg) == 0
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # v1: no limit
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("5\n")
+    assert available_memory(proc, v1) == 8_000_000 * 1024
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+    assert available_memory(proc, v1) == 2 * 2**30 - 5
+    assert available_memory(tmp_path / "nowhere", tmp_path / "nowhere") is None
+    assert available_memory(tmp_path / "nowhere", v1) == 2 * 2**30 - 5  # the cgroup alone

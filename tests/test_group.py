@@ -353,15 +353,25 @@ def test_earlier_layer_has_no_head_metric(first_run, tmp_path):
     assert "Decomposed layer</th><td>block2" in (g / "report.html").read_text()
 
 
-def test_deviations_tensor_and_auto_layer(first_run, tmp_path):
+def test_deviations_tensor_and_auto_layer(first_run, tmp_path, monkeypatch):
     # --tensor deviations decomposes [max(A - M, 0), max(M - A, 0)] / s (2c channels); the
     # head still applies to the reconstruction, which is exact at full rank. --layer auto
     # at 4 mm is block1 (4 mm apart).
+    import brainage_xai.utils.env
+
     out = tmp_path / "out"
     shutil.copytree(first_run["out"], out)
+    # Less memory than the selection's estimate: a warning, and the run goes on.
+    monkeypatch.setattr(brainage_xai.utils.env, "available_memory", lambda: 10**6)
     group(first_run["bids"], out, "--layer", "auto", "--tensor", "deviations", "--ranks", "3", "3", "--lambda", "0")
+    monkeypatch.undo()
     g = out / "group"
     act = load_activation_tensor(out / ".work" / "group" / "activations" / "layer-block1_activations.json")
+    n, c, v = act.array.shape
+    text = sorted((out / "logs").glob("brainage-xai_group_*.log"))[-1].read_text()  # this run's
+    size = n * 2 * c * v * 4 / 1e9
+    assert f"selection: the deviations tensor takes {size:.1f} GB" in text
+    assert "WARNING the selection needs about" in text and "0.0 GB is available (layer block1" in text
     with np.load(g / "decomposition.npz") as npz:
         assert npz["U2"].shape == (2 * act.array.shape[1], 3) and npz["U3"].shape == (act.array.shape[2], 3)
     metrics = json.loads((g / "metrics.json").read_text())["decomposition"]

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["CACHE_VARIABLES", "configure_runtime", "container_info"]
+__all__ = ["CACHE_VARIABLES", "available_memory", "configure_runtime", "container_info"]
 
 #: The cache variables :func:`configure_runtime` manages, in the order they are resolved
 #: (``XDG_CACHE_HOME`` first: the defaults of the others lie under it).
@@ -246,3 +246,40 @@ def container_info(environ: Mapping[str, str] | None = None) -> dict | None:
             info["Tag"] = tag
         return info
     return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def available_memory(proc: str | os.PathLike = "/proc", cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
+    """Bytes of memory this process can still take, or None where that cannot be read.
+
+    The kernel's ``MemAvailable``, capped by the memory cgroup's limit minus its usage:
+    under SLURM, Docker (``--memory``) and Kubernetes the job's limit is what the
+    out-of-memory killer enforces, while ``/proc/meminfo`` shows the whole node. Both
+    cgroup v2 (``memory.max``, ``memory.current``) and v1 (``memory/memory.limit_in_bytes``,
+    ``memory/memory.usage_in_bytes``) are read; Linux only.
+    """
+    available = None
+    try:
+        for line in (Path(proc) / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    root = Path(cgroup)
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(root / limit_file), _read_int(root / usage_file)
+        if limit is not None and usage is not None and limit < 1 << 60:  # v1's "no limit" is ~2**63
+            left = max(limit - usage, 0)
+            available = left if available is None else min(available, left)
+            break
+    return available
+
