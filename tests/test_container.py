@@ -860,4 +860,16 @@ def test_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
     (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
     assert available_memory(proc, v1) == 2 * 2**30 - 5
     assert available_memory(tmp_path / "nowhere", tmp_path / "nowhere") is None
+    # SLURM on cgroup v2: the process sits in the step's cgroup, the limit on the job's.
+    (proc / "self").mkdir()
+    (proc / "self" / "cgroup").write_text("0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0\n")
+    job = tmp_path / "host"
+    task = job / "system.slice" / "slurmstepd.scope" / "job_7" / "step_0" / "user" / "task_0"
+    task.mkdir(parents=True)
+    for folder in (task, task.parent):
+        (folder / "memory.max").write_text("max\n")
+        (folder / "memory.current").write_text(f"{2**30}\n")
+    (job / "system.slice" / "slurmstepd.scope" / "job_7" / "memory.max").write_text(f"{6 * 2**30}\n")
+    (job / "system.slice" / "slurmstepd.scope" / "job_7" / "memory.current").write_text(f"{2**30}\n")
+    assert available_memory(proc, job) == 5 * 2**30
     assert available_memory(tmp_path / "nowhere", v1) == 2 * 2**30 - 5  # the cgroup alone

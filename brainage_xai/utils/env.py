@@ -256,30 +256,60 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
 
 
+def _cgroup_dirs(proc: Path, cgroup: Path) -> list[Path]:
+    """This process's memory-cgroup folders, its own first, then each parent up to the root.
+
+    From ``/proc/self/cgroup``: ``0::/path`` (v2) or ``N:...memory...:/path`` (v1). Under
+    SLURM the job's limit sits on a parent of the step's cgroup; in a container with its
+    own cgroup namespace the path is ``/`` and the limit is at the mount's root.
+    """
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    dirs = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        base = cgroup if parts[0] == "0" and parts[1] == "" else (
+            cgroup / "memory" if "memory" in parts[1].split(",") else None)
+        if base is None:
+            continue
+        here = base / parts[2].lstrip("/")
+        while True:
+            dirs.append(here)
+            if here == base or base not in here.parents:
+                break
+            here = here.parent
+    # Without /proc/self/cgroup (or with paths not mounted here): the mount's roots.
+    return list(dict.fromkeys(dirs + [cgroup, cgroup / "memory"]))
+
+
 def available_memory(proc: str | os.PathLike = "/proc", cgroup: str | os.PathLike = "/sys/fs/cgroup") -> int | None:
     """Bytes of memory this process can still take, or None where that cannot be read.
 
-    The kernel's ``MemAvailable``, capped by the memory cgroup's limit minus its usage:
-    under SLURM, Docker (``--memory``) and Kubernetes the job's limit is what the
-    out-of-memory killer enforces, while ``/proc/meminfo`` shows the whole node. Both
-    cgroup v2 (``memory.max``, ``memory.current``) and v1 (``memory/memory.limit_in_bytes``,
-    ``memory/memory.usage_in_bytes``) are read; Linux only.
+    The kernel's ``MemAvailable``, capped by what every memory cgroup above this process
+    still allows (its limit minus its usage): under SLURM, Docker (``--memory``) and
+    Kubernetes the job's limit is what the out-of-memory killer enforces, while
+    ``/proc/meminfo`` shows the whole node. Both cgroup v2 (``memory.max``,
+    ``memory.current``) and v1 (``memory.limit_in_bytes``, ``memory.usage_in_bytes``) are
+    read; Linux only.
     """
+    proc, cgroup = Path(proc), Path(cgroup)
     available = None
     try:
-        for line in (Path(proc) / "meminfo").read_text().splitlines():
+        for line in (proc / "meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 available = int(line.split()[1]) * 1024
                 break
     except (OSError, ValueError, IndexError):
         pass
-    root = Path(cgroup)
-    for limit_file, usage_file in (("memory.max", "memory.current"),
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(root / limit_file), _read_int(root / usage_file)
-        if limit is not None and usage is not None and limit < 1 << 60:  # v1's "no limit" is ~2**63
-            left = max(limit - usage, 0)
-            available = left if available is None else min(available, left)
-            break
+    for folder in _cgroup_dirs(proc, cgroup):
+        for limit_file, usage_file in (("memory.max", "memory.current"),
+                                       ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+            limit, usage = _read_int(folder / limit_file), _read_int(folder / usage_file)
+            if limit is not None and usage is not None and limit < 1 << 60:  # v1's "no limit" is ~2**63
+                left = max(limit - usage, 0)
+                available = left if available is None else min(available, left)
     return available
-
