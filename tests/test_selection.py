@@ -226,6 +226,31 @@ def test_rank_sweep_resumes_after_interruption(cohort, tmp_path, monkeypatch):
     assert len(refits) == 10
 
 
+def test_rank_sweep_fits_its_chains_in_waves(cohort, monkeypatch):
+    # sweep_chains describes what run_rank_sweep does (benchmarks/bench_sweep_schedule.py
+    # simulates other schedules from it): wave k fits the k-th cell of every chain, each
+    # cell after the first warm-started from the one before it in its chain.
+    A, _ = cohort
+    A_tr, A_va, _ = splits(A)
+    grid = range(2, 6)
+    chains = rank_sweep_mod.sweep_chains(grid)
+    assert chains == {2: [2], 3: [3, 2], 4: [4, 3, 2], 5: [5, 4, 3, 2]}
+    real = rank_sweep_mod._fit_cell
+    calls = []
+
+    def recording(A_train, A_val, R1, R2, init, *args, **kwargs):
+        calls.append((R1, R2, init))
+        row, res = real(A_train, A_val, R1, R2, init, *args, **kwargs)
+        return row, res
+
+    monkeypatch.setattr(rank_sweep_mod, "_fit_cell", recording)
+    run_rank_sweep(A_tr, A_va, grid, quiet=True, n_jobs=1)
+    waves = [[(R1, c[k]) for R1, c in chains.items() if k < len(c)] for k in range(4)]
+    assert [(R1, R2) for R1, R2, _ in calls] == [cell for wave in waves for cell in wave]
+    for R1, R2, init in calls:
+        assert (isinstance(init, str) and init == "svd") == (R2 == R1)  # the first of a chain from the SVD, the rest warm
+
+
 def test_rank_sweep_with_targets_records_validation_mae(cohort, tmp_path):
     from brainage_xai.decomposition import fit_constrained_tucker
     from brainage_xai.selection.linear_model import predict, regression_metrics

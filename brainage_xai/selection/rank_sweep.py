@@ -284,6 +284,16 @@ def _parallel(n_jobs):
         return Parallel(n_jobs=n_jobs, return_as="list")
 
 
+def sweep_chains(grid) -> dict:
+    """The sweep's warm-start chains: ``{R1: [R2, ...]}``, each row of the grid walked down
+    from R2 = R1 (R2 <= R1), every fit starting from the one before it in its chain.
+
+    :func:`run_rank_sweep` fits them in waves: wave ``k`` is the ``k``-th cell of every
+    chain, so a wave lasts as long as its slowest cell (usually the largest R1).
+    """
+    return {R1: [R2 for R2 in reversed(grid) if R2 <= R1] for R1 in grid}
+
+
 def run_rank_sweep(
     A_train,
     A_val,
@@ -364,8 +374,7 @@ def run_rank_sweep(
     rows = _read_finished(out_tsv, fingerprint, grid) if out_tsv is not None else {}
     n_resumed = len(rows)
 
-    # chain[R1] = the R2 values of that row of the grid, walked down from R2 = R1.
-    chains = {R1: [R2 for R2 in reversed(grid) if R2 <= R1] for R1 in grid}
+    chains = sweep_chains(grid)
     todo = sum(1 for R1, ch in chains.items() for R2 in ch if (R1, R2) not in rows)
     settings = {
         "constraints": constraints,
