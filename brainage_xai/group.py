@@ -565,10 +565,10 @@ def _check_selection_memory(shape, tensor: str, layer: str) -> None:
     A warning, not an error: the estimate is a measured ratio, not a bound, and a run
     that is killed by the out-of-memory killer resumes from its stamps.
     """
+    from .selection import decomposed_nbytes
     from .utils.env import available_memory
 
-    n, c, v = shape
-    size = n * (2 * c if tensor == "deviations" else c) * v * 4
+    size = decomposed_nbytes(shape, tensor)
     need = SELECTION_MEMORY_FACTOR * size
     free = available_memory()
     LOGGER.info("selection: the %s tensor takes %.1f GB; the selection needs about %.1f GB (%s available)",
@@ -577,7 +577,7 @@ def _check_selection_memory(shape, tensor: str, layer: str) -> None:
         LOGGER.warning(
             "the selection needs about %.1f GB of memory but %.1f GB is available (layer %s, "
             "%d subjects): give the job more memory, or choose a coarser --layer",
-            need / 1e9, free / 1e9, layer, n,
+            need / 1e9, free / 1e9, layer, shape[0],
         )
 
 

@@ -451,6 +451,13 @@ def test_deviation_splits_use_the_training_split_only(rng, tmp_path):
     assert list(tensors) == ["train", "val", "test"]
     for split, r in rows.items():
         np.testing.assert_array_equal(tensors[split], deviation_tensor(np.asarray(A[r]), centre, scale))
+    # The group level's memory estimate counts what these tensors take.
+    from brainage_xai.selection import decomposed_nbytes
+
+    assert decomposed_nbytes(A.shape, "deviations") == sum(t.nbytes for t in tensors.values())
+    assert decomposed_nbytes(A.shape, "activations") == A.nbytes
+    with pytest.raises(ValueError, match="tensor must be one of"):
+        decomposed_nbytes(A.shape, "deviation")
 
 
 def test_linear_model_is_a_model_on_roi_loadings(cohort):

@@ -17,13 +17,21 @@ from .linear_model import (
 )
 from .rank_sweep import choose_ranks, run_rank_sweep
 from .scree import compute_scree, scree_drop
-from .tensor import TENSORS, channel_scale, deviation_head, deviation_splits, deviation_tensor
+from .tensor import (
+    TENSORS,
+    channel_scale,
+    decomposed_nbytes,
+    deviation_head,
+    deviation_splits,
+    deviation_tensor,
+)
 from .workflow import run_selection, write_final, write_scree
 
 __all__ = [
     "TENSORS",
     "FinalModel",
     "channel_scale",
+    "decomposed_nbytes",
     "deviation_head",
     "deviation_splits",
     "deviation_tensor",

@@ -77,6 +77,18 @@ def deviation_tensor(A, centre, scale=None) -> np.ndarray:
     return out
 
 
+def decomposed_nbytes(shape, tensor: str) -> int:
+    """Bytes of the float32 tensor the selection decomposes for activations of ``shape``.
+
+    ``(n, c, v)`` activations give an ``(n, c, v)`` tensor, or ``(n, 2 c, v)`` as
+    ``"deviations"`` (:func:`deviation_tensor`).
+    """
+    if tensor not in TENSORS:
+        raise ValueError(f"tensor must be one of {TENSORS}; got {tensor!r}")
+    n, c, v = shape
+    return n * (2 * c if tensor == "deviations" else c) * v * np.dtype(np.float32).itemsize
+
+
 def deviation_splits(array, rows: dict) -> tuple[dict, np.ndarray, np.ndarray]:
     """Deviation tensors of every split, centred and scaled by the training split.
 
