@@ -24,6 +24,7 @@ shift
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 n=${N_SUBJECTS:-200}
+jobs=${JOBS:-8}
 bids=$out/bids
 res=$out/results
 common=(--resolution 2 --random-seed 0 --quiet --skip-bids-validation)
@@ -38,7 +39,7 @@ step() {  # step NAME COMMAND...: run and time one step, stop on failure
 }
 
 participants() {
-    seq -f %03g 1 "$n" | xargs -n $(((n + ${JOBS:-8} - 1) / ${JOBS:-8})) -P "${JOBS:-8}" \
+    seq -f %03g 1 "$n" | xargs -n $(((n + jobs - 1) / jobs)) -P "$jobs" \
         "$py" -m brainage_xai "$bids" "$res" participant "${common[@]}" --participant-label
 }
 
