@@ -135,16 +135,17 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
     Returns an ``(n_nets, regions)`` array. Each network gets PyTorch's default
     initialisation under its own seed and is used in eval mode (unit BN statistics);
     its training-set activations of ``layer`` (or their channel-scaled deviations, as
-    the run's ``--tensor``) are scaled to the trained tensor's norm, then decomposed at the run's
+    the run's ``--tensor``; with ``relevance``, weighted by that network's own output
+    gradient) are scaled to the trained tensor's norm, then decomposed at the run's
     ranks and λ exactly as the run's final fit.
     """
     import torch
 
-    from brainage_xai.activations import iter_activations
+    from brainage_xai.activations import gradient_rms, iter_activations
     from brainage_xai.decomposition import fit_constrained_tucker
     from brainage_xai.model.network import build_network
     from brainage_xai.rois import roi_maps
-    from brainage_xai.selection import channel_scale, deviation_tensor
+    from brainage_xai.selection import channel_scale, deviation_tensor, relevance_weight
 
     dev, model, meta, x, which, _ = inputs
     train = torch.from_numpy(np.ascontiguousarray(x[which == "train"][:, None]))
@@ -152,9 +153,13 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
     def tensor_of(net):
         act = np.concatenate(list(iter_activations(net, train, layer, device=dev)))
         act = act.reshape(act.shape[0], act.shape[1], -1).astype(np.float32)
-        if tensor != "deviations":
+        if tensor == "activations":
             return act
-        return deviation_tensor(act, act.mean(axis=0), channel_scale(act))
+        scale, weight = channel_scale(act), None
+        if tensor == "relevance":
+            g = gradient_rms(net, train, layer, device=dev)
+            weight = relevance_weight(g.reshape(g.shape[0], -1), scale)
+        return deviation_tensor(act, act.mean(axis=0), scale, weight)
 
     norm = float(np.linalg.norm(tensor_of(model)))
     r1, r2 = (int(r) for r in dec["rank"])

@@ -17,7 +17,9 @@ A diagnostic for issue 6 on the simulated cohort, from an existing run's trained
 - for the baseline (``activations``, the paper's tensor) and ``deviations`` (each
   subject's deviation from the training mean, each channel in units of its spread,
   ``--tensor deviations``; ``deviations-unscaled`` leaves the channels as they are, as
-  before the scaling was added), at each rank (``R`` for R1 = R2, or ``R1xR2``) and
+  before the scaling was added; ``relevance``, the deviations weighted by the network's
+  output gradient, ``--tensor relevance``; ``relevance-full`` the same with the weight's
+  power 1 instead of 0.5: each deviation's expected contribution), at each rank (``R`` for R1 = R2, or ``R1xR2``) and
   λ (``--lambdas``, default 0; in the units of the group run's own sweep, which
   decomposes the same tensor): the best correlation of any RoI with each region, the median
   best / ceiling over the planted regions, and the test MAE of the linear model on the
@@ -26,7 +28,7 @@ A diagnostic for issue 6 on the simulated cohort, from an existing run's trained
 Run::
 
     python benchmarks/bench_layers.py --bids BIDS --output OUT [--layers block1,...] [--ranks 5,8x6] \
-        [--lambdas 0,0.1] [--tensors activations,deviations,deviations-unscaled]
+        [--lambdas 0,0.1] [--tensors activations,deviations,deviations-unscaled,relevance,relevance-full]
 """
 
 from __future__ import annotations
@@ -47,8 +49,14 @@ def main(argv=None) -> int:
     from bench_explanations import _inputs
 
     from brainage_xai import rois
-    from brainage_xai.activations import iter_activations
-    from brainage_xai.selection import channel_scale, deviation_tensor, fit_final
+    from brainage_xai.activations import gradient_rms, iter_activations
+    from brainage_xai.selection import (
+        RELEVANCE_POWER,
+        channel_scale,
+        deviation_tensor,
+        fit_final,
+        relevance_weight,
+    )
     from brainage_xai.templates import get_template
     from brainage_xai.utils.io import read_tsv
 
@@ -60,11 +68,12 @@ def main(argv=None) -> int:
                    help="comma-separated: R (R1 = R2 = R) or R1xR2")
     p.add_argument("--lambdas", default="0", help="comma-separated l1 penalties on U3")
     p.add_argument("--tensors", default="activations,deviations",
-                   help="comma-separated: activations, deviations, deviations-unscaled")
+                   help="comma-separated: activations, deviations, deviations-unscaled, "
+                   "relevance, relevance-full")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     tensors = args.tensors.split(",")
-    unknown = set(tensors) - {"activations", "deviations", "deviations-unscaled"}
+    unknown = set(tensors) - {"activations", "deviations", "deviations-unscaled", "relevance", "relevance-full"}
     if unknown:
         p.error(f"--tensors: unknown {', '.join(sorted(unknown))}")
     try:
@@ -118,9 +127,14 @@ def main(argv=None) -> int:
         centre = A[which == "train"].mean(axis=0)
         for tensor in tensors:
             T = {s: np.ascontiguousarray(A[which == s]) for s in ("train", "val", "test")}
-            if tensor.startswith("deviations"):
+            if tensor != "activations":
                 scale = None if tensor == "deviations-unscaled" else channel_scale(T["train"])
-                T = {s: deviation_tensor(a, centre, scale) for s, a in T.items()}
+                weight = None
+                if tensor.startswith("relevance"):
+                    g = gradient_rms(model, X[which == "train"], layer, batch_size=16, device=dev)
+                    weight = relevance_weight(g.reshape(g.shape[0], -1), scale,
+                                              power=1.0 if tensor == "relevance-full" else RELEVANCE_POWER)
+                T = {s: deviation_tensor(a, centre, scale, weight) for s, a in T.items()}
             for (R1, R2), lam in [(r, v) for r in ranks for v in lambdas]:
                 t0 = time.perf_counter()
                 fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],

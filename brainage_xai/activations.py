@@ -124,6 +124,50 @@ def iter_activations(
         model.train(was_training)
 
 
+
+def gradient_rms(
+    model: PreActResNet3d,
+    x: torch.Tensor,
+    layer: str | None = None,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    target: int = 0,
+) -> np.ndarray:
+    """Root mean square over subjects of the output's gradient with respect to ``layer``.
+
+    For every channel and feature voxel of the activation ``layer``, how strongly the
+    prediction (output column ``target``) moves when that activation moves, averaged
+    over the inputs ``x`` ``(n, 1, *grid)`` (the training subjects) as
+    ``sqrt(mean_n (d y_n / d A_n[c, v])²)``. Computed with Captum's
+    ``LayerGradientXActivation(multiply_by_inputs=False)`` (the layer gradient) on the
+    network in eval mode, one batch at a time; accumulated in float64.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(c, *feature_grid)`` float64, non-negative.
+    """
+    from captum.attr import LayerGradientXActivation
+
+    layer = _check_layer(model, layer)
+    if x.shape[0] == 0:
+        raise DataError("no inputs to take the gradient over")
+    device = torch.device(device)
+    was_training = model.training
+    model.eval().to(device)
+    explainer = LayerGradientXActivation(model, model.activation_module(layer), multiply_by_inputs=False)
+    total = None
+    try:
+        for start in range(0, x.shape[0], batch_size):
+            batch = x[start : start + batch_size].to(device)
+            grad = explainer.attribute(batch, target=target).detach().double()
+            square = (grad**2).sum(dim=0).cpu().numpy()
+            total = square if total is None else total + square
+    finally:
+        model.train(was_training)
+    return np.sqrt(total / x.shape[0])
+
+
 def tensor_paths(folder: str | os.PathLike, layer: str) -> tuple[Path, Path]:
     """The ``.npy`` and ``.json`` of the activation tensor of ``layer`` in ``folder``."""
     base = Path(folder) / f"layer-{layer}_activations"

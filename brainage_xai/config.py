@@ -40,7 +40,7 @@ class Config:
     allow_resample: bool = False  # resample maps whose grid is MNI but not the model's
     model: Path | None = None
     layer: str | None = None
-    tensor: str = "activations"  # or "deviations": what the decomposition is fitted to
+    tensor: str = "activations"  # or "deviations", "relevance": what the decomposition is fitted to
     ranks: tuple[int, int] | None = None
     l1: float | None = None  # --lambda
     rank_grid: list[int] | None = None

@@ -581,6 +581,16 @@ def _check_selection_memory(shape, tensor: str, layer: str) -> None:
         )
 
 
+def _gradient_rms(ctx: GroupContext, train_rows) -> np.ndarray:
+    """The training subjects' output gradient at the decomposed layer, ``(c, v)`` (``--tensor relevance``)."""
+    from .activations import gradient_rms
+
+    x = _standardised_inputs(ctx)[np.asarray(train_rows)]
+    LOGGER.info("selection: output gradient at %s over %d training subjects", ctx.activations.layer, len(x))
+    g = gradient_rms(ctx.model, x, ctx.activations.layer, device=ctx.device)
+    return g.reshape(g.shape[0], -1)
+
+
 def stage_selection(ctx: GroupContext) -> None:
     """Scree, rank sweep, λ sweep and the final decomposition (:func:`run_selection`)."""
     from .prediction import columns
@@ -618,6 +628,13 @@ def stage_selection(ctx: GroupContext) -> None:
         A, centre, scale = deviation_splits(act.array, rows)
         if head is not None:
             head = deviation_head(head, centre.mean(axis=1), scale)
+    elif config.tensor == "relevance":
+        A, _, _ = deviation_splits(act.array, rows, gradient_rms=_gradient_rms(ctx, rows["train"]))
+        if head is not None:
+            # The weight varies over voxels, so the voxel average of the reconstruction
+            # no longer gives the head's input: that comparison is left out.
+            LOGGER.info("selection: --tensor relevance: the network head on the reconstruction is not computed")
+            head = None
     else:
         A = {s: np.asarray(act.array[r]) for s, r in rows.items()}
     LOGGER.info("selection: %s tensor %s per split %s", config.tensor, A["train"].shape[1:],
@@ -773,7 +790,8 @@ def _summary(ctx: GroupContext) -> dict:
         "Decomposed tensor": (
             "the activations (as in the paper)" if config.tensor == "activations" else
             "deviations from the training mean activation, positive and negative parts "
-            f"({2 * act.array.shape[1]} channels)"),
+            f"({2 * act.array.shape[1]} channels)"
+            + (", weighted by the network's output gradient" if config.tensor == "relevance" else "")),
         "Ranks": f"R1 = {sel['ranks'][0]}, R2 = {sel['ranks'][1]} ({sel['rank_rule']})",
         "l1 penalty (lambda)": f"{sel['lambda']:.4g} ({sel['lambda_rule']})",
         "Test MAE": "; ".join(f"{PREDICTORS[k]} {v['mae']:.2f}" for k, v in test.items()),
@@ -800,6 +818,7 @@ def stage_report(ctx: GroupContext) -> None:
     from .reports.group import (
         DEFAULT_METHODS,
         DEVIATIONS_METHODS,
+        RELEVANCE_METHODS,
         render_group_report,
         subject_rois,
     )
@@ -823,7 +842,8 @@ def stage_report(ctx: GroupContext) -> None:
         "title": f"brainage-xai group report: {config.map} map, {', '.join(ctx.targets.columns)}",
         "summary": _summary(ctx),
         "methods": DEFAULT_METHODS.format(target=target)
-        + (DEVIATIONS_METHODS if config.tensor == "deviations" else ""),
+        + (DEVIATIONS_METHODS if config.tensor in ("deviations", "relevance") else "")
+        + (RELEVANCE_METHODS if config.tensor == "relevance" else ""),
         "metrics": _metrics_table(ctx),
         "predictions": ctx.predictions,
         "target": target,

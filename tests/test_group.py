@@ -385,6 +385,30 @@ def test_deviations_tensor_and_auto_layer(first_run, tmp_path, monkeypatch):
     assert np.isfinite(test["network_head_on_reconstruction"]["mae"])
 
 
+
+def test_relevance_tensor(first_run, tmp_path):
+    # --tensor relevance: the deviations weighted by the training subjects' output
+    # gradient. The weight varies over voxels, so the head cannot be applied to the
+    # voxel average of the reconstruction: that metric is left out, with a log line.
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    group(first_run["bids"], out, "--tensor", "relevance", "--ranks", "2", "2", "--lambda", "0")
+    g = out / "group"
+    act = load_activation_tensor(out / ".work" / "group" / "activations" / "layer-block3_activations.json")
+    n_train = int((np.asarray(act.split) == "train").sum())
+    text = sorted((out / "logs").glob("brainage-xai_group_*.log"))[-1].read_text()
+    assert f"selection: output gradient at block3 over {n_train} training subjects" in text
+    assert "the network head on the reconstruction is not computed" in text
+    with np.load(g / "decomposition.npz") as npz:
+        assert npz["U2"].shape == (2 * act.array.shape[1], 2)
+    metrics = json.loads((g / "metrics.json").read_text())["decomposition"]
+    assert metrics["tensor"] == "relevance"
+    assert set(metrics["metrics"]["age"]["test"]) == {"network", "linear_model_on_decomposition", "mean_predictor"}
+    page = (g / "report.html").read_text()
+    assert "weighted by the network&#39;s output gradient" in page or "weighted by the network's output gradient" in page
+    assert "Unlike the original method" in page and "the network ignores does not form RoIs" in page
+
+
 def test_too_few_subjects_is_a_data_error_before_any_work(first_run, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))

@@ -162,3 +162,38 @@ def test_load_maps_checks_grid(tmp_path, rng):
         load_maps(paths)
     with pytest.raises(DataError, match="expected a 3D map"):
         check_grid((*SHAPE, 3), affine, SHAPE, affine)
+
+
+def test_gradient_rms_is_the_output_gradient_over_subjects(rng):
+    # The relevance weight's input (--tensor relevance): sqrt(mean_n (dy_n / dA_n[c, v])^2).
+    from brainage_xai.activations import gradient_rms
+
+    net = small_net(seed=2)
+    # Non-trivial BN statistics, as in a trained network.
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = inputs(rng, n=5)
+    # The last layer feeds global average pooling and a linear head: the gradient is
+    # head weight / voxels at every voxel and for every subject.
+    g = gradient_rms(net, x, "block3", batch_size=2)
+    grid = feature_geometry(net, net.activation_module_name("block3"), SHAPE).feature_shape
+    assert g.shape == (6, *grid) and g.dtype == np.float64
+    w = net.head.weight.detach().numpy()[0].astype(np.float64)
+    np.testing.assert_allclose(g, np.broadcast_to((np.abs(w) / np.prod(grid))[:, None, None, None], g.shape), rtol=1e-5)
+    # An earlier layer: against autograd through a forward hook, one subject at a time.
+    captured = {}
+    handle = net.activation_module("block2").register_forward_hook(lambda m, i, o: captured.update(a=o))
+    squares = []
+    for k in range(x.shape[0]):
+        y = net(x[k : k + 1])[0, 0]
+        squares.append(torch.autograd.grad(y, captured["a"])[0][0].double().numpy() ** 2)
+    handle.remove()
+    expected = np.sqrt(np.mean(squares, axis=0))
+    g2 = gradient_rms(net, x, "block2", batch_size=3)
+    assert expected.std() > 0  # varies over voxels: not the last layer's constant
+    np.testing.assert_allclose(g2, expected, rtol=1e-4, atol=1e-9)
+    assert not net.training
+    with pytest.raises(DataError, match="no inputs"):
+        gradient_rms(net, x[:0], "block2")

@@ -596,3 +596,47 @@ def test_run_selection_torch_float32_two_targets(cohort, tmp_path):
     pred = final.predictions["test"]["linear_model_on_decomposition"]
     np.testing.assert_allclose(pred[:, 1], 100 - 0.5 * pred[:, 0], atol=1e-6)
     assert len(out["lambda_sweep"]) == 2
+
+
+def test_relevance_weighted_deviations(rng, tmp_path):
+    # --tensor relevance: the scaled deviations times ((g * s) ** 0.5 / mean), g the
+    # training subjects' output gradient. Where the network ignores an activation
+    # (g = 0) the tensor is zero, however much that activation varies.
+    from brainage_xai.selection import (
+        RELEVANCE_POWER,
+        channel_scale,
+        decomposed_nbytes,
+        deviation_splits,
+        deviation_tensor,
+        relevance_weight,
+    )
+
+    assert RELEVANCE_POWER == 0.5
+    path = tmp_path / "A.npy"
+    np.save(path, (rng.random((9, 3, 11)) * np.array([1.0, 10.0, 0.1])[None, :, None]).astype(np.float32))
+    A = np.load(path, mmap_mode="r")
+    rows = {"train": np.array([0, 2, 4, 6, 8]), "val": np.array([1, 5]), "test": np.array([3, 7])}
+    g = rng.random((3, 11))
+    g[:, :4] = 0.0  # voxels the prediction does not depend on
+    train = np.asarray(A[rows["train"]])
+    scale = channel_scale(train)
+    w = relevance_weight(g, scale)
+    expected = np.sqrt(g * scale[:, None])
+    np.testing.assert_allclose(w, expected / expected.mean(), rtol=1e-5)
+    assert w.dtype == np.float32 and w.mean() == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(relevance_weight(g, scale, power=1.0), g * scale[:, None] / (g * scale[:, None]).mean(), rtol=1e-5)
+    tensors, centre, scale2 = deviation_splits(A, rows, gradient_rms=g)
+    np.testing.assert_allclose(scale2, scale)
+    plain, _, _ = deviation_splits(A, rows)
+    for split, r in rows.items():
+        np.testing.assert_array_equal(tensors[split], deviation_tensor(np.asarray(A[r]), centre, scale, w))
+        # Each part is the plain (channel-scaled) deviation times the weight.
+        np.testing.assert_allclose(tensors[split], plain[split] * np.concatenate([w, w])[None], rtol=1e-5, atol=1e-7)
+        assert not tensors[split][:, :, :4].any() and plain[split][:, :, :4].any()
+    assert decomposed_nbytes(A.shape, "relevance") == sum(t.nbytes for t in tensors.values())
+    with pytest.raises(ValueError, match="zero gradient"):
+        relevance_weight(np.zeros((3, 11)), scale)
+    with pytest.raises(ValueError, match="gradient_rms must be"):
+        relevance_weight(g[:, :5].ravel(), scale)
+    with pytest.raises(ValueError, match="weight must be"):
+        deviation_tensor(train, centre, scale, w[:, :5])

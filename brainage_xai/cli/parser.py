@@ -171,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: the last (the paper's)",
     )
     g.add_argument(
-        "--tensor", choices=("activations", "deviations"), default="activations",
-        help="what is decomposed: the activations (the paper's) or each subject's deviation "
+        "--tensor", choices=("activations", "deviations", "relevance"), default="activations",
+        help="what is decomposed: the activations (the paper's); each subject's deviation "
         "from the training mean, split into positive and negative parts (finds where subjects "
-        "differ rather than where activations are large; docs/decomposition.md)",
+        "differ rather than where activations are large); or those deviations weighted by how "
+        "much the prediction depends on each channel and voxel (also leaves out what varies "
+        "but the network ignores; docs/decomposition.md)",
     )
     g.add_argument("--ranks", nargs=2, type=_positive_int, metavar=("R1", "R2"), help="decomposition ranks; skips the rank sweep")
     g.add_argument("--lambda", dest="l1", type=_non_negative_float, metavar="L", help="l1 penalty on the spatial factor; skips the lambda sweep")

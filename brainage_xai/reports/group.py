@@ -94,6 +94,16 @@ DEVIATIONS_METHODS = (
     "are large."
 )
 
+#: Added after :data:`DEVIATIONS_METHODS` when ``--tensor relevance`` was used.
+RELEVANCE_METHODS = (
+    " Each channel and voxel of these deviations was further weighted by the square root "
+    "of how far the network's prediction moves for a one-spread change of that activation "
+    "(the root mean square over the training subjects of the output's gradient with "
+    "respect to the activation, times the channel's standard deviation; weights normalised "
+    "to mean 1), so that tissue that varies between subjects but that the network ignores "
+    "does not form RoIs."
+)
+
 CITATIONS = [
     "He K, Zhang X, Ren S, Sun J (2016). Identity mappings in deep residual networks. ECCV.",
     "Kossaifi J, Panagakis Y, Anandkumar A, Pantic M (2016). TensorLy: Tensor learning in "

@@ -18,16 +18,19 @@ from .linear_model import (
 from .rank_sweep import choose_ranks, run_rank_sweep
 from .scree import compute_scree, scree_drop
 from .tensor import (
+    RELEVANCE_POWER,
     TENSORS,
     channel_scale,
     decomposed_nbytes,
     deviation_head,
     deviation_splits,
     deviation_tensor,
+    relevance_weight,
 )
 from .workflow import run_selection, write_final, write_scree
 
 __all__ = [
+    "RELEVANCE_POWER",
     "TENSORS",
     "FinalModel",
     "channel_scale",
@@ -35,6 +38,7 @@ __all__ = [
     "deviation_head",
     "deviation_splits",
     "deviation_tensor",
+    "relevance_weight",
     "choose_lambda",
     "choose_ranks",
     "compute_scree",
