@@ -308,6 +308,12 @@ def test_r2_among_equal_candidates_is_chosen_by_validation_mae():
     # Equal MAE: the smaller R2. R2 = 3 is not within 1%, however well it predicts.
     assert choose_ranks(_sweep_table({(6, 4): 3.0, (6, 6): 3.0}))["R2"] == 4
     assert choose_ranks(_sweep_table({(6, 3): 1.0, (6, 4): 5.0, (6, 6): 3.0}))["R2"] == 6
+    # Every R2 up to R1 within 1% competes, not only those a rule names: R2 = 5 is no
+    # knee, scree drop or R1, but reconstructs as well and predicts best.
+    among = choose_ranks(_sweep_table({(6, 4): 5.0, (6, 5): 2.0, (6, 6): 3.0}))
+    assert 5 not in among["numbers"]["R2_candidates"].values()
+    assert (among["R1"], among["R2"]) == (6, 5)
+    assert "R2 = 5: smallest validation MAE" in among["rule"]
 
 
 def test_rank_sweep_parallel_equals_serial(cohort):
