@@ -586,8 +586,10 @@ def _gradient_rms(ctx: GroupContext, train_rows) -> np.ndarray:
     from .activations import gradient_rms
 
     x = _standardised_inputs(ctx)[np.asarray(train_rows)]
-    LOGGER.info("selection: output gradient at %s over %d training subjects", ctx.activations.layer, len(x))
-    g = gradient_rms(ctx.model, x, ctx.activations.layer, device=ctx.device)
+    # The first target's output: the one the report explains.
+    LOGGER.info("selection: output gradient (%s) at %s over %d training subjects",
+                ctx.targets.columns[0], ctx.activations.layer, len(x))
+    g = gradient_rms(ctx.model, x, ctx.activations.layer, device=ctx.device, target=0)
     return g.reshape(g.shape[0], -1)
 
 

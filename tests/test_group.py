@@ -397,7 +397,7 @@ def test_relevance_tensor(first_run, tmp_path):
     act = load_activation_tensor(out / ".work" / "group" / "activations" / "layer-block3_activations.json")
     n_train = int((np.asarray(act.split) == "train").sum())
     text = sorted((out / "logs").glob("brainage-xai_group_*.log"))[-1].read_text()
-    assert f"selection: output gradient at block3 over {n_train} training subjects" in text
+    assert f"selection: output gradient (age) at block3 over {n_train} training subjects" in text
     assert "the network head on the reconstruction is not computed" in text
     with np.load(g / "decomposition.npz") as npz:
         assert npz["U2"].shape == (2 * act.array.shape[1], 2)
