@@ -13,6 +13,7 @@
 #   4. bench_explanations.py with RANDOM_NETWORKS (default 3) random-weight networks,
 #      PERMUTATIONS (default 100) permutations and the planted-mask occlusion control;
 #      its tables go to OUT_DIR/bench_explanations.json.
+# RESOLUTION (default 2) runs the same steps at another resolution (4: the demo's).
 # Prints the wall time of each step (also in OUT_DIR.times) and the group level's stages
 # from its log. The group level resumes where it stopped, so the script can be rerun on
 # the same OUT_DIR after a time limit. It needs a GPU (the network trains on
@@ -27,7 +28,8 @@ n=${N_SUBJECTS:-200}
 jobs=${JOBS:-8}
 bids=$out/bids
 res=$out/results
-common=(--resolution 2 --random-seed 0 --quiet --skip-bids-validation)
+resolution=${RESOLUTION:-2}
+common=(--resolution "$resolution" --random-seed 0 --quiet --skip-bids-validation)
 
 step() {  # step NAME COMMAND...: run and time one step, stop on failure
     local name=$1 t0 rc=0
@@ -47,7 +49,7 @@ mkdir -p "$out"
 : > "$out.times"
 "$py" -c 'import torch, brainage_xai; print("brainage-xai", brainage_xai.__version__, "torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")'
 [ -e "$bids/participants.tsv" ] ||
-    step simulate "$py" -m brainage_xai.simulate "$bids" --resolution 2 --n-subjects "$n" --seed 0 --quiet
+    step simulate "$py" -m brainage_xai.simulate "$bids" --resolution "$resolution" --n-subjects "$n" --seed 0 --quiet
 [ -n "$(ls "$res"/sub-*.html 2>/dev/null)" ] || step participant participants
 rc=0
 step group "$py" -m brainage_xai "$bids" "$res" group "${common[@]}" \
