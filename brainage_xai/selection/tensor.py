@@ -31,8 +31,8 @@ ignores (the simulated cohort's decoy) then stays out of the decomposition, whic
 plain deviations spend components on. With power 1 the tensor is each deviation's
 expected contribution to the prediction; the square root (0.5) keeps more of the
 deviations' spatial coherence (gradients are noisy voxel by voxel): on the simulated
-cohort it kept the planted regions as well placed as the plain deviations, where power 1
-lost two of them (docs/report.md). See docs/decomposition.md and docs/report.md.
+cohort it kept the planted regions about as well placed as the plain deviations, where
+power 1 placed two of them worse (docs/report.md). See docs/decomposition.md and docs/report.md.
 """
 
 from __future__ import annotations
