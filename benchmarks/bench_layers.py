@@ -25,10 +25,16 @@ A diagnostic for issue 6 on the simulated cohort, from an existing run's trained
   best / ceiling over the planted regions, and the test MAE of the linear model on the
   loadings.
 
+``--seeds`` refits each cell with several random states and ``--svd-power-iter`` with
+other numbers of subspace iterations in the SVD start (default: the package's,
+``SVD_POWER_ITER``; 0 is the start before stop 13), printing the training error: whether
+the fit, and so the RoIs, depend on the seed (docs/decomposition.md, "Initialisation").
+
 Run::
 
     python benchmarks/bench_layers.py --bids BIDS --output OUT [--layers block1,...] [--ranks 5,8x6] \
-        [--lambdas 0,0.1] [--tensors activations,deviations,deviations-unscaled,relevance,relevance-full]
+        [--lambdas 0,0.1] [--tensors activations,deviations,deviations-unscaled,relevance,relevance-full] \\
+        [--seeds 0,1,2,3] [--svd-power-iter 0,4]
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ def main(argv=None) -> int:
 
     from brainage_xai import rois
     from brainage_xai.activations import gradient_rms, iter_activations
+    from brainage_xai.decomposition import _solver
     from brainage_xai.selection import (
         RELEVANCE_POWER,
         channel_scale,
@@ -70,6 +77,9 @@ def main(argv=None) -> int:
     p.add_argument("--tensors", default="activations,deviations",
                    help="comma-separated: activations, deviations, deviations-unscaled, "
                    "relevance, relevance-full")
+    p.add_argument("--seeds", default="0", help="comma-separated random states of the fit")
+    p.add_argument("--svd-power-iter", default=None,
+                   help="comma-separated subspace iterations of the SVD start (default: the package's)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     tensors = args.tensors.split(",")
@@ -80,11 +90,15 @@ def main(argv=None) -> int:
         ranks = [tuple(int(v) for v in r.split("x")) * (2 if "x" not in r else 1)
                  for r in args.ranks.split(",")]
         lambdas = [float(v) for v in args.lambdas.split(",")]
+        seeds = [int(v) for v in args.seeds.split(",")]
+        powers = [None] if args.svd_power_iter is None else [int(v) for v in args.svd_power_iter.split(",")]
     except ValueError:
-        p.error(f"--ranks must be R or R1xR2 and --lambdas numbers; got {args.ranks!r}, {args.lambdas!r}")
+        p.error(f"--ranks must be R or R1xR2, --lambdas numbers, --seeds and --svd-power-iter integers; "
+                f"got {args.ranks!r}, {args.lambdas!r}, {args.seeds!r}, {args.svd_power_iter!r}")
     if any(len(r) != 2 for r in ranks):
         p.error(f"--ranks: each entry is R or R1xR2; got {args.ranks!r}")
 
+    default_power = _solver.SVD_POWER_ITER
     bids, out = Path(args.bids), Path(args.output)
     truth_img = nib.load(bids / "sourcedata/simulation/planted_dseg.nii.gz")
     resolution = float(abs(truth_img.affine[0, 0]))
@@ -135,10 +149,14 @@ def main(argv=None) -> int:
                     weight = relevance_weight(g.reshape(g.shape[0], -1), scale,
                                               power=1.0 if tensor == "relevance-full" else RELEVANCE_POWER)
                 T = {s: deviation_tensor(a, centre, scale, weight) for s, a in T.items()}
-            for (R1, R2), lam in [(r, v) for r in ranks for v in lambdas]:
+            cells = [(r, v, q, k) for r in ranks for v in lambdas for q in powers for k in seeds]
+            for (R1, R2), lam, power, seed in cells:
                 t0 = time.perf_counter()
+                _solver.SVD_POWER_ITER = default_power if power is None else power
                 fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],
-                                age[which == "val"], age[which == "test"], (R1, R2), lam)
+                                age[which == "val"], age[which == "test"], (R1, R2), lam,
+                                random_state=seed)
+                _solver.SVD_POWER_ITER = default_power
                 u3 = np.asarray(fit.result.factors[2])
                 up = rois.roi_maps(u3, geo, brain)
                 best = [max(rois.spatial_correlation(u, m, brain) for u in up) for m in masks]
@@ -146,6 +164,8 @@ def main(argv=None) -> int:
                 mae = fit.metrics["test"]["linear_model_on_decomposition"]["mae"]
                 label = f"R{R1}" if R1 == R2 else f"R{R1}x{R2}"
                 label += f" l1 {lam:g}" if len(lambdas) > 1 or lam else ""
+                label += f" svd-power {power}" if power is not None else ""
+                label += f" seed {seed} (train error {fit.errors['train']:.5f})" if len(seeds) > 1 else ""
                 print(f"  {tensor:19s} {label:<4s} " + "  ".join(f"{n[:10]} {b:.2f}" for n, b in zip(names, best))
                       + f"  | median/ceiling {ratio:.2f} | linear model test MAE {mae:.2f}"
                       + f" | {time.perf_counter() - t0:.0f} s")

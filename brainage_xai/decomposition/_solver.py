@@ -310,18 +310,20 @@ def _range_svd(bk, apply, apply_t, Y, k, power_iter, gram=None):
 SVD_POWER_ITER = 4
 
 
-def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=SVD_POWER_ITER, oversample=10):
+def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=None, oversample=10):
     """Leading singular vectors of the three unfoldings, made non-negative.
 
     Randomised range finder whose test matrices are Khatri-Rao products of small
     Gaussian matrices, so that the first product is an MTTKRP and nothing of size
     ``c v``, ``n v`` or ``n c`` is drawn on the host, refined by ``power_iter``
-    subspace iterations (Halko et al. 2011) so that the result is the SVD's, not the
-    seed's. Like TensorLy's ``'svd'`` init for non-negative CP, each vector is
+    subspace iterations (Halko et al. 2011; default :data:`SVD_POWER_ITER`, read at
+    call time) so that the result is the SVD's, not the seed's. Like TensorLy's ``'svd'`` init for non-negative CP, each vector is
     sign-fixed and replaced by its absolute value (``U3`` always; ``U1``, ``W`` with
     ``nonneg``).
     """
     n, c, v = shape
+    if power_iter is None:
+        power_iter = SVD_POWER_ITER
 
     def gauss(*dims):
         return bk.asarray(rng.standard_normal(dims))
