@@ -124,7 +124,6 @@ def iter_activations(
         model.train(was_training)
 
 
-
 def gradient_rms(
     model: PreActResNet3d,
     x: torch.Tensor,

@@ -448,20 +448,13 @@ def _knee(x, y) -> int | None:
     return None if knee is None else int(round(float(knee)))
 
 
-def _parsimonious(candidates: dict, curve: dict, tolerance: float, mae: dict | None = None):
-    """The candidate rank chosen among those within ``tolerance`` of the best candidate.
-
-    Without ``mae`` (or where a candidate has none) the smallest such rank; with it, the
-    one of smallest validation MAE (ties: the smaller rank).
-    """
+def _parsimonious(candidates: dict, curve: dict, tolerance: float):
+    """The smallest candidate rank within ``tolerance`` of the best candidate's error."""
     valid = {name: r for name, r in candidates.items() if r is not None and r in curve}
     if not valid:
         return None, None
     best = min(curve[r] for r in valid.values())
-    ok = sorted({r for r in valid.values() if curve[r] <= best * (1 + tolerance)})
-    rank = ok[0]
-    if mae is not None and all(np.isfinite(mae.get(r, np.nan)) for r in ok):
-        rank = min(ok, key=lambda r: (mae[r], r))
+    rank = min(r for r in valid.values() if curve[r] <= best * (1 + tolerance))
     return rank, sorted(name for name, r in valid.items() if r == rank)
 
 
