@@ -139,24 +139,28 @@ def main(argv=None) -> int:
         print("  variance (/ brain):      " + "  ".join(
             f"{n[:10]} {up[m].mean() / up[brain].mean():.1f}" for n, m in zip(names, masks)))
         centre = A[which == "train"].mean(axis=0)
+        grad = None  # the training subjects' output gradient, once per layer
         for tensor in tensors:
             T = {s: np.ascontiguousarray(A[which == s]) for s in ("train", "val", "test")}
             if tensor != "activations":
                 scale = None if tensor == "deviations-unscaled" else channel_scale(T["train"])
                 weight = None
                 if tensor.startswith("relevance"):
-                    g = gradient_rms(model, X[which == "train"], layer, batch_size=16, device=dev)
-                    weight = relevance_weight(g.reshape(g.shape[0], -1), scale,
+                    if grad is None:
+                        grad = gradient_rms(model, X[which == "train"], layer, batch_size=16, device=dev)
+                    weight = relevance_weight(grad.reshape(grad.shape[0], -1), scale,
                                               power=1.0 if tensor == "relevance-full" else RELEVANCE_POWER)
                 T = {s: deviation_tensor(a, centre, scale, weight) for s, a in T.items()}
             cells = [(r, v, q, k) for r in ranks for v in lambdas for q in powers for k in seeds]
             for (R1, R2), lam, power, seed in cells:
                 t0 = time.perf_counter()
                 _solver.SVD_POWER_ITER = default_power if power is None else power
-                fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],
-                                age[which == "val"], age[which == "test"], (R1, R2), lam,
-                                random_state=seed)
-                _solver.SVD_POWER_ITER = default_power
+                try:
+                    fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],
+                                    age[which == "val"], age[which == "test"], (R1, R2), lam,
+                                    random_state=seed)
+                finally:
+                    _solver.SVD_POWER_ITER = default_power
                 u3 = np.asarray(fit.result.factors[2])
                 up = rois.roi_maps(u3, geo, brain)
                 best = [max(rois.spatial_correlation(u, m, brain) for u in up) for m in masks]
