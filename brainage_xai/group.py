@@ -283,6 +283,32 @@ def _use_given_model(ctx: GroupContext) -> None:
     LOGGER.info("model: using %s (training skipped)", source)
 
 
+def _check_ranks_fit(ctx: GroupContext, model) -> None:
+    """Refuse ranks the decomposed tensor cannot hold before any training or extraction.
+
+    The tensor has the layer's channels (twice as many for the deviation tensors) along
+    mode 2, and R2 cannot exceed them; the sweep would say so only after the network
+    had been trained (minutes on a CPU).
+    """
+    config = ctx.config
+    try:
+        layer = model.check_layer(config.layer, float(voxel_sizes(ctx.input_affine).max()))
+    except ValueError as exc:
+        raise UsageError(f"--layer: {exc}") from exc
+    channels = model.layer_channels(layer) * (1 if config.tensor == "activations" else 2)
+    if config.ranks is not None:
+        wanted, option = int(config.ranks[1]), "--ranks"
+    elif config.rank_grid:
+        wanted, option = max(config.rank_grid), "--rank-grid"
+    else:
+        return
+    if wanted > channels:
+        raise UsageError(
+            f"{option}: R2 up to {wanted} needs at least that many channels; the {config.tensor} "
+            f"tensor of {layer} has {channels}"
+        )
+
+
 def stage_model(ctx: GroupContext) -> None:
     """Train the network, or reuse the trained one, or use ``--model``."""
     from ._version import __version__
@@ -294,9 +320,11 @@ def stage_model(ctx: GroupContext) -> None:
     config = ctx.config
     if config.model is not None:
         _use_given_model(ctx)
+        _check_ranks_fit(ctx, ctx.model)
         return
     settings = _settings(config)
     architecture = _architecture(config, ctx.targets.shape[1])
+    _check_ranks_fit(ctx, build_network(architecture))
     key = ctx.key(
         inputs=ctx.inputs_sha, split=ctx.split_sha, targets=ctx.targets_sha,
         settings=settings.to_dict(), architecture=architecture, tune=config.tune,

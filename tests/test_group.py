@@ -418,3 +418,20 @@ def test_too_few_subjects_is_a_data_error_before_any_work(first_run, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "at least 10 subjects" in err and "found 6" in err and "\n" not in err
     assert not (out / "group" / "split.tsv").exists()
+
+
+def test_ranks_beyond_the_layer_are_refused_before_training(first_run, tmp_path, capsys):
+    from brainage_xai.errors import EX_USAGE
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))
+    # block1 of the test network has 4 channels: 8 in the deviations tensor, 4 in the activations
+    cases = [(["--layer", "block1", "--tensor", "deviations", "--rank-grid", "2:9"], "--rank-grid: R2 up to 9", "has 8"),
+             (["--layer", "block1", "--ranks", "3", "5"], "--ranks: R2 up to 5", "activations tensor of block1 has 4")]
+    for extra, first, second in cases:
+        code = main([str(first_run["bids"]), str(out), "group", *COMMON, *NETWORK, "--epochs", "3", *extra])
+        assert code == EX_USAGE
+        err = capsys.readouterr().err.strip()
+        assert first in err and second in err and "\n" not in err
+        assert not (out / "group" / "model.safetensors").exists()
+        assert not list(out.glob(".work/group/train-*"))
