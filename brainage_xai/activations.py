@@ -97,7 +97,8 @@ def iter_activations(
 ) -> Iterator[np.ndarray]:
     """Yield the activation of ``layer`` for batches of inputs ``(n, 1, *grid)``.
 
-    The activation is captured by a forward hook on the BN-ReLU module that produces it.
+    The activation is captured by a forward hook on the BN-ReLU module that produces it
+    (one per member of an ensemble, side by side along the channels).
 
     Yields
     ------
@@ -107,21 +108,31 @@ def iter_activations(
     layer = _check_layer(model, layer)
     device = torch.device(device)
     fmt = memory_format(device, None)
-    captured = []
-    handle = model.activation_module(layer).register_forward_hook(
-        lambda mod, inp, out: captured.append(out.detach().float().cpu())
-    )
+    modules = _activation_modules(model, layer)
+    captured: list = [None] * len(modules)
+
+    def hook(k):
+        return lambda mod, inp, out: captured.__setitem__(k, out.detach().float().cpu())
+
+    handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(modules)]
     was_training = model.training
     model.eval().to(device)
     try:
         with torch.inference_mode():
             for start in range(0, x.shape[0], batch_size):
-                captured.clear()
                 model(x[start : start + batch_size].to(device).contiguous(memory_format=fmt))
-                yield captured[0].contiguous().numpy()
+                out = captured[0] if len(captured) == 1 else torch.cat(captured, dim=1)
+                yield out.contiguous().numpy()
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         model.train(was_training)
+
+
+def _activation_modules(model, layer: str) -> list:
+    """The modules whose outputs make up ``layer`` (several for an ensemble)."""
+    get = getattr(model, "activation_modules", None)
+    return list(get(layer)) if get is not None else [model.activation_module(layer)]
 
 
 def gradient_rms(
@@ -154,13 +165,18 @@ def gradient_rms(
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
-    explainer = LayerGradientXActivation(model, model.activation_module(layer), multiply_by_inputs=False)
+    modules = _activation_modules(model, layer)
+    # Captum takes a list of layers and returns a gradient per layer (an ensemble's
+    # members: the gradient of the ensemble's mean output, 1/K of each member's own).
+    explainer = LayerGradientXActivation(model, modules if len(modules) > 1 else modules[0],
+                                         multiply_by_inputs=False)
     total = None
     try:
         for start in range(0, x.shape[0], batch_size):
             batch = x[start : start + batch_size].to(device)
-            grad = explainer.attribute(batch, target=target).detach().double()
-            square = (grad**2).sum(dim=0).cpu().numpy()
+            grad = explainer.attribute(batch, target=target)
+            grad = torch.cat(list(grad), dim=1) if len(modules) > 1 else grad
+            square = (grad.detach().double() ** 2).sum(dim=0).cpu().numpy()
             total = square if total is None else total + square
     finally:
         model.train(was_training)

@@ -54,8 +54,11 @@ def gradcam_maps(model, layer, inputs: Sequence, *, target: int = 0, relu: bool 
     ----------
     model : torch.nn.Module
         The regression network, output ``(batch, n_targets)``.
-    layer : str or torch.nn.Module
-        The activation to explain.
+    layer : str, torch.nn.Module or list of them
+        The activation to explain. A list is one activation split over several modules
+        (an ensemble's members, :meth:`~brainage_xai.model.network.EnsembleNet.activation_modules`):
+        GradCAM of their channels side by side, i.e. the sum of each module's map before
+        the ReLU, every gradient taken of ``model``'s own output.
     inputs : sequence
         Input maps: arrays ``(X, Y, Z)`` or ``(1, X, Y, Z)``, or nibabel images.
     target : int
@@ -73,16 +76,20 @@ def gradcam_maps(model, layer, inputs: Sequence, *, target: int = 0, relu: bool 
     import torch
     from captum.attr import LayerGradCam
 
-    module = resolve_layer(model, layer)
+    layers = list(layer) if isinstance(layer, list | tuple) else [layer]
+    explainers = [LayerGradCam(model, resolve_layer(model, m)) for m in layers]
     was_training = model.training
     model.eval()
     model.to(device)
-    explainer = LayerGradCam(model, module)
     maps = []
     try:
         for batch in _batches(inputs, batch_size):
             x = torch.from_numpy(batch).to(device).requires_grad_(True)
-            attr = explainer.attribute(x, target=target, relu_attributions=relu)
+            if len(explainers) == 1:
+                attr = explainers[0].attribute(x, target=target, relu_attributions=relu)
+            else:
+                attr = sum(e.attribute(x, target=target, relu_attributions=False) for e in explainers)
+                attr = attr.clamp(min=0) if relu else attr
             maps.append(attr.detach()[:, 0].cpu().numpy().astype(np.float64))
     finally:
         model.train(was_training)

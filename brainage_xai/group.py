@@ -253,13 +253,16 @@ def _settings(config):
 def _architecture(config, n_outputs: int) -> dict:
     from .model.network import PAPER_DEPTHS, PAPER_WIDTHS
 
-    return {
+    architecture = {
         "name": "PreActResNet3d",
         "widths": list(config.widths or PAPER_WIDTHS),
         "depths": list(config.depths or PAPER_DEPTHS),
         "n_outputs": n_outputs,
         "in_channels": 1,
     }
+    if config.ensemble > 1:  # absent for one network, so its stage key is unchanged
+        architecture["ensemble"] = int(config.ensemble)
+    return architecture
 
 
 def _use_given_model(ctx: GroupContext) -> None:
@@ -314,7 +317,7 @@ def stage_model(ctx: GroupContext) -> None:
     from ._version import __version__
     from .model.data import input_normalisation, standardise_inputs
     from .model.io import load_model, model_sha256, read_metadata, save_model
-    from .model.network import build_network
+    from .model.network import EnsembleNet, build_network
     from .model.training import fit, resolve_precision, tune
 
     config = ctx.config
@@ -356,9 +359,12 @@ def stage_model(ctx: GroupContext) -> None:
     y_t = torch.from_numpy(((y - y_mean) / y_std).astype(np.float32))
     tr, va = torch.from_numpy(train), torch.from_numpy(val)
 
-    def build():
-        torch.manual_seed(config.random_seed)
-        return build_network(architecture)
+    single = {k: v for k, v in architecture.items() if k != "ensemble"}
+    n_members = int(architecture.get("ensemble", 1))
+
+    def build(seed=config.random_seed):
+        torch.manual_seed(seed)
+        return build_network(single)
 
     run_dir = ctx.work_dir / f"train-{key[:16]}"
     tuning = None
@@ -370,15 +376,49 @@ def stage_model(ctx: GroupContext) -> None:
         )  # fmt: skip
         settings = dataclasses.replace(settings, **tuning["best_params"])
         LOGGER.info("tuning: best %s", tuning["best_params"])
-    model = build()
     LOGGER.info(
-        "training: %d/%d subjects, up to %d epochs on %s", len(train), len(val), settings.epochs, ctx.device
-    )
-    result = fit(
-        model, x[tr], y_t[tr], x[va], y_t[va], settings, y_scale=y_std, device=ctx.device,
-        checkpoint=run_dir / "checkpoint.safetensors", quiet=config.quiet,
+        "training: %d/%d subjects, up to %d epochs on %s%s", len(train), len(val), settings.epochs, ctx.device,
+        f", {n_members} networks (seeds {config.random_seed}-{config.random_seed + n_members - 1})"
+        if n_members > 1 else "",
     )  # fmt: skip
+    members, results = [], []
+    for i in range(n_members):
+        # Member i: its own seed (initialisation and batch order), the same split and
+        # settings; each has its own checkpoint, so an interrupted ensemble resumes.
+        seed = config.random_seed + i
+        member = build(seed)
+        result = fit(
+            member, x[tr], y_t[tr], x[va], y_t[va], dataclasses.replace(settings, seed=seed),
+            y_scale=y_std, device=ctx.device, quiet=config.quiet,
+            checkpoint=run_dir / ("checkpoint.safetensors" if i == 0 else f"checkpoint-{i + 1}.safetensors"),
+        )  # fmt: skip
+        members.append(member.cpu())
+        results.append(result)
+        if n_members > 1:
+            LOGGER.info("training: network %d/%d (seed %d), best epoch %d", i + 1, n_members, seed,
+                        result.best_epoch)
+    model = members[0] if n_members == 1 else EnsembleNet(members)
     precision = resolve_precision(settings.precision, ctx.device)
+
+    def summary(result, seed=None):
+        return {
+            **({} if seed is None else {"seed": seed}),
+            "best_epoch": result.best_epoch,
+            "best_val_mae": result.history[result.best_epoch - 1]["val_mae"] if result.history else None,
+            "stopped_early": result.stopped_early,
+            "history": result.history,
+        }
+
+    training = {
+        "settings": settings.to_dict(),
+        "device": str(ctx.device),
+        "precision": str(precision).replace("torch.", "") if precision else "float32",
+        **summary(results[0]),
+        "tuning": tuning,
+    }
+    if n_members > 1:
+        # The top-level curve is the first network's; every member's is listed.
+        training["members"] = [summary(r, config.random_seed + i) for i, r in enumerate(results)]
     meta = {
         "map": config.map,
         "targets": list(config.target),
@@ -392,23 +432,14 @@ def stage_model(ctx: GroupContext) -> None:
         "default_layer": model.default_layer,
         "seed": config.random_seed,
         "split": {"file": "split.tsv", "counts": ctx.split.value_counts().to_dict(), "sha256": ctx.split_sha},
-        "training": {
-            "settings": settings.to_dict(),
-            "device": str(ctx.device),
-            "precision": str(precision).replace("torch.", "") if precision else "float32",
-            "best_epoch": result.best_epoch,
-            "best_val_mae": result.history[result.best_epoch - 1]["val_mae"] if result.history else None,
-            "stopped_early": result.stopped_early,
-            "history": result.history,
-            "tuning": tuning,
-        },
+        "training": training,
         "inputs_sha256": ctx.inputs_sha,
         "stage_key": key,
     }
-    save_model(path, model.cpu(), meta)
+    save_model(path, model, meta)
     ctx.model, ctx.model_meta = load_model(path)
     ctx.model_path, ctx.model_sha = path, model_sha256(path)
-    LOGGER.info("model: best epoch %d, written to %s", result.best_epoch, path)
+    LOGGER.info("model: best epoch %s, written to %s", "/".join(str(r.best_epoch) for r in results), path)
 
 
 def _standardised_inputs(ctx: GroupContext) -> torch.Tensor:
@@ -803,10 +834,17 @@ def _summary(ctx: GroupContext) -> dict:
     config, act, sel = ctx.config, ctx.activations, ctx.selection
     counts = ctx.split.loc[ctx.subjects].value_counts()
     training = ctx.model_meta.get("training") or {}
+    n_members = int(ctx.model_meta.get("architecture", {}).get("ensemble", 1))
     if config.model is not None:
         model = f"given (--model {config.model})"
+    elif n_members > 1:
+        model = (f"trained here: best epochs "
+                 f"{', '.join(str(m.get('best_epoch')) for m in training.get('members', []))} "
+                 f"of {len(training.get('history') or [])}")
     else:
         model = f"trained here: best epoch {training.get('best_epoch')} of {len(training.get('history') or [])}"
+    if n_members > 1:
+        model = f"ensemble of {n_members}, {model}"
     test = ctx.metrics["decomposition"]["metrics"][ctx.targets.columns[0]]["test"]
     return {
         "Dataset": str(config.bids_dir),
@@ -848,6 +886,7 @@ def stage_report(ctx: GroupContext) -> None:
     from .reports.group import (
         DEFAULT_METHODS,
         DEVIATIONS_METHODS,
+        ENSEMBLE_METHODS,
         RELEVANCE_METHODS,
         render_group_report,
         subject_rois,
@@ -867,13 +906,15 @@ def stage_report(ctx: GroupContext) -> None:
     _, _, background = _template_grid(ctx)
     figures = group / "figures"
     sel = ctx.selection
+    n_members = int(ctx.model_meta.get("architecture", {}).get("ensemble", 1))
     context = {
         **ctx.explanations,
         "title": f"brainage-xai group report: {config.map} map, {', '.join(ctx.targets.columns)}",
         "summary": _summary(ctx),
         "methods": DEFAULT_METHODS.format(target=target)
         + (DEVIATIONS_METHODS if config.tensor in ("deviations", "relevance") else "")
-        + (RELEVANCE_METHODS if config.tensor == "relevance" else ""),
+        + (RELEVANCE_METHODS if config.tensor == "relevance" else "")
+        + (ENSEMBLE_METHODS.format(k=n_members) if n_members > 1 else ""),
         "metrics": _metrics_table(ctx),
         "predictions": ctx.predictions,
         "target": target,

@@ -661,11 +661,12 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
     from .utils.io import save_nifti, write_tsv
 
     group_dir = Path(group_dir)
-    module = layer
+    module = modules = layer
     if isinstance(layer, str) and hasattr(model, "activation_module") and layer in getattr(
         model, "layers", ()
     ):
-        module = model.activation_module(layer)
+        module = model.activation_module(layer)  # an ensemble: member 0's, for the grid
+        modules = model.activation_modules(layer) if hasattr(model, "activation_modules") else module
     x = np.asarray(inputs, dtype=np.float32)
     if x.ndim == 5:
         x = x[:, 0]
@@ -698,7 +699,7 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
         paths["loadings"] = write_tsv(group_dir / loadings_file, load)
     paths["loading_fits"] = write_tsv(group_dir / f"loadings_vs_{target}.tsv", fits)
 
-    cam_img, _ = _gradcam.average_gradcam(model, module, list(x), geometry, template_img,
+    cam_img, _ = _gradcam.average_gradcam(model, modules, list(x), geometry, template_img,
                                           mask=mask, batch_size=batch_size, device=device)
     paths["gradcam"] = save_nifti(cam_img, group_dir / f"{prefix}_desc-gradcam_map.nii.gz")
 

@@ -59,3 +59,31 @@ def test_average_gradcam_on_template_grid(inputs):
 def test_gradcam_rejects_wrong_input_shape():
     with pytest.raises(DataError, match="expected \\(X, Y, Z\\)"):
         gradcam.gradcam_maps(tiny_net(), "features", [np.zeros((2, 2))])
+
+
+def test_gradcam_of_an_ensemble_is_that_of_its_members_channels_side_by_side(rng):
+    # GradCAM of the ensemble's layer, all members' channels, each weighted by the mean
+    # gradient of the ensemble's output: by autograd through hooks.
+    import torch
+
+    from brainage_xai.model.network import EnsembleNet, PreActResNet3d
+
+    torch.manual_seed(0)
+    ens = EnsembleNet([PreActResNet3d(widths=(3, 4), depths=(1, 1)) for _ in range(2)]).eval()
+    x = [rng.standard_normal(SHAPE).astype(np.float32) for _ in range(3)]
+    signed = gradcam.gradcam_maps(ens, ens.activation_modules("block1"), x, relu=False, batch_size=2)
+    acts = []
+
+    def keep(module, inp, out):
+        out.retain_grad()
+        acts.append(out)
+
+    handles = [m.register_forward_hook(keep) for m in ens.activation_modules("block1")]
+    ens(torch.from_numpy(np.stack(x))[:, None])[:, 0].sum().backward()
+    for h in handles:
+        h.remove()
+    expected = sum((a.grad.mean(dim=(2, 3, 4), keepdim=True) * a).sum(dim=1) for a in acts).detach().numpy()
+    assert np.abs(expected).max() > 0 and expected.min() < 0
+    np.testing.assert_allclose(signed, expected, rtol=1e-4, atol=1e-8)
+    relu = gradcam.gradcam_maps(ens, ens.activation_modules("block1"), x, batch_size=3)
+    np.testing.assert_allclose(relu, np.clip(expected, 0, None), rtol=1e-4, atol=1e-8)

@@ -435,3 +435,40 @@ def test_ranks_beyond_the_layer_are_refused_before_training(first_run, tmp_path,
         assert first in err and second in err and "\n" not in err
         assert not (out / "group" / "model.safetensors").exists()
         assert not list(out.glob(".work/group/train-*"))
+
+
+def test_ensemble_trains_k_networks_and_explains_their_mean(first_run, tmp_path):
+    # --ensemble 2: two networks on one split, seeds 0 and 1; the first is the network a
+    # single run trains; the tensor holds both networks' channels; the head metric (last
+    # layer) applies the ensemble's head; the report says what was explained.
+    from brainage_xai.model.network import EnsembleNet
+    from brainage_xai.model.training import predict_batches
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))
+    group(first_run["bids"], out, "--ensemble", "2", "--ranks", "2", "2", "--lambda", "0")
+    g = out / "group"
+    ens, meta = load_model(g / "model.safetensors")
+    single, _ = load_model(first_run["group"] / "model.safetensors")
+    assert isinstance(ens, EnsembleNet) and ens.n_members == 2 and meta["architecture"]["ensemble"] == 2
+    assert [m["seed"] for m in meta["training"]["members"]] == [0, 1]
+    for name, value in single.state_dict().items():  # member 0 is the single run's network
+        torch.testing.assert_close(ens.members[0].state_dict()[name], value)
+    assert not torch.equal(ens.members[0].stem.weight, ens.members[1].stem.weight)
+    # The predictions are the mean of the two networks'.
+    from brainage_xai.model.data import load_maps, standardise_inputs
+
+    norm = meta["normalisation"]
+    x = standardise_inputs(load_maps(sorted(out.glob("sub-*/anat/*_desc-preproc_probseg.nii.gz")))[0], norm)
+    each = [predict_batches(m, x, batch_size=8)[:, 0] * norm["target_std"][0] + norm["target_mean"][0]
+            for m in ens.members]
+    preds = read_tsv(g / "predictions.tsv")
+    np.testing.assert_allclose(preds["predicted_age"].to_numpy(), (each[0] + each[1]) / 2, rtol=1e-4)
+    act = load_activation_tensor(out / ".work" / "group" / "activations" / "layer-block3_activations.json")
+    assert act.array.shape[1] == 2 * WIDTHS[-1] and act.module == "members.0.final"
+    test = json.loads((g / "metrics.json").read_text())["decomposition"]["metrics"]["age"]["test"]
+    assert np.isfinite(test["network_head_on_reconstruction"]["mae"])
+    assert read_tsv(g / "occlusion.tsv").shape[0] == 2
+    page = (g / "report.html").read_text()
+    assert "ensemble of 2, trained here: best epochs" in page
+    assert "an ensemble of 2 such networks trained on the same subjects" in page

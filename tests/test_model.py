@@ -197,3 +197,61 @@ def test_gradient_rms_is_the_output_gradient_over_subjects(rng):
     assert not net.training
     with pytest.raises(DataError, match="no inputs"):
         gradient_rms(net, x[:0], "block2")
+
+
+def _ensemble(k=2, seed=0):
+    from brainage_xai.model.network import EnsembleNet
+
+    members = [small_net(seed=seed + i) for i in range(k)]
+    for i, net in enumerate(members):  # non-trivial BN statistics, as in trained networks
+        gen = torch.Generator().manual_seed(100 + i)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) - 0.5)
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=gen))
+    return EnsembleNet(members).eval()
+
+
+def test_ensemble_predicts_the_members_mean_and_its_layer_is_theirs_side_by_side(tmp_path, rng):
+    from brainage_xai.activations import gradient_rms
+    from brainage_xai.model.network import EnsembleNet, build_network
+
+    ens = _ensemble(3)
+    a, b, c = ens.members
+    x = inputs(rng, n=4)
+    with torch.no_grad():
+        np.testing.assert_allclose(ens(x).numpy(), ((a(x) + b(x) + c(x)) / 3).numpy(), rtol=1e-6)
+        # The ensemble's head on its pooled channels is its prediction, as for one network.
+        pooled = ens.features(x).mean(dim=(2, 3, 4))
+        assert pooled.shape == (4, 3 * 6)
+        np.testing.assert_allclose(ens.head(pooled).numpy(), ens(x).numpy(), rtol=1e-5, atol=1e-6)
+    # The grid is the members'; the channels are all of theirs.
+    assert ens.layers == a.layers and ens.default_layer == "block3"
+    assert ens.layer_channels("block2") == 3 * 4 and ens.feature_shape(SHAPE, "block2") == a.feature_shape(SHAPE, "block2")
+    assert ens.check_layer("auto", 4.0) == "block1"
+    assert feature_geometry(ens, ens.activation_module_name("block2"), SHAPE) == feature_geometry(
+        a, a.activation_module_name("block2"), SHAPE)
+    acts = np.concatenate(list(iter_activations(ens, x, "block2", batch_size=3)))
+    each = [np.concatenate(list(iter_activations(m, x, "block2", batch_size=3))) for m in ens.members]
+    np.testing.assert_array_equal(acts, np.concatenate(each, axis=1))
+    # The ensemble's output gradient is 1/K of each member's own.
+    g = gradient_rms(ens, x, "block2", batch_size=2)
+    np.testing.assert_allclose(g, np.concatenate([gradient_rms(m, x, "block2") for m in ens.members]) / 3,
+                               rtol=1e-4, atol=1e-10)
+    # Saved and loaded as one safetensors file.
+    path = save_model(tmp_path / "model.safetensors", ens, {"seed": 0})
+    assert read_metadata(path)["architecture"]["ensemble"] == 3
+    loaded, _ = load_model(path)
+    assert isinstance(loaded, EnsembleNet) and loaded.n_members == 3
+    with torch.no_grad():
+        np.testing.assert_array_equal(loaded(x).numpy(), ens(x).numpy())
+    torch.manual_seed(0)
+    built = build_network({**a.architecture(), "ensemble": 2})
+    assert isinstance(built, EnsembleNet)
+    assert not torch.equal(built.members[0].stem.weight, built.members[1].stem.weight)
+    with pytest.raises(ValueError, match="at least 2 members"):
+        EnsembleNet([a])
+    with pytest.raises(ValueError, match="share one architecture"):
+        EnsembleNet([a, PreActResNet3d(widths=(3, 4, 6), depths=(1, 1, 1))])
+    with pytest.raises(ValueError, match="at least 1"):
+        build_network({**a.architecture(), "ensemble": 0})

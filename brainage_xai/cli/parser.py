@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda-grid", nargs="+", type=_non_negative_float, metavar="L", help="lambdas of the sweep")
     g.add_argument("--tune", type=_non_negative_int, default=0, metavar="N", help="TPE trials of hyperparameter tuning (0: none)")
     g.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs")
+    g.add_argument(
+        "--ensemble", type=_positive_int, default=1, metavar="K",
+        help="train K networks on the same split (seeds --random-seed, +1, ...) and explain "
+        "their mean prediction: the decomposed activations are all K networks' channels side "
+        "by side (default 1; docs/model.md)",
+    )
     g.add_argument("--dask-scheduler", metavar="ADDR", help="dask scheduler address for the sweeps")
     g.add_argument(
         "--widths", nargs="+", type=_positive_int, metavar="C",
@@ -271,6 +277,9 @@ def parse_args(argv=None) -> Config:
         if not model.exists():
             parser.error(f"--model {opts.model} does not exist")
 
+    if opts.ensemble > 1 and opts.model is not None:
+        parser.error("--ensemble trains networks and --model gives a trained one (an ensemble "
+                     "too when it was trained with --ensemble); pass one of them")
     if (opts.widths is None) != (opts.depths is None) or (
         opts.widths is not None and len(opts.widths) != len(opts.depths)
     ):
@@ -306,6 +315,7 @@ def parse_args(argv=None) -> Config:
         "dask_scheduler": opts.dask_scheduler,
         "tune": opts.tune,
         "epochs": opts.epochs,
+        "ensemble": opts.ensemble,
         "widths": opts.widths,
         "depths": opts.depths,
         "verbose": opts.verbose,

@@ -173,6 +173,13 @@ class PreActResNet3d(nn.Module):
         """The BN-ReLU module whose output is the activation ``layer``."""
         return self.get_submodule(self.activation_module_name(layer))
 
+    def activation_modules(self, layer: str | None = None) -> list[nn.Module]:
+        """The modules whose outputs, side by side along the channels, are ``layer``.
+
+        One for a single network; one per member for an :class:`EnsembleNet`.
+        """
+        return [self.activation_module(layer)]
+
     def layer_stride(self, layer: str | None = None) -> int:
         """Input voxels per feature voxel along each axis at ``layer``."""
         return 2 ** self.layers.index(self.check_layer(layer))
@@ -211,13 +218,104 @@ class PreActResNet3d(nn.Module):
         return self.head(torch.flatten(self.pool(self.features(x)), 1))
 
 
-def build_network(architecture: dict) -> PreActResNet3d:
-    """Rebuild a network from :meth:`PreActResNet3d.architecture`."""
+class EnsembleNet(nn.Module):
+    """Networks of one architecture that predict together: the mean of their outputs.
+
+    The ensemble's activation at a layer is its members' activations side by side along
+    the channel axis (member 0's channels first): the ensemble's prediction is the
+    mean of the members' heads on their pooled features, a linear function of those
+    channels, as a single network's is of its own. Everything about the grid (layers,
+    strides, feature shape) is the members'.
+
+    Parameters
+    ----------
+    members : sequence of PreActResNet3d
+        Two or more networks with the same :meth:`~PreActResNet3d.architecture`.
+    """
+
+    def __init__(self, members: Sequence[PreActResNet3d]):
+        super().__init__()
+        members = list(members)
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members; got {len(members)}")
+        first = members[0].architecture()
+        if any(m.architecture() != first for m in members[1:]):
+            raise ValueError("the members of an ensemble must share one architecture")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def n_members(self) -> int:
+        return len(self.members)
+
+    def __getattr__(self, name):
+        # The grid and layer description (widths, layers, check_layer, layer_stride,
+        # feature_shape, ...) is the members'; nn.Module's own lookup comes first.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _SHARED:
+                return getattr(self.members[0], name)
+            raise
+
+    def architecture(self) -> dict:
+        return {**self.members[0].architecture(), "ensemble": self.n_members}
+
+    def layer_channels(self, layer: str | None = None) -> int:
+        """Channels of the activation ``layer``: every member's."""
+        return self.n_members * self.members[0].layer_channels(layer)
+
+    def activation_module_name(self, layer: str | None = None) -> str:
+        """Member 0's module for ``layer`` (its geometry is every member's)."""
+        return "members.0." + self.members[0].activation_module_name(layer)
+
+    def activation_module(self, layer: str | None = None) -> nn.Module:
+        """Member 0's module for ``layer``: its grid; use :meth:`activation_modules` for the values."""
+        return self.members[0].activation_module(layer)
+
+    def activation_modules(self, layer: str | None = None) -> list[nn.Module]:
+        return [m.activation_module(layer) for m in self.members]
+
+    @property
+    def head(self) -> nn.Linear:
+        """The ensemble's head on its pooled channels: the members' heads side by side, / K."""
+        heads = [m.head for m in self.members]
+        out = nn.Linear(sum(h.in_features for h in heads), heads[0].out_features)
+        with torch.no_grad():
+            out.weight.copy_(torch.cat([h.weight for h in heads], dim=1) / self.n_members)
+            out.bias.copy_(torch.stack([h.bias for h in heads]).mean(dim=0))
+        return out.to(heads[0].weight.device)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.features(x) for m in self.members], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
+_SHARED = frozenset({
+    "widths", "depths", "n_outputs", "in_channels", "layers", "default_layer", "check_layer",
+    "layer_for_spacing", "layer_stride", "feature_shape", "feature_affine",
+})  # fmt: skip
+
+
+def build_network(architecture: dict) -> PreActResNet3d | EnsembleNet:
+    """Rebuild a network from :meth:`PreActResNet3d.architecture`.
+
+    ``"ensemble": K`` (K >= 2) builds an :class:`EnsembleNet` of K such networks, each
+    initialised in turn from the global torch generator.
+    """
     if architecture.get("name", "PreActResNet3d") != "PreActResNet3d":
         raise ValueError(f"unknown architecture {architecture.get('name')!r}")
-    return PreActResNet3d(
-        widths=architecture["widths"],
-        depths=architecture["depths"],
-        n_outputs=architecture.get("n_outputs", 1),
-        in_channels=architecture.get("in_channels", 1),
-    )
+    k = int(architecture.get("ensemble", 1))
+    if k < 1:
+        raise ValueError(f"ensemble must be at least 1; got {k}")
+
+    def one():
+        return PreActResNet3d(
+            widths=architecture["widths"],
+            depths=architecture["depths"],
+            n_outputs=architecture.get("n_outputs", 1),
+            in_channels=architecture.get("in_channels", 1),
+        )
+
+    return one() if k == 1 else EnsembleNet([one() for _ in range(k)])

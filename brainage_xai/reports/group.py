@@ -104,6 +104,15 @@ RELEVANCE_METHODS = (
     "does not form RoIs."
 )
 
+#: Added to the methods when the network is an ensemble (``--ensemble K``); ``{k}`` is K.
+ENSEMBLE_METHODS = (
+    " The network was an ensemble of {k} such networks trained on the same subjects from "
+    "different random initialisations, predicting with the mean of their outputs; the "
+    "decomposed activations were all {k} networks' channels of the layer side by side, so "
+    "that the regions of interest and the loadings are shared by the ensemble, and GradCAM "
+    "and the occlusion test used the ensemble's prediction."
+)
+
 CITATIONS = [
     "He K, Zhang X, Ren S, Sun J (2016). Identity mappings in deep residual networks. ECCV.",
     "Kossaifi J, Panagakis Y, Anandkumar A, Pantic M (2016). TensorLy: Tensor learning in "
