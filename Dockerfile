@@ -2,10 +2,10 @@
 #
 # brainage-xai BIDS-App image.
 #
-#   docker build -t brainage-xai/brainage-xai:0.1.0.dev2 .                       # CUDA-capable
-#   docker build --build-arg TORCH_VARIANT=cpu -t brainage-xai/brainage-xai:0.1.0.dev2-cpu .
+#   docker build -t brainage-xai/brainage-xai:0.1.0.dev3 .                       # CUDA-capable
+#   docker build --build-arg TORCH_VARIANT=cpu -t brainage-xai/brainage-xai:0.1.0.dev3-cpu .
 #   docker run --rm -v /data/ds:/data:ro -v /data/out:/out \
-#       brainage-xai/brainage-xai:0.1.0.dev2 /data /out participant
+#       brainage-xai/brainage-xai:0.1.0.dev3 /data /out participant
 #
 # Three stages: the npm bids-validator, the Python environment with the TemplateFlow
 # templates (the only stage that goes online), and the slim run-time image that copies
@@ -46,7 +46,7 @@ RUN /opt/venv/bin/python /src/docker/fetch_templates.py \
 
 # ------------------------------------------------------------------------ runtime ----
 FROM ${PYTHON_IMAGE} AS runtime
-ARG VERSION=0.1.0.dev2
+ARG VERSION=0.1.0.dev3
 ARG IMAGE_NAME=brainage-xai/brainage-xai
 ARG BUILD_DATE=unknown
 ARG VCS_REF=unknown

@@ -316,6 +316,28 @@ def test_r2_among_equal_candidates_is_chosen_by_validation_mae():
     assert "R2 = 5: smallest validation MAE" in among["rule"]
 
 
+def test_r1_is_raised_until_the_linear_model_predicts_about_as_well_as_the_best():
+    from brainage_xai.selection.rank_sweep import PREDICTION_TOLERANCE
+
+    assert PREDICTION_TOLERANCE == 0.10
+    # The knee is R1 = 6, but its RoIs' linear model is three times worse than R1 = 8's:
+    # raised to 8, and R2 is then chosen at R1 = 8.
+    raised = choose_ranks(_sweep_table({(6, 6): 3.0, (7, 7): 2.9, (8, 8): 1.0}))
+    assert (raised["R1"], raised["R2"]) == (8, 8)
+    assert "R1 = 8: raised from 6 (knee of the validation error)" in raised["rule"]
+    numbers = raised["numbers"]
+    assert numbers["R1_by_reconstruction"] == 6 and numbers["R1_by_prediction"] == 8
+    assert numbers["val_mae_by_R1"][8] == 1.0 and numbers["val_mae_by_R1"][2] == 9.0
+    # The smallest R1 within 10% of the best MAE, not the best itself.
+    assert choose_ranks(_sweep_table({(6, 6): 3.0, (7, 7): 1.05, (8, 8): 1.0}))["R1"] == 7
+    # Never lowered: a smaller R1 that predicts as well leaves the knee's R1.
+    kept = choose_ranks(_sweep_table({(4, 4): 1.0, (6, 6): 1.05}))
+    assert kept["R1"] == 6 and "raised" not in kept["rule"] and kept["numbers"]["R1_by_prediction"] == 4
+    # Without the linear model's MAE (a sweep run without targets) nothing is raised.
+    plain = choose_ranks(_sweep_table())
+    assert plain["R1"] == 6 and plain["numbers"]["R1_by_prediction"] is None
+
+
 def test_rank_sweep_parallel_equals_serial(cohort):
     A, _ = cohort
     A_tr, A_va, _ = splits(A)

@@ -429,6 +429,11 @@ def run_rank_sweep(
     return table
 
 
+#: R1 is at least the smallest rank whose linear model's validation MAE (best over R2)
+#: is within this share of the best over the grid (:func:`choose_ranks`).
+PREDICTION_TOLERANCE = 0.10
+
+
 def _knee(x, y) -> int | None:
     """Kneedle knee of a decreasing, convex curve, or None."""
     from kneed import KneeLocator
@@ -465,7 +470,11 @@ def choose_ranks(sweep: pd.DataFrame, scree: pd.DataFrame | None = None, toleran
     (best R2 for each R1) and the rank after the largest scree drop of modes 1 and 3; the
     smallest candidate whose validation error is within ``tolerance`` (relative) of the
     best candidate's is chosen, so that a knee and a scree drop that disagree are settled
-    by held-out error, in favour of fewer RoIs when they fit equally well. R2: likewise
+    by held-out error, in favour of fewer RoIs when they fit equally well. When the
+    sweep has ``val_mae``, R1 is then raised, if need be, to the smallest rank whose
+    linear model's validation MAE (best over R2) is within :data:`PREDICTION_TOLERANCE`
+    of the best over the grid: RoIs that cannot predict the target do not explain the
+    network's prediction. R2: likewise
     on the validation error along R2 at the chosen R1 (knee, mode-2 scree drop, and R2 =
     R1, where the mode-2 constraint becomes inactive); when the sweep has ``val_mae``,
     instead every R2 up to R1 whose validation error is within ``tolerance`` of the best
@@ -509,6 +518,20 @@ def choose_ranks(sweep: pd.DataFrame, scree: pd.DataFrame | None = None, toleran
     if R1 is None:
         R1 = min(curve1, key=curve1.get)
         why1 = ["smallest validation error (no knee, no scree)"]
+    R1_reconstruction, mae1, R1_prediction = R1, None, None
+    if "val_mae" in sweep and sweep["val_mae"].notna().all():
+        # The RoIs are there to explain the prediction: R1 is raised to the smallest rank
+        # whose linear model predicts about as well as the best (within
+        # PREDICTION_TOLERANCE, about one standard error of a validation MAE over ~40
+        # subjects). Without it a knee or scree drop at 3 or 5 gave 10-year linear models
+        # against the networks' 3-5 years (docs/selection.md).
+        mae1 = {int(r): float(e) for r, e in sweep.groupby("R1")["val_mae"].min().items()}
+        best1 = min(mae1.values())
+        R1_prediction = min(r for r in grid1 if mae1[r] <= best1 * (1 + PREDICTION_TOLERANCE))
+        if R1_prediction > R1:
+            why1 = [f"raised from {R1} ({' and '.join(why1)}): the smallest R1 whose linear model's "
+                    f"validation MAE is within {PREDICTION_TOLERANCE:.0%} of the best"]
+            R1 = R1_prediction
 
     at = sweep.loc[sweep["R1"] == R1].sort_values("R2")
     curve2 = {int(r): float(e) for r, e in zip(at["R2"], at["val_error"])}
@@ -552,6 +575,10 @@ def choose_ranks(sweep: pd.DataFrame, scree: pd.DataFrame | None = None, toleran
             "R1_candidates": cands1,
             "R2_candidates": cands2,
             "val_error_by_R1": curve1,
+            "val_mae_by_R1": mae1,
+            "R1_by_reconstruction": int(R1_reconstruction),
+            "R1_by_prediction": None if R1_prediction is None else int(R1_prediction),
+            "prediction_tolerance": PREDICTION_TOLERANCE,
             "val_error_by_R2_at_R1": curve2,
             "val_mae_by_R2_at_R1": mae2,
             "val_error": curve2.get(R2),
