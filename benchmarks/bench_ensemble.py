@@ -33,6 +33,9 @@ Run::
     python benchmarks/bench_ensemble.py --bids BIDS --runs OUT_A,OUT_B,OUT_C \\
         [--ranks 8,10,12] [--selection --rank-grid 2:12] [--occlusion 20]
 
+``--save-ensemble PATH`` also writes the runs' networks as one ensemble file, which
+``brainage-xai BIDS OUT group --model PATH`` explains as ``--ensemble`` would.
+
 Each ``OUT`` is a group run's output directory with its ``group/model.safetensors``,
 ``group/split.tsv`` and the activation tensor its group level stored under
 ``.work/group/activations`` (recomputed from the network when it is missing).
@@ -69,6 +72,19 @@ def _activations(out: Path, model, x, dev, layer: str | None):
     return layer, A.reshape(A.shape[0], A.shape[1], -1).astype(np.float32), None
 
 
+def _save_ensemble(members, path: Path) -> None:
+    """The members' networks as one ``EnsembleNet`` file, as ``--ensemble`` would write it."""
+    from brainage_xai.model import EnsembleNet, save_model
+
+    metas = [m["inputs"][2] for m in members]
+    meta = {k: v for k, v in metas[0].items() if k not in ("stage_key", "architecture", "versions")}
+    meta["training"] = {**metas[0]["training"], "members": [
+        {"seed": m.get("seed"), "source": str(mem["out"]), "best_epoch": m["training"].get("best_epoch"),
+         "best_val_mae": m["training"].get("best_val_mae")} for m, mem in zip(metas, members)]}
+    save_model(path, EnsembleNet([m["inputs"][1].cpu() for m in members]), meta)
+    print(f"ensemble of {len(members)} written to {path}")
+
+
 def main(argv=None) -> int:
     import nibabel as nib
     import torch
@@ -84,7 +100,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bids", required=True, help="simulated BIDS dataset")
     p.add_argument("--runs", required=True, help="comma-separated output directories of group runs (2 or more)")
-    p.add_argument("--ranks", default="8,10,12", help="comma-separated R (R1 = R2 = R, λ 0)")
+    p.add_argument("--ranks", default="8,10,12", help="comma-separated R (R1 = R2 = R, λ 0); '' for none")
     p.add_argument("--layer", default=None, help="default: the layer of the runs' stored tensors")
     p.add_argument("--selection", action="store_true",
                    help="also run the automatic choice of ranks and λ on the ensemble's tensor")
@@ -95,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--tensor", choices=("deviations", "relevance"), default="deviations",
                    help="each member's tensor, as the group level's --tensor (relevance: weighted by "
                    "the ensemble's output gradient, 1/K of the member's own)")
+    p.add_argument("--save-ensemble", metavar="PATH", default=None,
+                   help="also write the runs' networks as one ensemble (.safetensors) for "
+                   "`brainage-xai ... group --model PATH`")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs.split(",")]
@@ -103,10 +122,12 @@ def main(argv=None) -> int:
     if args.occlusion and args.occlusion < occlusion.MIN_DRAWS:
         p.error(f"--occlusion needs at least {occlusion.MIN_DRAWS} draws")
     try:
-        ranks = [int(r) for r in args.ranks.split(",")]
+        ranks = [int(r) for r in args.ranks.split(",") if r.strip()]  # "": no fixed-rank fits
         lo, hi = (int(v) for v in args.rank_grid.split(":"))
     except ValueError:
         p.error(f"--ranks must be integers and --rank-grid LO:HI; got {args.ranks!r}, {args.rank_grid!r}")
+    if args.occlusion and not ranks and not args.selection:
+        p.error("--occlusion needs a fit: give --ranks or --selection")
 
     bids = Path(args.bids)
     truth_img = nib.load(bids / "sourcedata/simulation/planted_dseg.nii.gz")
@@ -132,6 +153,8 @@ def main(argv=None) -> int:
         if not np.array_equal(m["inputs"][4], which) or not np.allclose(m["inputs"][5], y):
             raise SystemExit(f"{m['out']} has another split or other subjects than {first['out']}: "
                              "an ensemble's members share the training subjects")
+    if args.save_ensemble:
+        _save_ensemble(members, Path(args.save_ensemble))
     rows = {s: np.flatnonzero(which == s) for s in ("train", "val", "test")}
     ages = {s: y[r] for s, r in rows.items()}
     geo = rois.feature_geometry(model, model.activation_module_name(layer), x.shape[1:])
@@ -144,6 +167,12 @@ def main(argv=None) -> int:
         true = first["preds"].loc[first["preds"]["split"] == "test", target].to_numpy(float)
         return float(np.mean(np.abs(pred - true)))
 
+    print(f"{len(runs)} networks on {bids}, layer {layer}, tensor {args.tensor} ({'x'.join(map(str, geo.feature_shape))}); "
+          f"baseline: each network alone at the same ranks")
+    print("networks' test MAE: " + ", ".join(f"{m['out'].name} {network_mae([m]):.2f}" for m in members)
+          + f"; ensemble (mean prediction) {network_mae(members):.2f}")
+    if not ranks and not args.selection:
+        return 0
     tensors = []
     for m in members:
         grad = None
@@ -157,10 +186,6 @@ def main(argv=None) -> int:
         tensors.append(T)
         m.pop("A")
     rng = np.random.default_rng(0)
-    print(f"{len(runs)} networks on {bids}, layer {layer}, tensor {args.tensor} ({'x'.join(map(str, geo.feature_shape))}); "
-          f"baseline: each network alone at the same ranks")
-    print("networks' test MAE: " + ", ".join(f"{m['out'].name} {network_mae([m]):.2f}" for m in members)
-          + f"; ensemble (mean prediction) {network_mae(members):.2f}")
     header = f"{'tensor':<22s} {'rank':<10s} " + " ".join(f"{n[:10]:>10s}" for n in names)
     print("\n" + header + "  median/ceil  decoy>perm95  linear MAE")
 
