@@ -437,7 +437,7 @@ def test_ranks_beyond_the_layer_are_refused_before_training(first_run, tmp_path,
         assert not list(out.glob(".work/group/train-*"))
 
 
-def test_ensemble_trains_k_networks_and_explains_their_mean(first_run, tmp_path):
+def test_ensemble_trains_k_networks_and_explains_their_mean(first_run, tmp_path, capsys):
     # --ensemble 2: two networks on one split, seeds 0 and 1; the first is the network a
     # single run trains; the tensor holds both networks' channels; the head metric (last
     # layer) applies the ensemble's head; the report says what was explained.
@@ -472,3 +472,14 @@ def test_ensemble_trains_k_networks_and_explains_their_mean(first_run, tmp_path)
     page = (g / "report.html").read_text()
     assert "ensemble of 2, trained here: best epochs" in page
     assert "an ensemble of 2 such networks trained on the same subjects" in page
+    # A re-run reloads the ensemble from its file and redoes nothing.
+    before = {p: p.stat().st_mtime_ns for p in g.rglob("*") if p.is_file()}
+    group(first_run["bids"], out, "--ensemble", "2", "--ranks", "2", "2", "--lambda", "0")
+    assert {p: p.stat().st_mtime_ns for p in g.rglob("*") if p.is_file()} == before
+    log = sorted((out / "logs").glob("brainage-xai_group_*.log"))[-1].read_text()
+    assert "model: up to date" in log and "training:" not in log
+    # An ensemble is trained here or given, not both.
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(first_run["bids"]), str(out), "group", "--ensemble", "2", "--model", str(g)])
+    assert exc.value.code == 2
+    assert "--ensemble trains networks and --model gives a trained one" in capsys.readouterr().err
