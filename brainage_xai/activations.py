@@ -108,7 +108,7 @@ def iter_activations(
     layer = _check_layer(model, layer)
     device = torch.device(device)
     fmt = memory_format(device, None)
-    modules = _activation_modules(model, layer)
+    modules = layer_modules(model, layer)
     captured: list = [None] * len(modules)
 
     def hook(k):
@@ -129,8 +129,12 @@ def iter_activations(
         model.train(was_training)
 
 
-def _activation_modules(model, layer: str) -> list:
-    """The modules whose outputs make up ``layer`` (several for an ensemble)."""
+def layer_modules(model, layer: str) -> list:
+    """The modules whose outputs, side by side along the channels, make up ``layer``.
+
+    Several for an ensemble (:meth:`~brainage_xai.model.network.EnsembleNet.activation_modules`),
+    one for a single network or any model with only ``activation_module``.
+    """
     get = getattr(model, "activation_modules", None)
     return list(get(layer)) if get is not None else [model.activation_module(layer)]
 
@@ -165,7 +169,7 @@ def gradient_rms(
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
-    modules = _activation_modules(model, layer)
+    modules = layer_modules(model, layer)
     # Captum takes a list of layers and returns a gradient per layer (an ensemble's
     # members: the gradient of the ensemble's mean output, 1/K of each member's own).
     explainer = LayerGradientXActivation(model, modules if len(modules) > 1 else modules[0],

@@ -665,8 +665,10 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
     if isinstance(layer, str) and hasattr(model, "activation_module") and layer in getattr(
         model, "layers", ()
     ):
+        from .activations import layer_modules
+
         module = model.activation_module(layer)  # an ensemble: member 0's, for the grid
-        modules = model.activation_modules(layer) if hasattr(model, "activation_modules") else module
+        modules = layer_modules(model, layer)
     x = np.asarray(inputs, dtype=np.float32)
     if x.ndim == 5:
         x = x[:, 0]
