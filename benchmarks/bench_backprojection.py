@@ -1,0 +1,249 @@
+"""Are the RoIs where their loadings come from? Back-projection to the input grid.
+
+An RoI is a column of U3 on the feature grid, upsampled (``rois``): where the layer's
+activations carry the component. A feature voxel of ``block1`` sees 60 mm of input, so
+the input that drives a component's loadings can lie elsewhere than its U3 map. This
+benchmark takes an existing group run (nothing is retrained) and, for every component
+``r``, back-projects its loading through the network to the input grid:
+
+- the loading functional ``s_r = P[r] · M^T vec(T)`` of the subject's decomposed tensor
+  ``T`` (deviations from the training mean, scaled per channel, weighted for
+  ``--tensor relevance``), with ``M`` the components ``W_r ⊗ U3_r`` (``W = U2 Dᵀ``) and
+  ``P = (MᵀM)⁻¹``: the least-squares loading without the non-negativity (printed:
+  its correlation with the run's U1, ~0.99);
+- its gradient ``g`` with respect to the input map, for every training subject, and the
+  first-order contribution of each input voxel ``c = g · (x − x̄)``;
+- three maps per component: ``grad`` = mean |g| (where the loading looks), ``contrib`` =
+  mean |c|, and ``cov`` = max(Cov_subjects(c, s_r), 0) (the input voxels whose
+  contribution moves with the loading).
+
+It prints, per planted region and the decoy, the best correlation (within the brain
+mask) with any component's map and which, for the run's own RoIs (``u3``, the baseline)
+and for each back-projected kind, each with its ``perm95`` (the 95th percentile of the
+best correlation with the maps' voxels shuffled within the brain), the median over the
+planted regions, and the time taken. ``cov`` is each input voxel's (first-order) share
+of the loading's variance over subjects: summed over voxels it is Var(s_r), so it shows
+where the loading's differences between subjects come from. With ``--occlusion N`` the
+back-projected maps, thresholded as the RoIs are (``rois.DEFAULT_THRESHOLD`` of the
+peak), also go through the occlusion test with N random blobs each, beside the run's own
+``occlusion.tsv``::
+
+    python benchmarks/bench_backprojection.py --bids /tmp/demo/bids --output /tmp/demo/results
+
+A map on the input grid has resolution ceiling 1; the ``u3`` median is divided by the
+run's resolution ceilings (1.00 at ``block1`` on 4 mm inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_explanations import _inputs, _occlude_planted, _one  # noqa: E402
+
+KINDS = ("grad", "contrib", "cov")
+
+
+def back_project(model, x, train, layer, dec, tensor, batch_size=8, log=print):
+    """``{kind: (R, *grid)}`` maps and the training loadings ``S`` (n_train, R)."""
+    import torch
+
+    from brainage_xai.activations import gradient_rms, layer_modules
+    from brainage_xai.selection import channel_scale, relevance_weight
+
+    modules = layer_modules(model, layer)
+    store: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: store.__setitem__(k, o))
+             for k, m in enumerate(modules)]
+    try:
+        X = torch.from_numpy(np.ascontiguousarray(x[:, None])).float()
+        idx = np.flatnonzero(train)
+
+        def layer_out():
+            return torch.cat([store[k] for k in range(len(modules))], 1).flatten(2)
+
+        with torch.no_grad():
+            acts = []
+            for s in range(0, len(idx), 16):
+                model(X[idx[s:s + 16]])
+                acts.append(layer_out().numpy().copy())
+        A = np.concatenate(acts)
+        del acts
+        centre, scale = A.mean(0), channel_scale(A)
+        c = A.shape[1]
+        del A
+        U2, D, U3 = dec["U2"], dec["D"], dec["U3"]
+        W = U2 @ D.T
+        P = np.linalg.pinv((W.T @ W) * (U3.T @ U3))
+        K = torch.einsum("rq,bq,vq->rbv", *(torch.from_numpy(np.asarray(a, np.float32))
+                                          for a in (P, W, U3)))
+        if tensor == "relevance":
+            w = relevance_weight(gradient_rms(model, X[idx], layer).reshape(c, -1), scale)
+            K = K * torch.from_numpy(np.concatenate([w, w]))[None]
+        centre_t = torch.from_numpy(centre.astype(np.float32))
+        scale_t = torch.from_numpy(np.r_[scale, scale].astype(np.float32))[None, :, None]
+        xbar = x[idx].mean(0)
+        R = U3.shape[1]
+        acc = {k: np.zeros((R,) + x.shape[1:]) for k in ("grad", "contrib", "c", "cs")}
+        S = np.zeros((len(idx), R))
+        for s in range(0, len(idx), batch_size):
+            sel = idx[s:s + batch_size]
+            xb = X[sel].clone().requires_grad_(True)
+            model(xb)
+            a = layer_out()
+            dev = torch.cat([torch.relu(a - centre_t), torch.relu(centre_t - a)], 1) / scale_t
+            scores = torch.einsum("nbv,rbv->nr", dev, K)
+            S[s:s + len(sel)] = scores.detach().numpy()
+            dx = x[sel] - xbar
+            for r in range(R):
+                g, = torch.autograd.grad(scores[:, r].sum(), xb, retain_graph=r < R - 1)
+                g = g[:, 0].numpy().astype(np.float64)
+                contrib = g * dx
+                acc["grad"][r] += np.abs(g).sum(0)
+                acc["contrib"][r] += np.abs(contrib).sum(0)
+                acc["c"][r] += contrib.sum(0)
+                acc["cs"][r] += np.tensordot(S[s:s + len(sel), r], contrib, axes=1)
+            log(f"  subjects {s + len(sel)}/{len(idx)}")
+    finally:
+        for h in hooks:
+            h.remove()
+    n = len(idx)
+    cov = acc["cs"] / n - (acc["c"] / n) * S.mean(0)[:, None, None, None]
+    return {"grad": acc["grad"] / n, "contrib": acc["contrib"] / n,
+            "cov": np.clip(cov, 0, None)}, S
+
+
+def _score(maps, masks, brain, rng, n_perm):
+    from brainage_xai.rois import spatial_correlation
+
+    best = np.zeros(len(masks))
+    which = np.zeros(len(masks), int)
+    for k, mask in enumerate(masks):
+        corr = [spatial_correlation(m, mask, brain) for m in maps]
+        which[k] = int(np.argmax(corr))
+        best[k] = corr[which[k]]
+    inside = [m[brain] for m in maps]
+    null = np.zeros((n_perm, len(masks)))
+    for p in range(n_perm):
+        perm = np.zeros_like(maps)
+        for r, v in enumerate(inside):
+            perm[r][brain] = rng.permutation(v)
+        for k, mask in enumerate(masks):
+            null[p, k] = max(spatial_correlation(m, mask, brain) for m in perm)
+    return best, which, np.percentile(null, 95, axis=0)
+
+
+def evaluate(args):
+    import nibabel as nib
+
+    from brainage_xai import rois
+    from brainage_xai.templates import get_template
+    from brainage_xai.utils.io import read_tsv
+
+    bids, out = Path(args.bids), Path(args.output)
+    group = out / "group"
+    comps_path = _one(group, "*_desc-rois_components.nii.gz")
+    sidecar = json.loads(comps_path.with_name(comps_path.name.replace(".nii.gz", ".json"))
+                         .read_text())
+    g = sidecar["FeatureGeometry"]
+    geo = rois.FeatureGeometry(tuple(g["InputShape"]), tuple(g["FeatureShape"]),
+                               tuple(g["Stride"]), tuple(g["Offset"]))
+    layer = sidecar.get("Layer")
+    u3_maps = np.moveaxis(np.asarray(nib.load(str(comps_path)).dataobj, dtype=float), -1, 0)
+    truth_img = nib.load(str(bids / "sourcedata" / "simulation" / "planted_dseg.nii.gz"))
+    truth = np.asarray(truth_img.dataobj).astype(int)
+    table = read_tsv(bids / "sourcedata" / "simulation" / "planted_dseg.tsv")
+    resolution = float(abs(truth_img.affine[0, 0]))
+    brain = np.asarray(get_template(resolution).mask.dataobj) > 0
+    masks = [truth == k for k in table["index"].astype(int)]
+    planted = np.array([t != "decoy" for t in table["trajectory"]])
+    metrics = json.loads((group / "metrics.json").read_text())
+    tensor = (metrics.get("decomposition") or {}).get("tensor", "activations")
+    if tensor not in ("deviations", "relevance"):
+        raise SystemExit(f"the run decomposed {tensor!r}; this benchmark back-projects "
+                         "the deviations and relevance tensors only")
+    dec = dict(np.load(group / "decomposition.npz"))
+    inputs = _inputs(out, group, resolution, args.device)
+    _, model, _, x, which, _ = inputs
+    train = which == "train"
+    t0 = time.perf_counter()
+    log = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    maps, S = back_project(model, x, train, layer, dec, tensor, args.batch_size, log)
+    t_bp = time.perf_counter() - t0
+    fit = [float(np.corrcoef(S[:, r], dec["U1"][:, r])[0, 1]) for r in range(S.shape[1])]
+    if args.save:
+        np.savez_compressed(args.save, **{k: v.astype(np.float32) for k, v in maps.items()})
+    ceilings = np.array([rois.resolution_ceiling(m, geo, brain) for m in masks])
+    rng = np.random.default_rng(args.seed)
+    rows = {"region": [f"{n} ({t})" for n, t in zip(table["name"], table["trajectory"])]}
+    medians = {}
+    decoy = {}
+    for kind, m in [("u3", u3_maps)] + [(k, maps[k]) for k in KINDS]:
+        best, arg, p95 = _score(m * brain, masks, brain, rng, args.permutations)
+        rows[kind] = [f"{b:.2f} (RoI {a + 1})" for b, a in zip(best, arg)]
+        rows[f"{kind}_perm95"] = np.round(p95, 3)
+        ceil = ceilings if kind == "u3" else np.ones(len(masks))
+        medians[kind] = float(np.median(best[planted] / ceil[planted]))
+        decoy[kind] = (float(best[~planted].max()), bool(np.all(best[~planted] <= p95[~planted])))
+    summary = {"run": str(out), "layer": layer, "tensor": tensor,
+               "ranks": [int(v) for v in dec["U1"].shape[1:]] + [int(dec["U2"].shape[1])],
+               "loading functional vs U1 (corr, min)": round(min(fit), 3),
+               "back-projection_s": round(t_bp, 1),
+               "training subjects": int(train.sum())}
+    for kind in medians:
+        summary[f"median / ceiling, {kind}"] = round(medians[kind], 3)
+        summary[f"decoy best, {kind} (below perm95?)"] = f"{decoy[kind][0]:.2f} ({'yes' if decoy[kind][1] else 'no'})"
+    if args.occlusion:
+        # u3: the run's own occlusion test; the others: each map thresholded as
+        # rois.roi_masks does (DEFAULT_THRESHOLD of its peak), same test subjects.
+        from brainage_xai.utils.io import read_tsv as _read
+
+        occ = {"u3": _read(group / "occlusion.tsv")}
+        for kind in args.occlusion_kinds.split(","):
+            m = maps[kind] * brain
+            peak = m.reshape(len(m), -1).max(1)[:, None, None, None]
+            masks_k = (m >= rois.DEFAULT_THRESHOLD * peak) & (m > 0)
+            occ[kind] = _occlude_planted(inputs, list(masks_k), [f"RoI {r + 1}" for r in range(len(m))],
+                                         brain, resolution, args.occlusion, args.seed)
+        for kind, t in occ.items():
+            gains = ", ".join(f"{g:.2f}{'*' if a else ''}" for g, a in zip(t["mae_increase"], t["above_null"]))
+            summary[f"occlusion, {kind} (* above p95)"] = f"{int(t['above_null'].sum())}/{len(t)}: {gains}"
+    return pd.DataFrame(rows), summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bids", required=True, help="simulated BIDS dataset (planted_dseg)")
+    parser.add_argument("--output", required=True, help="output directory of a group run")
+    parser.add_argument("--permutations", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save", help="write the back-projected maps (npz) here")
+    parser.add_argument("--occlusion", type=int, default=0, metavar="N",
+                        help="also run the occlusion test on the thresholded back-projected "
+                             "maps, N random blobs each (0: skip; the run's RoIs: occlusion.tsv)")
+    parser.add_argument("--occlusion-kinds", default="cov", help="which maps to occlude")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    tab, summary = evaluate(args)
+    pd.set_option("display.width", 220)
+    pd.set_option("display.max_columns", 30)
+    print(f"{args.output}; baseline: the run's RoIs (u3)")
+    print(tab.to_string(index=False))
+    print()
+    for k, v in summary.items():
+        print(f"{k:40s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
