@@ -4,7 +4,9 @@ An RoI is a column of U3 on the feature grid, upsampled (``rois``): where the la
 activations carry the component. A feature voxel of ``block1`` sees 60 mm of input, so
 the input that drives a component's loadings can lie elsewhere than its U3 map. This
 benchmark takes an existing group run (nothing is retrained) and, for every component
-``r``, back-projects its loading through the network to the input grid:
+``r``, back-projects its loading through the network to the input grid with
+:func:`brainage_xai.backprojection.back_project` (what the group level writes as
+``*_desc-backprojected_components.nii.gz``; this also scores runs made before it):
 
 - the loading functional ``s_r = P[r] · M^T vec(T)`` of the subject's decomposed tensor
   ``T`` (deviations from the training mean, scaled per channel, weighted for
@@ -15,7 +17,7 @@ benchmark takes an existing group run (nothing is retrained) and, for every comp
   first-order contribution of each input voxel ``c = g · (x − x̄)``;
 - three maps per component: ``grad`` = mean |g| (where the loading looks), ``contrib`` =
   mean |c|, and ``cov`` = max(Cov_subjects(c, s_r), 0) (the input voxels whose
-  contribution moves with the loading).
+  contribution moves with the loading; the group level's map).
 
 It prints, per planted region and the decoy, the best correlation (within the brain
 mask) with any component's map and which, for the run's own RoIs (``u3``, the baseline)
@@ -52,73 +54,32 @@ from bench_explanations import _inputs, _occlude_planted, _one  # noqa: E402
 KINDS = ("grad", "contrib", "cov")
 
 
-def back_project(model, x, train, layer, dec, tensor, batch_size=8, log=print):
-    """``{kind: (R, *grid)}`` maps and the training loadings ``S`` (n_train, R)."""
+def back_project(model, x, train, layer, dec, tensor, batch_size=8, quiet=False):
+    """``{kind: (R, *grid)}`` maps and the training loadings ``S`` (n_train, R).
+
+    The package's :func:`brainage_xai.backprojection.back_project` with its diagnostic
+    maps; the training centre, scale and relevance weight are taken here from a forward
+    pass (the group level reads them from its stored activations).
+    """
     import torch
 
-    from brainage_xai.activations import gradient_rms, layer_modules
+    from brainage_xai import backprojection
+    from brainage_xai.activations import gradient_rms, iter_activations
     from brainage_xai.selection import channel_scale, relevance_weight
 
-    modules = layer_modules(model, layer)
-    store: dict[int, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: store.__setitem__(k, o))
-             for k, m in enumerate(modules)]
-    try:
-        X = torch.from_numpy(np.ascontiguousarray(x[:, None])).float()
-        idx = np.flatnonzero(train)
-
-        def layer_out():
-            return torch.cat([store[k] for k in range(len(modules))], 1).flatten(2)
-
-        with torch.no_grad():
-            acts = []
-            for s in range(0, len(idx), 16):
-                model(X[idx[s:s + 16]])
-                acts.append(layer_out().numpy().copy())
-        A = np.concatenate(acts)
-        del acts
-        centre, scale = A.mean(0), channel_scale(A)
-        c = A.shape[1]
-        del A
-        U2, D, U3 = dec["U2"], dec["D"], dec["U3"]
-        W = U2 @ D.T
-        P = np.linalg.pinv((W.T @ W) * (U3.T @ U3))
-        K = torch.einsum("rq,bq,vq->rbv", *(torch.from_numpy(np.asarray(a, np.float32))
-                                          for a in (P, W, U3)))
-        if tensor == "relevance":
-            w = relevance_weight(gradient_rms(model, X[idx], layer).reshape(c, -1), scale)
-            K = K * torch.from_numpy(np.concatenate([w, w]))[None]
-        centre_t = torch.from_numpy(centre.astype(np.float32))
-        scale_t = torch.from_numpy(np.r_[scale, scale].astype(np.float32))[None, :, None]
-        xbar = x[idx].mean(0)
-        R = U3.shape[1]
-        acc = {k: np.zeros((R,) + x.shape[1:]) for k in ("grad", "contrib", "c", "cs")}
-        S = np.zeros((len(idx), R))
-        for s in range(0, len(idx), batch_size):
-            sel = idx[s:s + batch_size]
-            xb = X[sel].clone().requires_grad_(True)
-            model(xb)
-            a = layer_out()
-            dev = torch.cat([torch.relu(a - centre_t), torch.relu(centre_t - a)], 1) / scale_t
-            scores = torch.einsum("nbv,rbv->nr", dev, K)
-            S[s:s + len(sel)] = scores.detach().numpy()
-            dx = x[sel] - xbar
-            for r in range(R):
-                g, = torch.autograd.grad(scores[:, r].sum(), xb, retain_graph=r < R - 1)
-                g = g[:, 0].numpy().astype(np.float64)
-                contrib = g * dx
-                acc["grad"][r] += np.abs(g).sum(0)
-                acc["contrib"][r] += np.abs(contrib).sum(0)
-                acc["c"][r] += contrib.sum(0)
-                acc["cs"][r] += np.tensordot(S[s:s + len(sel), r], contrib, axes=1)
-            log(f"  subjects {s + len(sel)}/{len(idx)}")
-    finally:
-        for h in hooks:
-            h.remove()
-    n = len(idx)
-    cov = acc["cs"] / n - (acc["c"] / n) * S.mean(0)[:, None, None, None]
-    return {"grad": acc["grad"] / n, "contrib": acc["contrib"] / n,
-            "cov": np.clip(cov, 0, None)}, S
+    X = torch.from_numpy(np.ascontiguousarray(x[train][:, None])).float()
+    A = np.concatenate(list(iter_activations(model, X, layer, batch_size=16)))
+    A = A.reshape(A.shape[0], A.shape[1], -1)
+    centre, scale = A.mean(0), channel_scale(A)
+    del A
+    weight = None
+    if tensor == "relevance":
+        g = gradient_rms(model, X, layer)
+        weight = relevance_weight(g.reshape(g.shape[0], -1), scale)
+    bp = backprojection.back_project(model, X, layer, dec["U2"], dec["D"], dec["U3"], tensor=tensor,
+                                     centre=centre, scale=scale, weight=weight,
+                                     batch_size=batch_size, progress=not quiet, diagnostics=True)
+    return {"grad": bp.extra["gradient"], "contrib": bp.extra["contribution"], "cov": bp.maps}, bp.scores
 
 
 def _score(maps, masks, brain, rng, n_perm):
@@ -175,8 +136,7 @@ def evaluate(args):
     _, model, _, x, which, _ = inputs
     train = which == "train"
     t0 = time.perf_counter()
-    log = (lambda *_: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    maps, S = back_project(model, x, train, layer, dec, tensor, args.batch_size, log)
+    maps, S = back_project(model, x, train, layer, dec, tensor, args.batch_size, args.quiet)
     t_bp = time.perf_counter() - t0
     fit = [float(np.corrcoef(S[:, r], dec["U1"][:, r])[0, 1]) for r in range(S.shape[1])]
     if args.save:

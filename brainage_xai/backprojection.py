@@ -75,15 +75,21 @@ def loading_functional(U2, D, U3) -> np.ndarray:
 
 @dataclass
 class BackProjection:
-    """The maps ``(R, *grid)`` (float64, >= 0) and the training loadings ``(n, R)``."""
+    """The maps ``(R, *grid)`` (float64, >= 0) and the training loadings ``(n, R)``.
+
+    With ``diagnostics=True``, ``extra`` holds two other maps for comparison:
+    ``gradient`` (mean |g|: where the loading looks) and ``contribution`` (mean |c|).
+    """
 
     maps: np.ndarray
     scores: np.ndarray
+    extra: dict | None = None
 
 
 def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", centre=None,
                  scale=None, weight=None, batch_size: int = 8, device="cpu",
-                 progress: bool = False, signed: bool = False) -> BackProjection:
+                 progress: bool = False, signed: bool = False,
+                 diagnostics: bool = False) -> BackProjection:
     """Back-project each component's loading to the input grid (see the module's notes).
 
     Parameters
@@ -100,6 +106,8 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
         What was decomposed; the deviations need ``centre`` ``(c, v)`` and ``scale``
         ``(c,)``, the relevance tensor also ``weight`` ``(c, v)``
         (:mod:`brainage_xai.selection.tensor`).
+    diagnostics : bool
+        Also return the mean absolute gradient and contribution maps (``extra``).
     signed : bool
         Keep the negative shares (the maps then sum over voxels to the loading's variance
         to first order, exactly when the layer is linear in the input).
@@ -135,7 +143,8 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
     model.eval().to(device)
     grid = tuple(x.shape[2:])
     xbar = x.double().mean(0)[0].numpy()
-    acc = {k: np.zeros((R,) + grid) for k in ("c", "cs")}
+    keys = ("c", "cs") + (("gradient", "contribution") if diagnostics else ())
+    acc = {k: np.zeros((R,) + grid) for k in keys}
     scores = np.zeros((x.shape[0], R))
     try:
         for start in tqdm(range(0, x.shape[0], batch_size), desc="back-projection", unit="batch",
@@ -154,7 +163,11 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
             dx = xb.detach()[:, 0].double().cpu().numpy() - xbar
             for r in range(R):
                 g, = torch.autograd.grad(s[:, r].sum(), xb, retain_graph=r < R - 1)
-                contrib = g[:, 0].double().cpu().numpy() * dx
+                g = g[:, 0].double().cpu().numpy()
+                contrib = g * dx
+                if diagnostics:
+                    acc["gradient"][r] += np.abs(g).sum(0)
+                    acc["contribution"][r] += np.abs(contrib).sum(0)
                 acc["c"][r] += contrib.sum(0)
                 acc["cs"][r] += np.tensordot(s_np[:, r], contrib, axes=1)
     finally:
@@ -163,7 +176,8 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
         model.train(was_training)
     n = x.shape[0]
     cov = acc["cs"] / n - (acc["c"] / n) * scores.mean(0)[:, None, None, None]
-    return BackProjection(cov if signed else np.clip(cov, 0.0, None), scores)
+    extra = {k: acc[k] / n for k in ("gradient", "contribution")} if diagnostics else None
+    return BackProjection(cov if signed else np.clip(cov, 0.0, None), scores, extra)
 
 
 def write_backprojection(group_dir, maps, template_img, rois_img, *, prefix: str,
