@@ -779,22 +779,53 @@ def _explanation_paths(ctx: GroupContext) -> tuple[str, dict[str, Path]]:
         "gradcam": g / f"{prefix}_desc-gradcam_map.nii.gz",
         "occlusion": g / "occlusion.tsv",
         "occlusion_null": g / "occlusion_null.tsv",
+        "backprojected": g / f"{prefix}_desc-backprojected_components.nii.gz",
     }
+
+
+def _backprojection(ctx: GroupContext, template_img, mask, rois_img, prefix: str):
+    """Back-project each RoI's loading to the input (:mod:`brainage_xai.backprojection`)."""
+    from .atlas import load_atlas
+    from .backprojection import back_project, write_backprojection
+    from .selection import channel_scale, relevance_weight
+
+    rows = _split_rows(ctx)["train"]
+    tensor = ctx.config.tensor
+    centre = scale = weight = None
+    if tensor != "activations":
+        train = np.asarray(ctx.activations.array[rows])
+        centre, scale = train.mean(axis=0), channel_scale(train)
+        del train
+        if tensor == "relevance":
+            weight = relevance_weight(_gradient_rms(ctx, rows), scale)
+    with np.load(ctx.group_dir / "decomposition.npz") as z:
+        U2, D, U3 = z["U2"], z["D"], z["U3"]
+    LOGGER.info("explanations: back-projecting %d RoIs over %d training subjects", U3.shape[1], len(rows))
+    bp = back_project(ctx.model, _standardised_inputs(ctx)[rows], ctx.activations.layer, U2, D, U3,
+                      tensor=tensor, centre=centre, scale=scale, weight=weight,
+                      device=ctx.device, progress=not ctx.config.quiet)
+    atlas_img, names = load_atlas(template_img)
+    labels = dict(zip(names["index"].astype(int), names["name"].astype(str)))
+    return write_backprojection(ctx.group_dir, bp.maps, template_img, rois_img, prefix=prefix,
+                                mask=mask, atlas_img=atlas_img, atlas_labels=labels)
 
 
 def stage_explanations(ctx: GroupContext) -> None:
     """RoI maps, loadings against the target, GradCAM and the occlusion test."""
     import nibabel as nib
 
+    from .backprojection import BACKPROJECTION_SIDECAR
     from .model.training import resolve_precision
-    from .rois import write_explanations
+    from .rois import ROIS_SIDECAR, write_explanations
 
     prefix, paths = _explanation_paths(ctx)
     template_img, mask, _ = _template_grid(ctx)
-    key = ctx.key(selection=_selection_key(ctx), template=ctx.template.source, blobs=N_RANDOM_BLOBS)
+    key = ctx.key(selection=_selection_key(ctx), template=ctx.template.source, blobs=N_RANDOM_BLOBS,
+                  backprojection=1)
     if ctx.is_done("explanations", key, list(paths.values())):
         ctx.explanations = {
             "rois_img": nib.load(str(paths["components"])),
+            "backprojected_img": nib.load(str(paths["backprojected"])),
             "dseg_img": nib.load(str(paths["dseg"])),
             "rois_table": read_tsv(paths["rois_tsv"]),
             "loadings": _roi_loadings(ctx),
@@ -822,8 +853,14 @@ def stage_explanations(ctx: GroupContext) -> None:
         # the training's precision: bf16 is many times faster on CPUs with AMX and on GPUs
         dtype=resolve_precision("auto", ctx.device),
     )  # fmt: skip
+    bp_img, _, bp_table = _backprojection(ctx, template_img, mask, parts["rois_img"], prefix)
     ctx.model.cpu()
+    # rois.tsv: each RoI with where its loading comes from in the input beside it
+    rois_table = parts["rois_table"].merge(bp_table, on="name", how="left")
+    write_tsv(paths["rois_tsv"], rois_table, sidecar={**ROIS_SIDECAR, **BACKPROJECTION_SIDECAR})
+    parts["rois_table"] = rois_table
     ctx.explanations = {k: v for k, v in parts.items() if k not in ("paths", "geometry")}
+    ctx.explanations["backprojected_img"] = bp_img
     if mask is None:
         ctx.explanations["mask_img"] = None
     LOGGER.info("explanations: %d RoIs, GradCAM and occlusion test in %s", len(roi_cols), ctx.group_dir)

@@ -271,6 +271,14 @@ def test_explanations_are_on_the_template_grid(first_run):
     assert len(read_tsv(g / f"{PREFIX}_desc-rois_dseg.tsv")) == r1
     rois = read_tsv(g / "rois.tsv")
     assert list(rois["index"]) == list(range(1, r1 + 1))
+    # each RoI back-projected to the input (where its loading comes from)
+    bp = nib.load(str(g / f"{PREFIX}_desc-backprojected_components.nii.gz"))
+    assert bp.shape == (*preproc.shape, r1)
+    np.testing.assert_allclose(bp.affine, preproc.affine)
+    bp_data = bp.get_fdata()
+    assert bp_data.min() >= 0 and np.isfinite(bp_data).all() and bp_data.max() > 0
+    assert rois["input_region"].notna().all() and rois["agreement"].between(-1, 1).all()
+    assert "input_region" in json.loads((g / "rois.json").read_text())
     cam = nib.load(str(g / f"{PREFIX}_desc-gradcam_map.nii.gz"))
     assert cam.shape == preproc.shape and np.allclose(cam.affine, preproc.affine)
     fits = read_tsv(g / "loadings_vs_age.tsv")
@@ -294,7 +302,10 @@ def test_report_and_subject_pages(first_run):
                 "combined RoI map", "loadings vs age", "GradCAM average", "occlusion test"):
         assert f'alt="{alt}"' in html, alt
     assert "network head on the reconstruction" in html and "training-mean predictor" in html
-    assert html.count('class="viewer"') == json.loads((g / "selection.json").read_text())["ranks"]["R1"]
+    r1 = json.loads((g / "selection.json").read_text())["ranks"]["R1"]
+    assert html.count('class="viewer"') == r1
+    assert html.count("Back-projected to the input") == r1
+    assert 'alt="RoI 1 back-projected, glass brain"' in html and "share of the loading" in html
     assert 'href="../sub-' in html
 
     pred = read_tsv(g / "predictions.tsv").set_index("participant_id")
@@ -379,6 +390,8 @@ def test_deviations_tensor_and_auto_layer(first_run, tmp_path, monkeypatch):
     page = (g / "report.html").read_text()
     assert "Decomposed layer</th><td>block1" in page and "deviations from the training mean" in page
     assert "Unlike the original method" in page
+    bp = nib.load(str(g / f"{PREFIX}_desc-backprojected_components.nii.gz"))
+    assert bp.shape[-1] == 3 and bp.get_fdata().max() > 0
     # The last layer keeps the head metric, through the deviation head.
     group(first_run["bids"], out, "--tensor", "deviations", "--ranks", "2", "2", "--lambda", "0")
     test = json.loads((g / "metrics.json").read_text())["decomposition"]["metrics"]["age"]["test"]
@@ -407,6 +420,8 @@ def test_relevance_tensor(first_run, tmp_path):
     page = (g / "report.html").read_text()
     assert "weighted by the network&#39;s output gradient" in page or "weighted by the network's output gradient" in page
     assert "Unlike the original method" in page and "the network ignores does not form RoIs" in page
+    bp = nib.load(str(g / f"{PREFIX}_desc-backprojected_components.nii.gz"))
+    assert bp.shape[-1] == 2 and bp.get_fdata().max() > 0
 
 
 def test_too_few_subjects_is_a_data_error_before_any_work(first_run, tmp_path, capsys):

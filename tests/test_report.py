@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from _tiny import tiny_net
 
-from brainage_xai import gradcam, occlusion, rois
+from brainage_xai import backprojection, gradcam, occlusion, rois
 from brainage_xai.reports import group as report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -77,8 +77,15 @@ def context(tmp_path_factory):
     atlas = np.where(np.indices(shape)[0] < shape[0] // 2, 1, 2) * brain
     comps = rois.roi_components(u3, geo, template, mask=brain)
     dseg, _ = rois.combined_dseg(comps)
-    table = rois.atlas_overlap(comps, nib.Nifti1Image(atlas.astype(np.int16), template.affine),
-                               {1: "left <hemisphere>", 2: "right"})
+    atlas_img = nib.Nifti1Image(atlas.astype(np.int16), template.affine)
+    labels = {1: "left <hemisphere>", 2: "right"}
+    table = rois.atlas_overlap(comps, atlas_img, labels)
+    # each RoI "back-projected to the input": here the RoI moved by two voxels
+    moved = np.roll(np.moveaxis(comps.get_fdata(), -1, 0), 2, axis=1)
+    bp_img, _, bp_table = backprojection.write_backprojection(
+        tmp_path_factory.mktemp("bp"), moved, template, comps, prefix="space-X_res-8", mask=brain,
+        atlas_img=atlas_img, atlas_labels=labels)
+    table = table.merge(bp_table, on="name")
     n = 30
     age = rng.uniform(10, 80, n)
     ids = [f"sub-{i:02d}" for i in range(n)]
@@ -125,6 +132,7 @@ def context(tmp_path_factory):
         "background_img": template, "mask_img": nib.Nifti1Image(brain.astype(np.uint8),
                                                                  template.affine),
         "loadings": loadings, "gradcam_img": cam_img, "occlusion": occ,
+        "backprojected_img": bp_img,
         "subjects": [{"label": i, "href": f"{i}.html"} for i in ids[:3]],
     }
 
@@ -158,6 +166,10 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
     assert "smallest validation MAE" in html
     assert "RoI 1: loadings rise linearly" in html
     assert html.count('class="viewer"') == 3
+    # each RoI's back-projection under it, with the region it comes from (escaped)
+    assert html.count("Back-projected to the input") == 3
+    assert html.count('back-projected, glass brain"') == 3
+    assert re.search(r"mostly (left &lt;hemisphere&gt;|right); spatial correlation\s+with the RoI", html)
 
 
 def _chromium(args, cwd):
@@ -178,7 +190,7 @@ def test_report_renders_in_headless_chromium(rendered, tmp_path):
     match = re.search(r'<pre id="__check">(.*?)</pre>', dom.stdout, re.S)
     assert match, dom.stderr[-2000:]
     result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert result["n"] >= 10 and result["bad"] == []
+    assert result["n"] >= 16 and result["bad"] == []
     assert result["frames"] == 3 and result["frameImgs"] >= 3 and result["frameBad"] == []
     assert result["errors"] == []
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line

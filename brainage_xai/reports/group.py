@@ -38,6 +38,10 @@ loading_fits : DataFrame
     :func:`brainage_xai.loadings.describe_loadings` output (computed when missing).
 gradcam_img : nibabel image
     Average GradCAM on the template grid.
+backprojected_img : nibabel image
+    The RoIs back-projected to the input (:mod:`brainage_xai.backprojection`), 4D like
+    ``rois_img``; shown under each RoI, with ``input_region`` and ``agreement`` from
+    ``rois_table`` when it has them.
 occlusion : tuple of DataFrame
     ``(table, null)`` from :func:`brainage_xai.occlusion.occlusion_test`.
 methods : str
@@ -81,7 +85,13 @@ DEFAULT_METHODS = (
     "baseline; at a last layer followed by global average pooling and a linear head it "
     "equals CAM (Zhou et al., 2016). Faithfulness was tested by occluding each RoI with the "
     "training mean and comparing the test MAE increase with that of random blobs of the "
-    "same volume."
+    "same volume. Each RoI's loading was also followed back to the input: the least-squares "
+    "loading of the subject's tensor slice on the RoI's component, differentiated with "
+    "respect to the input map and multiplied by the input's deviation from the training "
+    "mean, gives each input voxel's first-order contribution; its covariance with the "
+    "loading over the training subjects (negative values set to zero) is that voxel's share "
+    "of the loading's variance (the back-projected RoI), which shows where in the input the "
+    "differences between subjects that the RoI measures come from."
 )
 
 #: Added to the methods when ``--tensor deviations`` was used.
@@ -317,6 +327,20 @@ def build_page(context: dict) -> dict:
     rois_img = context.get("rois_img")
     page["rois_table"] = _records(context.get("rois_table"))
     page["mosaics"] = roi_mosaics(rois_img, bg) if rois_img is not None else []
+    for mosaic in page["mosaics"]:
+        mosaic["input"] = None
+    bp_img = context.get("backprojected_img")
+    if bp_img is not None and rois_img is not None and bp_img.shape == rois_img.shape:
+        table = context.get("rois_table")
+        info = {} if table is None or "input_region" not in table else {
+            str(row["name"]): row for _, row in table.iterrows()}
+        for mosaic, bp in zip(page["mosaics"], roi_mosaics(bp_img, bg)):
+            row = info.get(mosaic["name"])
+            mosaic["input"] = {
+                "glass": bp["glass"], "slices": bp["slices"],
+                "region": None if row is None else row["input_region"],
+                "agreement": None if row is None else float(row["agreement"]),
+            }
     if context.get("dseg_img") is not None:
         figs["combined"] = combined_map_uri(context["dseg_img"], bg)
     page["viewers"] = []
