@@ -31,6 +31,9 @@ for each planted region and the decoy:
   not use it);
 - ``occl_gain`` / ``occl_p95``: the best RoI's test MAE increase when occluded and the
   95th percentile of its random same-volume blobs (``occlusion.tsv``);
+- ``input`` / ``input_which``: the same for the RoIs back-projected to the input
+  (``*_desc-backprojected_components.nii.gz``, when the run wrote it; a diagnostic beside
+  the RoIs, not part of the goal);
 - with ``--occlude-planted``, a positive control: the occlusion test run on the planted
   masks themselves with the run's network (``plant_gain`` / ``plant_p95``). If occluding
   the truth does not beat random blobs either, the test cannot tell at this setting.
@@ -256,6 +259,10 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
     t0 = time.perf_counter()
     ceilings = [rois.resolution_ceiling(mask, geo, brain) for mask in masks]
     t_ceiling = time.perf_counter() - t0
+    # The RoIs back-projected to the input, when the run wrote them (runs made before do not).
+    bp_found = sorted(group.glob("*_desc-backprojected_components.nii.gz"))
+    bp_maps = (np.moveaxis(np.asarray(nib.load(str(bp_found[0])).dataobj, dtype=float), -1, 0)
+               if bp_found else None)
     rows = []
     # corr[k, r]: region k with RoI r, for the "own" diagnostic.
     corr = np.array([[rois.spatial_correlation(m, mask, brain) for m in roi_maps] for mask in masks])
@@ -275,6 +282,10 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
             "occl_gain": round(float(occ.loc[roi, "mae_increase"]), 3),
             "occl_p95": round(float(occ.loc[roi, "null_p95"]), 3),
         }
+        if bp_maps is not None:
+            c_in = [rois.spatial_correlation(m, mask, brain) for m in bp_maps]
+            row["input"] = round(float(max(c_in)), 3)
+            row["input_which"] = f"RoI {int(np.argmax(c_in)) + 1}"
         if plant is not None:
             row["plant_gain"] = round(float(plant.loc[name, "mae_increase"]), 3)
             row["plant_p95"] = round(float(plant.loc[name, "null_p95"]), 3)
@@ -308,6 +319,10 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
         "null_s": round(t_null, 1),
         "ceilings_s": round(t_ceiling, 1),
     }
+    if bp_maps is not None:
+        # input-grid maps: resolution ceiling 1
+        summary["median_best_backprojected"] = round(float(np.median(planted["input"])), 3)
+        summary["decoy_best_backprojected"] = round(float(decoy["input"].max()), 3)
     if rand is not None:
         summary["random_networks_s"] = round(t_rand, 1)
     if plant is not None:
