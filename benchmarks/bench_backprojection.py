@@ -49,7 +49,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_explanations import _inputs, _occlude_planted, _one  # noqa: E402
+from bench_explanations import _inputs, _occlude_planted, _one, print_result  # noqa: E402
 
 KINDS = ("grad", "contrib", "cov")
 
@@ -195,13 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     tab, summary = evaluate(args)
-    pd.set_option("display.width", 220)
-    pd.set_option("display.max_columns", 30)
-    print(f"{args.output}; baseline: the run's RoIs (u3)")
-    print(tab.to_string(index=False))
-    print()
-    for k, v in summary.items():
-        print(f"{k:40s} {v}")
+    print_result(f"{args.output}; baseline: the run's RoIs (u3)", tab, summary, key_width=40)
     return 0
 
 

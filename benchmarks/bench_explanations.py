@@ -344,6 +344,17 @@ def _test_mae(metrics: dict) -> str:
                      if k != "network_head_on_reconstruction")
 
 
+def print_result(title: str, tab: pd.DataFrame, summary: dict, key_width: int = 32) -> None:
+    """The per-region table, then the summary one line per entry."""
+    pd.set_option("display.width", 220)
+    pd.set_option("display.max_columns", 30)
+    print(title)
+    print(tab.to_string(index=False))
+    print()
+    for k, v in summary.items():
+        print(f"{k:{key_width}s} {v}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bids", required=True, help="simulated BIDS dataset (planted_dseg)")
@@ -361,13 +372,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the tables here")
     args = parser.parse_args(argv)
     tab, summary = evaluate(args)
-    pd.set_option("display.width", 200)
-    pd.set_option("display.max_columns", 30)
-    print(f"{args.output}; baseline: GradCAM average of the same network")
-    print(tab.to_string(index=False))
-    print()
-    for k, v in summary.items():
-        print(f"{k:32s} {v}")
+    print_result(f"{args.output}; baseline: GradCAM average of the same network", tab, summary)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": tab.to_dict(orient="records"),
                                                "summary": summary}, indent=1))
