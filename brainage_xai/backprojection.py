@@ -142,7 +142,7 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
     was_training = model.training
     model.eval().to(device)
     grid = tuple(x.shape[2:])
-    xbar = x.double().mean(0)[0].numpy()
+    xbar = x.mean(0, dtype=torch.float64)[0].numpy()
     keys = ("c", "cs") + (("gradient", "contribution") if diagnostics else ())
     acc = {k: np.zeros((R,) + grid) for k in keys}
     scores = np.zeros((x.shape[0], R))

@@ -551,10 +551,12 @@ def _selection_key(ctx: GroupContext) -> str:
 def _load_selection(group: Path) -> dict:
     """The chosen ranks and λ and the final factors, from the selection's outputs."""
     with np.load(group / "decomposition.npz") as npz:
-        arrays = {k: npz[k] for k in ("U1", "U1_val", "U1_test", "U3", "roi_coefficients")}
+        arrays = {k: npz[k] for k in ("U1", "U1_val", "U1_test", "U2", "D", "U3", "roi_coefficients")}
     choice = json.loads((group / "selection.json").read_text())
     return {
         "U1": {"train": arrays["U1"], "val": arrays["U1_val"], "test": arrays["U1_test"]},
+        "U2": arrays["U2"],
+        "D": arrays["D"],
         "U3": arrays["U3"],
         "roi_coefficients": arrays["roi_coefficients"],
         "ranks": (int(choice["ranks"]["R1"]), int(choice["ranks"]["R2"])),
@@ -798,8 +800,7 @@ def _backprojection(ctx: GroupContext, template_img, mask, rois_img, prefix: str
         del train
         if tensor == "relevance":
             weight = relevance_weight(_gradient_rms(ctx, rows), scale)
-    with np.load(ctx.group_dir / "decomposition.npz") as z:
-        U2, D, U3 = z["U2"], z["D"], z["U3"]
+    U2, D, U3 = (ctx.selection[k] for k in ("U2", "D", "U3"))
     LOGGER.info("explanations: back-projecting %d RoIs over %d training subjects", U3.shape[1], len(rows))
     bp = back_project(ctx.model, _standardised_inputs(ctx)[rows], ctx.activations.layer, U2, D, U3,
                       tensor=tensor, centre=centre, scale=scale, weight=weight,
