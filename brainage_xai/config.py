@@ -49,6 +49,7 @@ class Config:
     tune: int = 0
     epochs: int | None = None
     ensemble: int = 1  # networks trained (seeds random_seed, +1, ...) and explained together
+    backprojection: bool = True  # back-project each RoI's loading to the input (--no-backprojection)
     # Network widths/depths per block; None: the paper's (8..128 channels, 3-4-6-4-3 units).
     widths: list[int] | None = None
     depths: list[int] | None = None

@@ -781,8 +781,8 @@ def _explanation_paths(ctx: GroupContext) -> tuple[str, dict[str, Path]]:
         "gradcam": g / f"{prefix}_desc-gradcam_map.nii.gz",
         "occlusion": g / "occlusion.tsv",
         "occlusion_null": g / "occlusion_null.tsv",
-        "backprojected": g / f"{prefix}_desc-backprojected_components.nii.gz",
-    }
+    } | ({"backprojected": g / f"{prefix}_desc-backprojected_components.nii.gz"}
+         if ctx.config.backprojection else {})
 
 
 def _backprojection(ctx: GroupContext, template_img, mask, rois_img, prefix: str):
@@ -811,6 +811,11 @@ def _backprojection(ctx: GroupContext, template_img, mask, rois_img, prefix: str
                                 mask=mask, atlas_img=atlas_img, atlas_labels=labels)
 
 
+def _explanations_key(ctx: GroupContext) -> str:
+    return ctx.key(selection=_selection_key(ctx), template=ctx.template.source, blobs=N_RANDOM_BLOBS,
+                   backprojection=int(ctx.config.backprojection))
+
+
 def stage_explanations(ctx: GroupContext) -> None:
     """RoI maps, loadings against the target, GradCAM and the occlusion test."""
     import nibabel as nib
@@ -821,12 +826,11 @@ def stage_explanations(ctx: GroupContext) -> None:
 
     prefix, paths = _explanation_paths(ctx)
     template_img, mask, _ = _template_grid(ctx)
-    key = ctx.key(selection=_selection_key(ctx), template=ctx.template.source, blobs=N_RANDOM_BLOBS,
-                  backprojection=1)
+    key = _explanations_key(ctx)
     if ctx.is_done("explanations", key, list(paths.values())):
         ctx.explanations = {
             "rois_img": nib.load(str(paths["components"])),
-            "backprojected_img": nib.load(str(paths["backprojected"])),
+            "backprojected_img": nib.load(str(paths["backprojected"])) if "backprojected" in paths else None,
             "dseg_img": nib.load(str(paths["dseg"])),
             "rois_table": read_tsv(paths["rois_tsv"]),
             "loadings": _roi_loadings(ctx),
@@ -854,12 +858,19 @@ def stage_explanations(ctx: GroupContext) -> None:
         # the training's precision: bf16 is many times faster on CPUs with AMX and on GPUs
         dtype=resolve_precision("auto", ctx.device),
     )  # fmt: skip
-    bp_img, _, bp_table = _backprojection(ctx, template_img, mask, parts["rois_img"], prefix)
+    bp_img = None
+    if not ctx.config.backprojection:
+        # an earlier run's maps would no longer match these RoIs
+        stale = ctx.group_dir / f"{prefix}_desc-backprojected_components.nii.gz"
+        for path in (stale, stale.with_name(stale.name.replace(".nii.gz", ".json"))):
+            path.unlink(missing_ok=True)
+    else:
+        bp_img, _, bp_table = _backprojection(ctx, template_img, mask, parts["rois_img"], prefix)
+        # rois.tsv: each RoI with where its loading comes from in the input beside it
+        parts["rois_table"] = parts["rois_table"].merge(bp_table, on="name", how="left")
+        write_tsv(paths["rois_tsv"], parts["rois_table"],
+                  sidecar={**ROIS_SIDECAR, **BACKPROJECTION_SIDECAR})
     ctx.model.cpu()
-    # rois.tsv: each RoI with where its loading comes from in the input beside it
-    rois_table = parts["rois_table"].merge(bp_table, on="name", how="left")
-    write_tsv(paths["rois_tsv"], rois_table, sidecar={**ROIS_SIDECAR, **BACKPROJECTION_SIDECAR})
-    parts["rois_table"] = rois_table
     ctx.explanations = {k: v for k, v in parts.items() if k not in ("paths", "geometry")}
     ctx.explanations["backprojected_img"] = bp_img
     if mask is None:
@@ -922,6 +933,7 @@ def stage_report(ctx: GroupContext) -> None:
     from .participant import subject_page
     from .prediction import figure_path
     from .reports.group import (
+        BACKPROJECTION_METHODS,
         DEFAULT_METHODS,
         DEVIATIONS_METHODS,
         ENSEMBLE_METHODS,
@@ -935,7 +947,8 @@ def stage_report(ctx: GroupContext) -> None:
     target = ctx.targets.columns[0]
     out = group / "report.html"
     pages = {s: report_path(config.output_dir, s) for s in ctx.subjects}
-    key = ctx.key(selection=_selection_key(ctx), explanations=_explanation_paths(ctx)[0])
+    # the explanations' key: a report shows the explanations it was made from
+    key = ctx.key(explanations=_explanations_key(ctx), prefix=_explanation_paths(ctx)[0])
     # A participant re-run writes sub-X.html without the group section: redo the pages then.
     if ctx.is_done("report", key, [out, *pages.values()]) and all(
         'id="subject-rois"' in p.read_text(encoding="utf-8") for p in pages.values()
@@ -952,7 +965,8 @@ def stage_report(ctx: GroupContext) -> None:
         "methods": DEFAULT_METHODS.format(target=target)
         + (DEVIATIONS_METHODS if config.tensor in ("deviations", "relevance") else "")
         + (RELEVANCE_METHODS if config.tensor == "relevance" else "")
-        + (ENSEMBLE_METHODS.format(k=n_members) if n_members > 1 else ""),
+        + (ENSEMBLE_METHODS.format(k=n_members) if n_members > 1 else "")
+        + (BACKPROJECTION_METHODS if config.backprojection else ""),
         "metrics": _metrics_table(ctx),
         "predictions": ctx.predictions,
         "target": target,

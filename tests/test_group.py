@@ -424,6 +424,27 @@ def test_relevance_tensor(first_run, tmp_path):
     assert bp.shape[-1] == 2 and bp.get_fdata().max() > 0
 
 
+def test_no_backprojection_leaves_it_out(first_run, tmp_path):
+    # --no-backprojection: the explanations are redone without it, and the earlier run's
+    # maps (which would no longer belong to these RoIs) are removed.
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out)
+    g = out / "group"
+    bp = g / f"{PREFIX}_desc-backprojected_components.nii.gz"
+    assert bp.is_file()
+    config = group(first_run["bids"], out, "--no-backprojection")
+    assert config.backprojection is False
+    assert not bp.exists() and not bp.with_name(bp.name.replace(".nii.gz", ".json")).exists()
+    rois = read_tsv(g / "rois.tsv")
+    assert "input_region" not in rois and "input_region" not in json.loads((g / "rois.json").read_text())
+    html = (g / "report.html").read_text()
+    assert "Back-projected to the input" not in html and 'id="rois"' in html
+    assert "share of the loading" not in html  # nor in the methods
+    # and back on: the maps are written again
+    group(first_run["bids"], out)
+    assert bp.is_file() and "input_region" in read_tsv(g / "rois.tsv")
+
+
 def test_too_few_subjects_is_a_data_error_before_any_work(first_run, tmp_path, capsys):
     out = tmp_path / "out"
     shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))

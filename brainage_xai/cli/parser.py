@@ -190,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         "their mean prediction: the decomposed activations are all K networks' channels side "
         "by side (default 1; docs/model.md)",
     )
+    g.add_argument(
+        "--no-backprojection", dest="backprojection", action="store_false",
+        help="do not back-project each RoI's loading to the input (one backward pass per RoI "
+        "and training subject; docs/report.md)",
+    )
     g.add_argument("--dask-scheduler", metavar="ADDR", help="dask scheduler address for the sweeps")
     g.add_argument(
         "--widths", nargs="+", type=_positive_int, metavar="C",
@@ -316,6 +321,7 @@ def parse_args(argv=None) -> Config:
         "tune": opts.tune,
         "epochs": opts.epochs,
         "ensemble": opts.ensemble,
+        "backprojection": opts.backprojection,
         "widths": opts.widths,
         "depths": opts.depths,
         "verbose": opts.verbose,

@@ -85,7 +85,13 @@ DEFAULT_METHODS = (
     "baseline; at a last layer followed by global average pooling and a linear head it "
     "equals CAM (Zhou et al., 2016). Faithfulness was tested by occluding each RoI with the "
     "training mean and comparing the test MAE increase with that of random blobs of the "
-    "same volume. Each RoI's loading was also followed back to the input: the least-squares "
+    "same volume."
+)
+
+#: Added to the methods when the RoIs were back-projected (the default; not with
+#: ``--no-backprojection``).
+BACKPROJECTION_METHODS = (
+    " Each RoI's loading was also followed back to the input: the least-squares "
     "loading of the subject's tensor slice on the RoI's component, differentiated with "
     "respect to the input map and multiplied by the input's deviation from the training "
     "mean, gives each input voxel's first-order contribution; its covariance with the "
