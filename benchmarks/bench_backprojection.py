@@ -49,7 +49,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_explanations import _inputs, _occlude_planted, _one, print_result  # noqa: E402
+from bench_explanations import _inputs, _occlude_planted, print_result, run_rois  # noqa: E402
 
 KINDS = ("grad", "contrib", "cov")
 
@@ -111,14 +111,9 @@ def evaluate(args):
 
     bids, out = Path(args.bids), Path(args.output)
     group = out / "group"
-    comps_path = _one(group, "*_desc-rois_components.nii.gz")
-    sidecar = json.loads(comps_path.with_name(comps_path.name.replace(".nii.gz", ".json"))
-                         .read_text())
-    g = sidecar["FeatureGeometry"]
-    geo = rois.FeatureGeometry(tuple(g["InputShape"]), tuple(g["FeatureShape"]),
-                               tuple(g["Stride"]), tuple(g["Offset"]))
+    comps, geo, sidecar = run_rois(group)
     layer = sidecar.get("Layer")
-    u3_maps = np.moveaxis(np.asarray(nib.load(str(comps_path)).dataobj, dtype=float), -1, 0)
+    u3_maps = np.moveaxis(np.asarray(comps.dataobj, dtype=float), -1, 0)
     truth_img = nib.load(str(bids / "sourcedata" / "simulation" / "planted_dseg.nii.gz"))
     truth = np.asarray(truth_img.dataobj).astype(int)
     table = read_tsv(bids / "sourcedata" / "simulation" / "planted_dseg.tsv")

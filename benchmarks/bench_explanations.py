@@ -110,6 +110,21 @@ def _nulls(u3, geometry, masks, brain, rng, n_perm):
     return {k: np.percentile(v, 95, axis=0) for k, v in best.items()}
 
 
+def run_rois(group: Path):
+    """The run's RoI image, its feature geometry and the components' JSON sidecar."""
+    import nibabel as nib
+
+    from brainage_xai import rois
+
+    comps_path = _one(group, "*_desc-rois_components.nii.gz")
+    sidecar = json.loads(comps_path.with_name(comps_path.name.replace(".nii.gz", ".json"))
+                         .read_text())
+    g = sidecar["FeatureGeometry"]
+    geo = rois.FeatureGeometry(tuple(g["InputShape"]), tuple(g["FeatureShape"]),
+                               tuple(g["Stride"]), tuple(g["Offset"]))
+    return nib.load(str(comps_path)), geo, sidecar
+
+
 def _inputs(out: Path, group: Path, resolution: float, device: str):
     """The run's network, its standardised inputs ``(n, X, Y, Z)``, splits and targets."""
     from brainage_xai.derivatives import collect_preprocessed
@@ -206,14 +221,8 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
 
     bids, out = Path(args.bids), Path(args.output)
     group = out / "group"
-    comps_path = _one(group, "*_desc-rois_components.nii.gz")
-    sidecar = json.loads(comps_path.with_name(comps_path.name.replace(".nii.gz", ".json"))
-                         .read_text())
-    g = sidecar["FeatureGeometry"]
-    geo = rois.FeatureGeometry(tuple(g["InputShape"]), tuple(g["FeatureShape"]),
-                               tuple(g["Stride"]), tuple(g["Offset"]))
+    comps, geo, sidecar = run_rois(group)
     layer = args.layer or sidecar.get("Layer", "unknown")
-    comps = nib.load(str(comps_path))
     roi_maps = np.moveaxis(np.asarray(comps.dataobj, dtype=float), -1, 0)
     cam = np.asarray(nib.load(str(_one(group, "*_desc-gradcam_map.nii.gz"))).dataobj, float)
     truth_img = nib.load(str(bids / "sourcedata" / "simulation" / "planted_dseg.nii.gz"))
