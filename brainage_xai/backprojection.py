@@ -31,14 +31,11 @@ gyrus takes its loading from the deep grey matter, the decoy.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import DataError
-
-LOGGER = logging.getLogger("brainage_xai.backprojection")
 
 #: What the maps are, for the NIfTI sidecar and the report.
 DESCRIPTION = (

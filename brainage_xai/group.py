@@ -654,6 +654,22 @@ def _gradient_rms(ctx: GroupContext, train_rows) -> np.ndarray:
     return g.reshape(g.shape[0], -1)
 
 
+def _tensor_parameters_path(ctx: GroupContext) -> Path:
+    return ctx.work_dir / "selection" / "tensor_parameters.npz"
+
+
+def _save_tensor_parameters(ctx: GroupContext, centre, scale, weight=None) -> None:
+    """The training centre, channel scale (and relevance weight) of the decomposed tensor.
+
+    Kept in the work directory so that the back-projection (explanations stage) builds the
+    same tensor without reading the training activations or taking the gradient again.
+    """
+    path = _tensor_parameters_path(ctx)
+    arrays = {"centre": centre, "scale": scale} | ({} if weight is None else {"weight": weight})
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
 def stage_selection(ctx: GroupContext) -> None:
     """Scree, rank sweep, λ sweep and the final decomposition (:func:`run_selection`)."""
     from .prediction import columns
@@ -661,6 +677,7 @@ def stage_selection(ctx: GroupContext) -> None:
         deviation_head,
         deviation_splits,
         head_from_torch,
+        relevance_weight,
         run_selection,
     )
 
@@ -669,6 +686,8 @@ def stage_selection(ctx: GroupContext) -> None:
     names = ("scree.tsv", "selection.json", "decomposition.npz", "decomposition.json", "loadings.tsv")
     saved = ctx.work_dir / "selection" / "metrics.json"
     outputs = [group / n for n in names] + [saved]
+    if config.tensor != "activations":
+        outputs.append(_tensor_parameters_path(ctx))
     if ctx.is_done("selection", key, outputs):
         ctx.selection = _load_selection(group)
         _merge_metrics(ctx, json.loads(saved.read_text()))
@@ -689,10 +708,13 @@ def stage_selection(ctx: GroupContext) -> None:
     _check_selection_memory(act.array.shape, config.tensor, act.layer)
     if config.tensor == "deviations":
         A, centre, scale = deviation_splits(act.array, rows)
+        _save_tensor_parameters(ctx, centre, scale)
         if head is not None:
             head = deviation_head(head, centre.mean(axis=1), scale)
     elif config.tensor == "relevance":
-        A, _, _ = deviation_splits(act.array, rows, gradient_rms=_gradient_rms(ctx, rows["train"]))
+        g = _gradient_rms(ctx, rows["train"])
+        A, centre, scale = deviation_splits(act.array, rows, gradient_rms=g)
+        _save_tensor_parameters(ctx, centre, scale, relevance_weight(g, scale))
         if head is not None:
             # The weight varies over voxels, so the voxel average of the reconstruction
             # no longer gives the head's input: that comparison is left out.
@@ -789,22 +811,18 @@ def _backprojection(ctx: GroupContext, template_img, mask, rois_img, prefix: str
     """Back-project each RoI's loading to the input (:mod:`brainage_xai.backprojection`)."""
     from .atlas import load_atlas
     from .backprojection import back_project, write_backprojection
-    from .selection import channel_scale, relevance_weight
 
     rows = _split_rows(ctx)["train"]
     tensor = ctx.config.tensor
-    centre = scale = weight = None
-    if tensor != "activations":
-        train = np.asarray(ctx.activations.array[rows])
-        centre, scale = train.mean(axis=0), channel_scale(train)
-        del train
-        if tensor == "relevance":
-            weight = relevance_weight(_gradient_rms(ctx, rows), scale)
+    parts = {}
+    if tensor != "activations":  # what the selection built the tensor with
+        with np.load(_tensor_parameters_path(ctx)) as npz:
+            parts = {k: npz[k] for k in npz.files}
     U2, D, U3 = (ctx.selection[k] for k in ("U2", "D", "U3"))
     LOGGER.info("explanations: back-projecting %d RoIs over %d training subjects", U3.shape[1], len(rows))
     bp = back_project(ctx.model, _standardised_inputs(ctx)[rows], ctx.activations.layer, U2, D, U3,
-                      tensor=tensor, centre=centre, scale=scale, weight=weight,
-                      device=ctx.device, progress=not ctx.config.quiet)
+                      tensor=tensor, centre=parts.get("centre"), scale=parts.get("scale"),
+                      weight=parts.get("weight"), device=ctx.device, progress=not ctx.config.quiet)
     atlas_img, names = load_atlas(template_img)
     labels = dict(zip(names["index"].astype(int), names["name"].astype(str)))
     return write_backprojection(ctx.group_dir, bp.maps, template_img, rois_img, prefix=prefix,

@@ -392,6 +392,11 @@ def test_deviations_tensor_and_auto_layer(first_run, tmp_path, monkeypatch):
     assert "Unlike the original method" in page
     bp = nib.load(str(g / f"{PREFIX}_desc-backprojected_components.nii.gz"))
     assert bp.shape[-1] == 3 and bp.get_fdata().max() > 0
+    # the back-projection rebuilt the tensor from the selection's own centre and scale
+    with np.load(out / ".work" / "group" / "selection" / "tensor_parameters.npz") as npz:
+        train = np.asarray(act.array)[np.asarray(act.split) == "train"]
+        np.testing.assert_allclose(npz["centre"], train.mean(axis=0), rtol=1e-5, atol=1e-6)
+        assert npz["scale"].shape == (c,) and "weight" not in npz.files
     # The last layer keeps the head metric, through the deviation head.
     group(first_run["bids"], out, "--tensor", "deviations", "--ranks", "2", "2", "--lambda", "0")
     test = json.loads((g / "metrics.json").read_text())["decomposition"]["metrics"]["age"]["test"]
@@ -422,6 +427,8 @@ def test_relevance_tensor(first_run, tmp_path):
     assert "Unlike the original method" in page and "the network ignores does not form RoIs" in page
     bp = nib.load(str(g / f"{PREFIX}_desc-backprojected_components.nii.gz"))
     assert bp.shape[-1] == 2 and bp.get_fdata().max() > 0
+    with np.load(out / ".work" / "group" / "selection" / "tensor_parameters.npz") as npz:
+        assert npz["weight"].shape == (act.array.shape[1], act.array.shape[2])
 
 
 def test_no_backprojection_leaves_it_out(first_run, tmp_path):
