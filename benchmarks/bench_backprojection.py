@@ -171,6 +171,7 @@ def evaluate(args):
         for kind, t in occ.items():
             gains = ", ".join(f"{g:.2f}{'*' if a else ''}" for g, a in zip(t["mae_increase"], t["above_null"]))
             summary[f"occlusion, {kind} (* above p95)"] = f"{int(t['above_null'].sum())}/{len(t)}: {gains}"
+            summary[f"occluded voxels, {kind}"] = ", ".join(str(int(v)) for v in t["voxels"])
     return pd.DataFrame(rows), summary
 
 
