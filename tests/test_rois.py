@@ -217,6 +217,21 @@ def test_fit_trajectory_names_the_relation(rng, shape, expected):
         assert fit["slope_after"] < -0.03 and abs(fit["slope_before"]) < 0.01
 
 
+@pytest.mark.parametrize("noise_sd", [0.05, 0.4, 2.0])
+def test_fit_trajectory_says_how_much_of_the_loading_is_age(rng, noise_sd):
+    # a clear shape is not the same as a component made of age: the cross-validated R²
+    # is the share of the loadings' variance that age predicts, near its true value
+    age = rng.uniform(8, 80, 400).round()
+    signal = 0.02 * age
+    y = signal + rng.normal(0, noise_sd, age.size)
+    share = signal.var() / (signal.var() + noise_sd**2)
+    fit = ld.fit_trajectory(age, y)
+    assert 0.0 <= fit["cv_r2"] <= 1.0
+    assert fit["cv_r2"] == pytest.approx(share, abs=0.08)
+    pure_noise = ld.fit_trajectory(age, rng.normal(0, 1, age.size))
+    assert pure_noise["cv_r2"] < 0.03
+
+
 def test_describe_and_plot_loadings(rng):
     import pandas as pd
 
@@ -226,7 +241,9 @@ def test_describe_and_plot_loadings(rng):
     out = ld.describe_loadings(table, age, coefficients=[1.5, -0.2])
     assert list(out["roi"]) == ["RoI 1", "RoI 2"]
     assert out.loc[0, "relation"] == "linear" and "rise linearly" in out.loc[0, "statement"]
-    assert out.loc[1, "relation"] == "none"
+    assert out.loc[0, "cv_r2"] > 0.9
+    assert f"age explains {out.loc[0, 'cv_r2']:.0%} of the loadings' variance" in out.loc[0, "statement"]
+    assert out.loc[1, "relation"] == "none" and out.loc[1, "cv_r2"] < 0.1
     assert out["coefficient"].tolist() == [1.5, -0.2]
     split = np.array(["train"] * 60 + ["validation"] * 15 + ["test"] * 15)
     fig = ld.plot_loadings(table, age, split)
