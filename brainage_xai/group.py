@@ -840,7 +840,7 @@ def stage_explanations(ctx: GroupContext) -> None:
 
     from .backprojection import BACKPROJECTION_SIDECAR
     from .model.training import resolve_precision
-    from .rois import ROIS_SIDECAR, write_explanations
+    from .rois import RELATION_SIDECAR, ROIS_SIDECAR, write_explanations
 
     prefix, paths = _explanation_paths(ctx)
     template_img, mask, _ = _template_grid(ctx)
@@ -887,7 +887,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         # rois.tsv: each RoI with where its loading comes from in the input beside it
         parts["rois_table"] = parts["rois_table"].merge(bp_table, on="name", how="left")
         write_tsv(paths["rois_tsv"], parts["rois_table"],
-                  sidecar={**ROIS_SIDECAR, **BACKPROJECTION_SIDECAR})
+                  sidecar={**ROIS_SIDECAR, **RELATION_SIDECAR, **BACKPROJECTION_SIDECAR})
     ctx.model.cpu()
     ctx.explanations = {k: v for k, v in parts.items() if k not in ("paths", "geometry")}
     ctx.explanations["backprojected_img"] = bp_img

@@ -541,6 +541,15 @@ ROIS_SIDECAR = {
     "fraction_in_atlas": {"Description": "share of the thresholded RoI inside any atlas label"},
 }
 
+#: Columns that :func:`write_explanations` adds to ``rois.tsv`` from the loadings' fits.
+RELATION_SIDECAR = {
+    "cv_r2": {"Description": "share of the RoI's loadings' variance across subjects that the "
+              "target predicts (cross-validated; loadings_vs_<target>.tsv)"},
+    "target_related": {"Description": "cv_r2 is at least brainage_xai.loadings.RELATED_R2 (0.5): most "
+                       "of the component is the target. Otherwise it is a component of other "
+                       "variation, which the linear model may still use as a correction"},
+}
+
 
 def write_rois(out_dir, u3, geometry: FeatureGeometry, template_img, *,
                prefix: str = "space-MNI152NLin2009cAsym_res-2",
@@ -699,7 +708,13 @@ def write_explanations(group_dir, *, model, layer, u3, u1, inputs, table: pd.Dat
                                        coefficients=coefficients, target=target, seed=seed)
     if loadings_file is not None:
         paths["loadings"] = write_tsv(group_dir / loadings_file, load)
-    paths["loading_fits"] = write_tsv(group_dir / f"loadings_vs_{target}.tsv", fits)
+    paths["loading_fits"] = write_tsv(group_dir / f"loadings_vs_{target}.tsv", fits,
+                                      sidecar=_loadings.FITS_SIDECAR)
+    # rois.tsv: how much of each RoI is the target, beside where it is
+    rois_table = out["rois_table"]
+    rois_table["cv_r2"] = fits["cv_r2"].to_numpy()
+    rois_table["target_related"] = fits["cv_r2"].to_numpy() >= _loadings.RELATED_R2
+    write_tsv(out["rois_tsv"], rois_table, sidecar={**ROIS_SIDECAR, **RELATION_SIDECAR})
 
     cam_img, _ = _gradcam.average_gradcam(model, modules, list(x), geometry, template_img,
                                           mask=mask, batch_size=batch_size, device=device)

@@ -284,6 +284,8 @@ def test_explanations_are_on_the_template_grid(first_run):
     fits = read_tsv(g / "loadings_vs_age.tsv")
     assert len(fits) == r1 and fits["statement"].str.startswith("RoI").all()
     assert fits["coefficient"].notna().all()
+    assert fits["cv_r2"].between(0, 1).all()
+    assert set(fits.columns) <= set(json.loads((g / "loadings_vs_age.json").read_text()))
     occ = read_tsv(g / "occlusion.tsv")
     null = read_tsv(g / "occlusion_null.tsv")
     assert len(occ) == r1 and len(null) == 20 * r1

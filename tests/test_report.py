@@ -97,6 +97,12 @@ def context(tmp_path_factory):
     loadings["RoI 1"] = 0.02 * age + rng.normal(0, 0.1, n)
     loadings["RoI 2"] = np.maximum(age - 45, 0) * 0.05 + rng.normal(0, 0.1, n)
     loadings["RoI 3"] = rng.normal(0, 1, n)
+    # how much of each RoI is age, as write_explanations adds it to rois.tsv
+    from brainage_xai.loadings import RELATED_R2, describe_loadings
+
+    fits = describe_loadings(loadings, age, roi_columns=["RoI 1", "RoI 2", "RoI 3"])
+    table["cv_r2"] = fits["cv_r2"].to_numpy()
+    table["target_related"] = table["cv_r2"] >= RELATED_R2
     inputs = [rng.random(shape).astype(np.float32) for _ in range(6)]
     cam_img, _ = gradcam.average_gradcam(net, "features", inputs, geo, template, mask=brain)
     occ = occlusion.occlusion_test(
@@ -170,6 +176,10 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
     assert html.count("Back-projected to the input") == 3
     assert html.count('back-projected, glass brain"') == 3
     assert re.search(r"mostly (left &lt;hemisphere&gt;|right); spatial correlation\s+with the RoI", html)
+    # how much of each RoI is age; the noise RoI is said to be mostly other variation
+    assert len(re.findall(r"Age predicts \d+&nbsp;% of\s+this RoI's loadings", html)) == 3
+    assert "<h3>RoI 3 (mostly not age)</h3>" in html and html.count("(mostly not age)") == 1
+    assert "it does not explain age" in html
 
 
 def _chromium(args, cwd):

@@ -81,7 +81,11 @@ DEFAULT_METHODS = (
     "model on the voxel-averaged reconstruction. Each column "
     "of the spatial factor, upsampled to the template with the network's stride geometry, "
     "is a region of interest (RoI); the matching column of the subject factor holds the "
-    "subjects' loadings. GradCAM (Selvaraju et al., 2017), averaged over subjects, is the "
+    "subjects' loadings. Each RoI's loadings were fitted on {target} by a line, a line with "
+    "one breakpoint and a smoothing spline, compared by 5-fold cross-validation; the share of "
+    "the loadings' variance that the best fit predicts for held-out subjects tells how much "
+    "of the RoI is {target}, and an RoI below one half is reported as a component of other "
+    "variation. GradCAM (Selvaraju et al., 2017), averaged over subjects, is the "
     "baseline; at a last layer followed by global average pooling and a linear head it "
     "equals CAM (Zhou et al., 2016). Faithfulness was tested by occluding each RoI with the "
     "training mean and comparing the test MAE increase with that of random blobs of the "
@@ -333,8 +337,15 @@ def build_page(context: dict) -> dict:
     rois_img = context.get("rois_img")
     page["rois_table"] = _records(context.get("rois_table"))
     page["mosaics"] = roi_mosaics(rois_img, bg) if rois_img is not None else []
+    rows = context.get("rois_table")
+    rows = {} if rows is None or "cv_r2" not in rows else {
+        str(row["name"]): row for _, row in rows.iterrows()}
     for mosaic in page["mosaics"]:
         mosaic["input"] = None
+        row = rows.get(mosaic["name"])
+        # how much of the RoI is the target: a component of other variation is said so
+        mosaic["cv_r2"] = None if row is None else float(row["cv_r2"])
+        mosaic["related"] = None if row is None else str(row["target_related"]).lower() == "true"
     bp_img = context.get("backprojected_img")
     if bp_img is not None and rois_img is not None and bp_img.shape == rois_img.shape:
         table = context.get("rois_table")
@@ -370,7 +381,7 @@ def build_page(context: dict) -> dict:
                                      target=target)
     page["statements"] = [] if fits is None else list(fits["statement"])
     if fits is not None:
-        keep = [c for c in ("roi", "relation", "pearson_r", "slope", "breakpoint",
+        keep = [c for c in ("roi", "relation", "cv_r2", "pearson_r", "slope", "breakpoint",
                             "cv_rmse_linear", "cv_rmse_piecewise", "cv_rmse_smooth",
                             "coefficient") if c in fits]
         page["loading_fits"] = _records(fits[keep])
