@@ -43,6 +43,13 @@ Then the issue's goal: every planted region matched above the nulls (``rand95`` 
 the decoy by none, median best correlation >= 0.6 x ceiling, every matched RoI above its
 occlusion null.
 
+The same goal is then read on the RoIs related to the target only (``related``: the
+target predicts at least ``brainage_xai.loadings.RELATED_R2`` of the RoI's loadings'
+variance, cross-validated, from ``loadings_vs_<target>.tsv``; the others are components
+of other variation, which the report says): ``roi_related`` / ``which_related`` per region,
+and ``goal_met_related`` with every related RoI (not only the matched ones) above its
+occlusion null. The nulls are those of all RoIs, which can only be higher.
+
 To measure another layer of the same trained network, run the group level with
 ``--model`` into a copy of the output directory (training is skipped), then evaluate it::
 
@@ -123,6 +130,22 @@ def run_rois(group: Path):
     geo = rois.FeatureGeometry(tuple(g["InputShape"]), tuple(g["FeatureShape"]),
                                tuple(g["Stride"]), tuple(g["Offset"]))
     return nib.load(str(comps_path)), geo, sidecar
+
+
+def _related_rois(group: Path, n_rois: int) -> np.ndarray:
+    """Which RoIs the target predicts at least RELATED_R2 of (bool per RoI).
+
+    From ``loadings_vs_<target>.tsv``'s cross-validated RMSEs, so that runs written
+    before its ``cv_r2`` column are read the same way.
+    """
+    from brainage_xai.loadings import RELATED_R2
+    from brainage_xai.utils.io import read_tsv
+
+    fits = read_tsv(_one(group, "loadings_vs_*.tsv")).set_index("roi")
+    best = fits[["cv_rmse_linear", "cv_rmse_piecewise", "cv_rmse_smooth"]].min(axis=1)
+    floor = fits["cv_rmse_constant"]
+    r2 = (1 - (best / floor.where(floor > 0)) ** 2).clip(lower=0).fillna(0)
+    return np.array([r2.get(f"RoI {r + 1}", 0.0) >= RELATED_R2 for r in range(n_rois)])
 
 
 def _inputs(out: Path, group: Path, resolution: float, device: str):
@@ -299,6 +322,12 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
             row["plant_gain"] = round(float(plant.loc[name, "mae_increase"]), 3)
             row["plant_p95"] = round(float(plant.loc[name, "null_p95"]), 3)
         rows.append(row)
+    related = _related_rois(group, u3.shape[1])
+    for k, row in enumerate(rows):
+        c_rel = np.where(related, corr[k], -np.inf)
+        r_rel = int(np.argmax(c_rel))
+        row["roi_related"] = round(float(c_rel[r_rel]), 3) if related.any() else float("nan")
+        row["which_related"] = f"RoI {r_rel + 1}" if related.any() else "none"
     tab = pd.DataFrame(rows)
     is_decoy = tab["region"].str.contains("decoy")
     planted, decoy = tab[~is_decoy], tab[is_decoy]
@@ -328,6 +357,24 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
         "null_s": round(t_null, 1),
         "ceilings_s": round(t_ceiling, 1),
     }
+    # the goal read on the RoIs related to the target (the others are said to be other
+    # variation in rois.tsv and the report); every related RoI must beat its occlusion null
+    occ_ok = occ["above_null"].astype(str).eq("True").to_numpy()
+    above_rel = planted["roi_related"] > planted["perm95"]
+    decoy_rel = (decoy["roi_related"] > decoy["perm95"]).any()
+    if rand is not None:
+        above_rel &= planted["roi_related"] > planted["rand95"]
+        decoy_rel = decoy_rel and (decoy["roi_related"] > decoy["rand95"]).any()
+    summary["related_rois"] = f"{int(related.sum())}/{len(related)}"
+    summary["related_rois_occlusion_above_null"] = f"{int(occ_ok[related].sum())}/{int(related.sum())}"
+    summary["planted_above_null_related"] = f"{int(above_rel.sum())}/{len(planted)}"
+    summary["decoy_matched_related"] = bool(decoy_rel)
+    summary["median_best_over_ceiling_related"] = round(
+        float(np.median(planted["roi_related"] / planted["ceiling"])), 3)
+    summary["goal_met_related"] = bool(
+        related.any() and above_rel.all() and (planted["roi_related"] > planted["gradcam"]).all()
+        and not decoy_rel and summary["median_best_over_ceiling_related"] >= 0.6
+        and occ_ok[related].all())
     if bp_maps is not None:
         # input-grid maps: resolution ceiling 1
         summary["median_best_backprojected"] = round(float(np.median(planted["input"])), 3)
