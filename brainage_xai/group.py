@@ -829,9 +829,14 @@ def _backprojection(ctx: GroupContext, template_img, mask, rois_img, prefix: str
                                 mask=mask, atlas_img=atlas_img, atlas_labels=labels)
 
 
+#: Raised when the explanations' outputs change, so that an earlier run redoes them (and
+#: the report) on its next run. 2: cv_r2 and target_related in rois.tsv (stop 16).
+EXPLANATIONS_OUTPUTS = 2
+
+
 def _explanations_key(ctx: GroupContext) -> str:
     return ctx.key(selection=_selection_key(ctx), template=ctx.template.source, blobs=N_RANDOM_BLOBS,
-                   backprojection=int(ctx.config.backprojection))
+                   backprojection=int(ctx.config.backprojection), outputs=EXPLANATIONS_OUTPUTS)
 
 
 def stage_explanations(ctx: GroupContext) -> None:
