@@ -448,7 +448,7 @@ def test_no_backprojection_leaves_it_out(first_run, tmp_path):
     assert "input_region" not in rois and "input_region" not in json.loads((g / "rois.json").read_text())
     html = (g / "report.html").read_text()
     assert "Back-projected to the input" not in html and 'id="rois"' in html
-    assert "share of the loading" not in html  # nor in the methods
+    assert "followed back to the input" not in html  # nor in the methods
     # and back on: the maps are written again
     group(first_run["bids"], out)
     assert bp.is_file() and "input_region" in read_tsv(g / "rois.tsv")
