@@ -31,7 +31,7 @@ N_SE = 1.0
 #: its loadings' variance (``cv_r2``): most of the component is the target. A threshold
 #: on the effect, not a test: with 200 subjects an 8 % share is already significant. On
 #: the simulated cohort (docs/report.md, stop 16) the components of the age-independent
-#: decoy and of noise fall far below it (0-14 %), those of the planted regions above it
+#: decoy and of noise fall well below it (0-29 %), those of the planted regions above it
 #: (77-98 %); few fall between (the demo's RoI 2 at R1 = 8: 47 %, which the occlusion
 #: test finds the network relies on). Below it, a component is other variation that the
 #: linear model may still use as a correction for the others.
