@@ -23,7 +23,9 @@ A diagnostic for issue 6 on the simulated cohort, from an existing run's trained
   λ (``--lambdas``, default 0; in the units of the group run's own sweep, which
   decomposes the same tensor): the best correlation of any RoI with each region, the median
   best / ceiling over the planted regions, and the test MAE of the linear model on the
-  loadings.
+  loadings; then the same read on the RoIs related to age only (``related k/R1``: the RoIs
+  whose loadings, all subjects, age predicts at least ``loadings.RELATED_R2`` of, as
+  ``rois.tsv``'s ``target_related``), with the decoy's best related RoI.
 
 ``--seeds`` refits each cell with several random states and ``--svd-power-iter`` with
 other numbers of subspace iterations in the SVD start (default: the package's,
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     from brainage_xai import rois
     from brainage_xai.activations import gradient_rms, iter_activations
     from brainage_xai.decomposition import _solver
+    from brainage_xai.loadings import RELATED_R2, fit_trajectory
     from brainage_xai.selection import (
         RELEVANCE_POWER,
         channel_scale,
@@ -163,9 +166,16 @@ def main(argv=None) -> int:
                     _solver.SVD_POWER_ITER = default_power
                 u3 = np.asarray(fit.result.factors[2])
                 up = rois.roi_maps(u3, geo, brain)
-                best = [max(rois.spatial_correlation(u, m, brain) for u in up) for m in masks]
+                corr = np.array([[rois.spatial_correlation(u, m, brain) for u in up] for m in masks])
+                best = corr.max(axis=1)
                 ratio = np.median([b / c for b, c, k in zip(best, ceiling, planted) if k])
                 mae = fit.metrics["test"]["linear_model_on_decomposition"]["mae"]
+                # the RoIs related to age, as the group level marks them in rois.tsv
+                u1 = np.concatenate([np.asarray(fit.loadings[s]) for s in ("train", "val", "test")])
+                a1 = np.concatenate([age[which == s] for s in ("train", "val", "test")])
+                related = np.array([u1[:, r].std() > 0 and fit_trajectory(a1, u1[:, r])["cv_r2"] >= RELATED_R2
+                                    for r in range(u1.shape[1])])
+                best_rel = np.where(related[None], corr, -np.inf).max(axis=1) if related.any() else None
                 label = f"R{R1}" if R1 == R2 else f"R{R1}x{R2}"
                 label += f" l1 {lam:g}" if len(lambdas) > 1 or lam else ""
                 label += f" svd-power {power}" if power is not None else ""
@@ -173,6 +183,11 @@ def main(argv=None) -> int:
                 print(f"  {tensor:19s} {label:<4s} " + "  ".join(f"{n[:10]} {b:.2f}" for n, b in zip(names, best))
                       + f"  | median/ceiling {ratio:.2f} | linear model test MAE {mae:.2f}"
                       + f" | {time.perf_counter() - t0:.0f} s")
+                if best_rel is not None:
+                    ratio_rel = np.median([b / c for b, c, k in zip(best_rel, ceiling, planted) if k])
+                    print(f"  {'':19s} {'':<4s} related {int(related.sum())}/{len(related)}: "
+                          + "  ".join(f"{n[:10]} {b:.2f}" for n, b in zip(names, best_rel))
+                          + f"  | median/ceiling {ratio_rel:.3f}")
     return 0
 
 
