@@ -337,26 +337,24 @@ def build_page(context: dict) -> dict:
     rois_img = context.get("rois_img")
     page["rois_table"] = _records(context.get("rois_table"))
     page["mosaics"] = roi_mosaics(rois_img, bg) if rois_img is not None else []
-    rows = context.get("rois_table")
-    rows = {} if rows is None or "cv_r2" not in rows else {
-        str(row["name"]): row for _, row in rows.iterrows()}
+    table = context.get("rois_table")
+    rows = {} if table is None else {str(row["name"]): row for _, row in table.iterrows()}
     for mosaic in page["mosaics"]:
         mosaic["input"] = None
         row = rows.get(mosaic["name"])
         # how much of the RoI is the target: a component of other variation is said so
-        mosaic["cv_r2"] = None if row is None else float(row["cv_r2"])
-        mosaic["related"] = None if row is None else str(row["target_related"]).lower() == "true"
+        has_r2 = row is not None and "cv_r2" in row
+        mosaic["cv_r2"] = float(row["cv_r2"]) if has_r2 else None
+        mosaic["related"] = str(row["target_related"]).lower() == "true" if has_r2 else None
     bp_img = context.get("backprojected_img")
     if bp_img is not None and rois_img is not None and bp_img.shape == rois_img.shape:
-        table = context.get("rois_table")
-        info = {} if table is None or "input_region" not in table else {
-            str(row["name"]): row for _, row in table.iterrows()}
         for mosaic, bp in zip(page["mosaics"], roi_mosaics(bp_img, bg)):
-            row = info.get(mosaic["name"])
+            row = rows.get(mosaic["name"])
+            known = row is not None and "input_region" in row
             mosaic["input"] = {
                 "glass": bp["glass"], "slices": bp["slices"],
-                "region": None if row is None else row["input_region"],
-                "agreement": None if row is None else float(row["agreement"]),
+                "region": row["input_region"] if known else None,
+                "agreement": float(row["agreement"]) if known else None,
             }
     if context.get("dseg_img") is not None:
         figs["combined"] = combined_map_uri(context["dseg_img"], bg)
