@@ -286,6 +286,10 @@ def test_explanations_are_on_the_template_grid(first_run):
     assert fits["coefficient"].notna().all()
     assert fits["cv_r2"].between(0, 1).all()
     assert set(fits.columns) <= set(json.loads((g / "loadings_vs_age.json").read_text()))
+    # rois.tsv says how much of each RoI is age, as the fits do, and whether that is most of it
+    np.testing.assert_allclose(rois["cv_r2"], fits["cv_r2"])
+    assert (rois["target_related"].astype(str).eq("True") == (fits["cv_r2"] >= 0.5)).all()
+    assert {"cv_r2", "target_related"} <= set(json.loads((g / "rois.json").read_text()))
     occ = read_tsv(g / "occlusion.tsv")
     null = read_tsv(g / "occlusion_null.tsv")
     assert len(occ) == r1 and len(null) == 20 * r1
