@@ -32,6 +32,13 @@ peak), also go through the occlusion test with N random blobs each, beside the r
 
     python benchmarks/bench_backprojection.py --bids /tmp/demo/bids --output /tmp/demo/results
 
+With ``--speed N`` it only times the group level's back-projection over N training
+subjects, in float32 (the baseline) and in the precision the group level uses (bf16 on
+CPUs with AMX and on GPUs), and prints how far their maps agree::
+
+    python benchmarks/bench_backprojection.py --bids /tmp/demo/bids --output /tmp/demo/results \
+        --speed 40 --repeats 3
+
 A map on the input grid has resolution ceiling 1; the ``u3`` median is divided by the
 run's resolution ceilings (1.00 at ``block1`` on 4 mm inputs).
 """
@@ -54,20 +61,12 @@ from bench_explanations import _inputs, _occlude_planted, print_result, run_rois
 KINDS = ("grad", "contrib", "cov")
 
 
-def back_project(model, x, train, layer, dec, tensor, batch_size=8, quiet=False):
-    """``{kind: (R, *grid)}`` maps and the training loadings ``S`` (n_train, R).
-
-    The package's :func:`brainage_xai.backprojection.back_project` with its diagnostic
-    maps; the training centre, scale and relevance weight are taken here from a forward
-    pass (the group level reads them from its stored activations).
-    """
-    import torch
-
-    from brainage_xai import backprojection
+def _tensor_parts(model, X, layer, tensor):
+    """The training centre, scale and relevance weight, from a forward pass over ``X``
+    (the group level reads them from its stored activations)."""
     from brainage_xai.activations import gradient_rms, iter_activations
     from brainage_xai.selection import channel_scale, relevance_weight
 
-    X = torch.from_numpy(np.ascontiguousarray(x[train][:, None])).float()
     A = np.concatenate(list(iter_activations(model, X, layer, batch_size=16)))
     A = A.reshape(A.shape[0], A.shape[1], -1)
     centre, scale = A.mean(0), channel_scale(A)
@@ -76,10 +75,71 @@ def back_project(model, x, train, layer, dec, tensor, batch_size=8, quiet=False)
     if tensor == "relevance":
         g = gradient_rms(model, X, layer)
         weight = relevance_weight(g.reshape(g.shape[0], -1), scale)
+    return {"centre": centre, "scale": scale, "weight": weight}
+
+
+def back_project(model, x, train, layer, dec, tensor, batch_size=8, quiet=False, dtype=None):
+    """``{kind: (R, *grid)}`` maps and the training loadings ``S`` (n_train, R).
+
+    The package's :func:`brainage_xai.backprojection.back_project` with its diagnostic
+    maps.
+    """
+    import torch
+
+    from brainage_xai import backprojection
+
+    X = torch.from_numpy(np.ascontiguousarray(x[train][:, None])).float()
     bp = backprojection.back_project(model, X, layer, dec["U2"], dec["D"], dec["U3"], tensor=tensor,
-                                     centre=centre, scale=scale, weight=weight,
-                                     batch_size=batch_size, progress=not quiet, diagnostics=True)
+                                     **_tensor_parts(model, X, layer, tensor), batch_size=batch_size,
+                                     progress=not quiet, diagnostics=True, dtype=dtype)
     return {"grad": bp.extra["gradient"], "contrib": bp.extra["contribution"], "cov": bp.maps}, bp.scores
+
+
+def speed(args) -> int:
+    """Time the group level's back-projection in float32 (the baseline: before stop 17)
+    against the autocast precision the group level now uses (``resolve_precision("auto")``),
+    on the first ``--speed`` training subjects, ``--repeats`` times each in turn; print the
+    medians, their ratio, and how far the maps and loadings agree."""
+    import torch
+
+    from brainage_xai import backprojection
+    from brainage_xai.model.training import resolve_device, resolve_precision
+
+    out = Path(args.output)
+    group = out / "group"
+    metrics = json.loads((group / "metrics.json").read_text())
+    tensor = (metrics.get("decomposition") or {}).get("tensor", "activations")
+    layer = run_rois(group)[2].get("Layer")
+    dec = dict(np.load(group / "decomposition.npz"))
+    resolution = float(json.loads((group / "analysis.json").read_text())["resolution"])
+    _, model, _, x, which, _ = _inputs(out, group, resolution, args.device)
+    dev = resolve_device(args.device)
+    auto = resolve_precision("auto", dev)
+    X = torch.from_numpy(np.ascontiguousarray(x[which == "train"][: args.speed, None])).float()
+    parts = _tensor_parts(model, X, layer, tensor)
+    times = {"float32": [], str(auto).replace("torch.", ""): []}
+    maps = {}
+    for _ in range(args.repeats):
+        for name, dtype in zip(times, (None, auto)):
+            t0 = time.perf_counter()
+            bp = backprojection.back_project(model, X, layer, dec["U2"], dec["D"], dec["U3"],
+                                             tensor=tensor, **parts, batch_size=args.batch_size,
+                                             device=dev, dtype=dtype)
+            times[name].append(time.perf_counter() - t0)
+            maps[name] = bp
+    base, new = (maps[k] for k in times)
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(base.maps, new.maps) if a.any()]
+    score_corr = [np.corrcoef(a, b)[0, 1] for a, b in zip(base.scores.T, new.scores.T)]
+    rows = [{"precision": k, "median_s": round(float(np.median(v)), 2),
+             "runs_s": " ".join(f"{t:.1f}" for t in v),
+             "speed-up vs float32": round(float(np.median(times["float32"]) / np.median(v)), 2)}
+            for k, v in times.items()]
+    print(f"{args.output}: back-projection of {base.maps.shape[0]} RoIs over {len(X)} training "
+          f"subjects ({layer}, {tensor}, {torch.get_num_threads()} threads, {dev})")
+    print(pd.DataFrame(rows).to_string(index=False))
+    print(f"maps: lowest correlation with float32's over the RoIs {min(corr):.4f}; "
+          f"loadings: lowest correlation {min(score_corr):.5f}")
+    return 0
 
 
 def _score(maps, masks, brain, rng, n_perm):
@@ -189,7 +249,13 @@ def main(argv=None) -> int:
                              "maps, N random blobs each (0: skip; the run's RoIs: occlusion.tsv)")
     parser.add_argument("--occlusion-kinds", default="cov", help="which maps to occlude")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--speed", type=int, default=0, metavar="N",
+                        help="only time the back-projection, float32 against the group level's "
+                             "precision, over the first N training subjects")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each precision (--speed)")
     args = parser.parse_args(argv)
+    if args.speed:
+        return speed(args)
     tab, summary = evaluate(args)
     print_result(f"{args.output}; baseline: the run's RoIs (u3)", tab, summary, key_width=40)
     return 0

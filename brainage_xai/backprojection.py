@@ -86,7 +86,7 @@ class BackProjection:
 def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", centre=None,
                  scale=None, weight=None, batch_size: int = 8, device="cpu",
                  progress: bool = False, signed: bool = False,
-                 diagnostics: bool = False) -> BackProjection:
+                 diagnostics: bool = False, dtype=None) -> BackProjection:
     """Back-project each component's loading to the input grid (see the module's notes).
 
     Parameters
@@ -108,6 +108,12 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
     signed : bool
         Keep the negative shares (the maps then sum over voxels to the loading's variance
         to first order, exactly when the layer is linear in the input).
+    dtype : torch.dtype, optional
+        Autocast precision of the network's forward and backward passes (e.g.
+        ``torch.bfloat16``, what training uses on CPUs with AMX and on GPUs); the layer's
+        activations, the loadings and the maps are computed in float32/float64 from there.
+        On the demo's run bf16 is 2.8 times faster on a CPU with AMX, and its maps correlate
+        at least 0.998 with float32's (``benchmarks/bench_backprojection.py --speed``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -147,8 +153,9 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
         for start in tqdm(range(0, x.shape[0], batch_size), desc="back-projection", unit="batch",
                           disable=not progress):
             xb = x[start:start + batch_size].to(device).float().requires_grad_(True)
-            model(xb)
-            a = torch.cat([store[k] for k in range(len(modules))], 1).flatten(2)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                model(xb)
+            a = torch.cat([store[k] for k in range(len(modules))], 1).flatten(2).float()
             if tensor != "activations":
                 a = torch.cat([torch.relu(a - centre_t), torch.relu(centre_t - a)], 1)
             if a.shape[1:] != K.shape[1:]:

@@ -114,6 +114,28 @@ def test_scores_follow_the_selections_tensor(rng, tensor):
     assert np.all(bp.maps >= 0) and np.all(np.isfinite(bp.maps)) and bp.maps.max() > 0
 
 
+def test_bfloat16_gives_the_float32_maps(rng):
+    # The group level back-projects in the training's precision (bf16 on CPUs with AMX and
+    # on GPUs); the deviations, loadings and maps stay in float32/float64 from the layer on.
+    torch.manual_seed(2)
+    net = PreActResNet3d(widths=(4, 6), depths=(1, 1)).eval()
+    x = torch.from_numpy(rng.normal(size=(10, 1, 10, 10, 10)).astype(np.float32))
+    from brainage_xai.activations import iter_activations
+
+    A = np.concatenate(list(iter_activations(net, x, "block1")))
+    A = A.reshape(A.shape[0], A.shape[1], -1)
+    parts = {"centre": A.mean(axis=0), "scale": channel_scale(A)}
+    U2, D, U3 = _factors(rng, 2 * A.shape[1], A.shape[2], 3)
+    fp32 = back_project(net, x, "block1", U2, D, U3, tensor="deviations", **parts, batch_size=4)
+    bf16 = back_project(net, x, "block1", U2, D, U3, tensor="deviations", **parts, batch_size=4,
+                        dtype=torch.bfloat16)
+    assert bf16.maps.dtype == np.float64 and bf16.maps.shape == fp32.maps.shape
+    for a, b in zip(fp32.scores.T, bf16.scores.T):
+        assert np.corrcoef(a, b)[0, 1] > 0.99
+    for a, b in zip(fp32.maps, bf16.maps):
+        assert a.max() > 0 and np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
 def test_missing_parts_and_another_layer_are_clear_errors(rng):
     net = LinearLayerNet().eval()
     x = torch.zeros((3, 1, 4, 4, 4))
