@@ -33,7 +33,7 @@ for each planted region and the decoy:
   95th percentile of its random same-volume blobs (``occlusion.tsv``);
 - ``input`` / ``input_which``: the same for the RoIs back-projected to the input
   (``*_desc-backprojected_components.nii.gz``, when the run wrote it; a diagnostic beside
-  the RoIs, not part of the goal);
+  the RoIs, not part of the goal); ``input_related`` the same over the related RoIs (below);
 - with ``--occlude-planted``, a positive control: the occlusion test run on the planted
   masks themselves with the run's network (``plant_gain`` / ``plant_p95``). If occluding
   the truth does not beat random blobs either, the test cannot tell at this setting.
@@ -295,7 +295,7 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
     bp_found = sorted(group.glob("*_desc-backprojected_components.nii.gz"))
     bp_maps = (np.moveaxis(np.asarray(nib.load(str(bp_found[0])).dataobj, dtype=float), -1, 0)
                if bp_found else None)
-    rows = []
+    rows, c_in = [], {}
     # corr[k, r]: region k with RoI r, for the "own" diagnostic.
     corr = np.array([[rois.spatial_correlation(m, mask, brain) for m in roi_maps] for mask in masks])
     for k, (name, mask) in enumerate(zip(names, masks)):
@@ -315,9 +315,9 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
             "occl_p95": round(float(occ.loc[roi, "null_p95"]), 3),
         }
         if bp_maps is not None:
-            c_in = [rois.spatial_correlation(m, mask, brain) for m in bp_maps]
-            row["input"] = round(float(max(c_in)), 3)
-            row["input_which"] = f"RoI {int(np.argmax(c_in)) + 1}"
+            c_in[k] = [rois.spatial_correlation(m, mask, brain) for m in bp_maps]
+            row["input"] = round(float(max(c_in[k])), 3)
+            row["input_which"] = f"RoI {int(np.argmax(c_in[k])) + 1}"
         if plant is not None:
             row["plant_gain"] = round(float(plant.loc[name, "mae_increase"]), 3)
             row["plant_p95"] = round(float(plant.loc[name, "null_p95"]), 3)
@@ -328,6 +328,9 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
         r_rel = int(np.argmax(c_rel))
         row["roi_related"] = round(float(c_rel[r_rel]), 3) if related.any() else float("nan")
         row["which_related"] = f"RoI {r_rel + 1}" if related.any() else "none"
+        if k in c_in:
+            row["input_related"] = (round(float(np.max(np.asarray(c_in[k])[related])), 3)
+                                    if related.any() else float("nan"))
     tab = pd.DataFrame(rows)
     is_decoy = tab["region"].str.contains("decoy")
     planted, decoy = tab[~is_decoy], tab[is_decoy]
@@ -379,6 +382,8 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
         # input-grid maps: resolution ceiling 1
         summary["median_best_backprojected"] = round(float(np.median(planted["input"])), 3)
         summary["decoy_best_backprojected"] = round(float(decoy["input"].max()), 3)
+        summary["median_best_backprojected_related"] = round(float(np.median(planted["input_related"])), 3)
+        summary["decoy_best_backprojected_related"] = round(float(decoy["input_related"].max()), 3)
     if rand is not None:
         summary["random_networks_s"] = round(t_rand, 1)
     if plant is not None:
