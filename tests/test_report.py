@@ -180,6 +180,51 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
     assert len(re.findall(r"Age predicts \d+&nbsp;% of\s+this RoI's loadings", html)) == 3
     assert "<h3>RoI 3 (mostly not age)</h3>" in html and html.count("(mostly not age)") == 1
     assert "it does not explain age" in html
+    # the summary's RoIs at a glance: each RoI's two readings, as the tables give them
+    assert "<h3>RoIs at a glance</h3>" in html
+    occ_table = context["occlusion"][0].set_index("roi")
+    for _, row in context["rois_table"].iterrows():
+        relied = bool(occ_table.loc[row["name"], "above_null"])
+        reading = report.READINGS[(bool(row["target_related"]), relied)].format(target="age")
+        share = f"{100 * row['cv_r2']:.0f} %"
+        assert re.search(rf"<td>{row['name']}</td><td>[^<]*</td><td>{share}</td><td>[^<]*</td>"
+                         rf"<td>{re.escape(reading)}</td>", html), row["name"]
+    assert re.search(r"of the 3 RoIs follows? age and the network relies on (it|them)", html)
+
+
+def test_roi_findings_combine_the_two_readings():
+    rois_table = pd.DataFrame({
+        "name": [f"RoI {r}" for r in range(1, 6)],
+        "region": ["left frontal lobe", "right <b>parietal</b> lobe", "cerebellum", "deep grey", "n/a"],
+        "cv_r2": [0.91, 0.62, 0.10, 0.0, np.nan],
+        "target_related": ["True", "True", "False", "False", "False"],  # as read from rois.tsv
+    })
+    occ = pd.DataFrame({
+        "roi": [f"RoI {r}" for r in range(1, 6)],
+        "mae_increase": [0.8, 0.01, 1.2, 0.02, np.nan],  # RoI 5: empty after thresholding
+        "null_p95": [0.2, 0.05, 0.1, 0.04, np.nan],
+        "above_null": [True, False, True, False, False],
+    })
+    f = report.roi_findings(rois_table, occ, target="age")
+    assert list(f.columns) == ["RoI", "region", "age share", "occlusion", "reading"]
+    assert f["reading"].tolist() == [
+        "follows age; the network relies on it",
+        "follows age; the network relies on it no more than on random blobs",
+        "mostly other variation, yet the network relies on it",
+        "mostly other variation",
+        "empty after thresholding",
+    ]
+    assert f["age share"].tolist()[:2] == ["91 %", "62 %"] and f.loc[4, "occlusion"] == "n/a"
+    assert f.loc[0, "occlusion"] == "0.80 vs 0.20 years"
+    assert report.findings_sentence(f) == (
+        "1 of the 5 RoIs follows age and the network relies on it (RoI 1); "
+        "2 are mostly other variation (RoI 3, RoI 4).")
+    # one reading alone (a run without the occlusion test, or a rois.tsv without cv_r2)
+    assert report.roi_findings(rois_table, None)["reading"].tolist()[:3] == [
+        "follows age", "follows age", "mostly other variation"]
+    assert report.roi_findings(rois_table[["name", "region"]], occ)["reading"].tolist()[:2] == [
+        "the network relies on it", "the network relies on it no more than on random blobs"]
+    assert report.roi_findings(None, None) is None
 
 
 def _chromium(args, cwd):

@@ -31,7 +31,8 @@ lambda : float
 rois_img, dseg_img, background_img, mask_img : nibabel images
     RoI components (4D), combined map, template for display, brain mask.
 rois_table : DataFrame
-    ``rois.tsv``.
+    ``rois.tsv``. With ``occlusion``, each RoI's two readings are summed up under the
+    summary (:func:`roi_findings`).
 loadings : DataFrame
     ``participant_id``, ``split``, the target column and one column per RoI.
 loading_fits : DataFrame
@@ -313,6 +314,81 @@ def roi_gradcam_correlations(rois_img, gradcam_img, mask=None) -> pd.DataFrame:
     })
 
 
+def _true(value) -> bool:
+    """A boolean cell as written to and read back from a TSV (``True``/``true``/bool)."""
+    return str(value).strip().lower() == "true"
+
+
+#: What each combination of the two readings makes an RoI, for the summary.
+READINGS = {
+    (True, True): "follows {target}; the network relies on it",
+    (True, False): "follows {target}; the network relies on it no more than on random blobs",
+    (False, True): "mostly other variation, yet the network relies on it",
+    (False, False): "mostly other variation",
+}
+
+
+def roi_findings(rois_table=None, occlusion_table=None, *, target: str = "age",
+                 unit: str = "years") -> pd.DataFrame | None:
+    """One row per RoI: what the two readings that need no ground truth say of it.
+
+    Whether the RoI's loadings follow the target (``cv_r2`` and ``target_related`` of
+    ``rois.tsv``) and whether occluding it raises the network's test MAE more than the 95th
+    percentile of random blobs of its volume (``occlusion.tsv``). On the simulated cohort
+    the two agree for most RoIs (docs/report.md, stop 16), and an RoI for which both say
+    yes is what the method set out to find. Columns: ``RoI``, ``region`` (atlas region),
+    ``<target> share`` (percent of the loadings' variance, cross-validated), ``occlusion``
+    (the RoI's MAE increase against the random blobs' 95th percentile) and ``reading``.
+    ``None`` when neither table is given.
+    """
+    if rois_table is None and occlusion_table is None:
+        return None
+    rois = {} if rois_table is None else {str(r["name"]): r for _, r in pd.DataFrame(rois_table).iterrows()}
+    occ = {} if occlusion_table is None else {str(r["roi"]): r for _, r in pd.DataFrame(occlusion_table).iterrows()}
+    rows = []
+    for name in list(dict.fromkeys([*rois, *occ])):
+        roi, o = rois.get(name), occ.get(name)
+        related = None if roi is None or "target_related" not in roi else _true(roi["target_related"])
+        empty = o is not None and not np.isfinite(float(o["mae_increase"]))
+        relied = None if o is None or empty else _true(o["above_null"])
+        if empty:
+            reading = "empty after thresholding"
+        elif related is not None and relied is not None:
+            reading = READINGS[(related, relied)]
+        elif related is not None:  # no occlusion test
+            reading = "follows {target}" if related else "mostly other variation"
+        elif relied is not None:  # a rois.tsv written before cv_r2
+            reading = "the network relies on it" if relied else "the network relies on it no more than on random blobs"
+        else:
+            reading = "n/a"
+        rows.append({
+            "RoI": name,
+            "region": "n/a" if roi is None or "region" not in roi else str(roi["region"]),
+            f"{target} share": ("n/a" if roi is None or "cv_r2" not in roi or pd.isna(roi["cv_r2"])
+                                else f"{100 * float(roi['cv_r2']):.0f} %"),
+            "occlusion": ("n/a" if o is None or empty else
+                          f"{float(o['mae_increase']):.2f} vs {float(o['null_p95']):.2f} {unit}"),
+            "reading": reading.format(target=target),
+        })
+    return pd.DataFrame(rows)
+
+
+def findings_sentence(findings: pd.DataFrame | None, target: str = "age") -> str | None:
+    """One sentence: which RoIs follow the target and are relied on, and which are not."""
+    if findings is None or findings.empty:
+        return None
+    both = findings.loc[findings["reading"] == READINGS[(True, True)].format(target=target), "RoI"].tolist()
+    other = findings.loc[findings["reading"].str.startswith("mostly other"), "RoI"].tolist()
+    n = len(findings)
+    one = len(both) == 1
+    parts = [f"{len(both)} of the {n} RoIs {'follows' if one else 'follow'} {target} and the network "
+             f"relies on {'it' if one else 'them'}" + (f" ({', '.join(both)})" if both else "")]
+    if other:
+        parts.append(f"{len(other)} {'is' if len(other) == 1 else 'are'} mostly other variation "
+                     f"({', '.join(other)})")
+    return "; ".join(parts) + "."
+
+
 # -- rendering ------------------------------------------------------------------------
 
 
@@ -401,6 +477,10 @@ def build_page(context: dict) -> dict:
         figs["occlusion"] = figure_uri(plot_occlusion(table, null, unit=context.get(
             "target_unit", "years" if target == "age" else "target units")))
         page["occlusion_table"] = _records(table)
+    findings = roi_findings(context.get("rois_table"), None if occ is None else occ[0], target=target,
+                            unit=context.get("target_unit", "years" if target == "age" else "target units"))
+    page["findings"] = _records(findings)
+    page["findings_sentence"] = findings_sentence(findings, target)
     # every figure the template names, so that a run without one (e.g. --ranks given:
     # no rank sweep) drops the figure instead of failing on an undefined key
     page["figures"] = dict.fromkeys(FIGURES) | figs
