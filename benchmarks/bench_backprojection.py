@@ -56,7 +56,13 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_explanations import _inputs, _occlude_planted, print_result, run_rois  # noqa: E402
+from bench_explanations import (  # noqa: E402
+    _inputs,
+    _occlude_planted,
+    input_grid_score,
+    print_result,
+    run_rois,
+)
 
 KINDS = ("grad", "contrib", "cov")
 
@@ -142,26 +148,6 @@ def speed(args) -> int:
     return 0
 
 
-def _score(maps, masks, brain, rng, n_perm):
-    from brainage_xai.rois import spatial_correlation
-
-    best = np.zeros(len(masks))
-    which = np.zeros(len(masks), int)
-    for k, mask in enumerate(masks):
-        corr = [spatial_correlation(m, mask, brain) for m in maps]
-        which[k] = int(np.argmax(corr))
-        best[k] = corr[which[k]]
-    inside = [m[brain] for m in maps]
-    null = np.zeros((n_perm, len(masks)))
-    for p in range(n_perm):
-        perm = np.zeros_like(maps)
-        for r, v in enumerate(inside):
-            perm[r][brain] = rng.permutation(v)
-        for k, mask in enumerate(masks):
-            null[p, k] = max(spatial_correlation(m, mask, brain) for m in perm)
-    return best, which, np.percentile(null, 95, axis=0)
-
-
 def evaluate(args):
     import nibabel as nib
 
@@ -202,7 +188,8 @@ def evaluate(args):
     medians = {}
     decoy = {}
     for kind, m in [("u3", u3_maps)] + [(k, maps[k]) for k in KINDS]:
-        best, arg, p95 = _score(m * brain, masks, brain, rng, args.permutations)
+        corr, p95 = input_grid_score(m * brain, masks, brain, rng, args.permutations)
+        best, arg = corr.max(axis=1), corr.argmax(axis=1)
         rows[kind] = [f"{b:.2f} (RoI {a + 1})" for b, a in zip(best, arg)]
         rows[f"{kind}_perm95"] = np.round(p95, 3)
         ceil = ceilings if kind == "u3" else np.ones(len(masks))

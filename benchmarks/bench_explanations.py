@@ -33,7 +33,9 @@ for each planted region and the decoy:
   95th percentile of its random same-volume blobs (``occlusion.tsv``);
 - ``input`` / ``input_which``: the same for the RoIs back-projected to the input
   (``*_desc-backprojected_components.nii.gz``, when the run wrote it; a diagnostic beside
-  the RoIs, not part of the goal); ``input_related`` the same over the related RoIs (below);
+  the RoIs, not part of the goal); ``input_perm95`` their own permutation null (each
+  map's voxels shuffled within the brain); ``input_related`` the same over the related
+  RoIs (below);
 - with ``--occlude-planted``, a positive control: the occlusion test run on the planted
   masks themselves with the run's network (``plant_gain`` / ``plant_p95``). If occluding
   the truth does not beat random blobs either, the test cannot tell at this setting.
@@ -49,6 +51,9 @@ variance, cross-validated, from ``loadings_vs_<target>.tsv``; the others are com
 of other variation, which the report says): ``roi_related`` / ``which_related`` per region,
 and ``goal_met_related`` with every related RoI (not only the matched ones) above its
 occlusion null. The nulls are those of all RoIs, which can only be higher.
+``goal_met_backprojected_related`` reads it once more with each related RoI placed by its
+back-projected map (against ``input_perm95`` and GradCAM; the occlusion test stays on the
+RoIs): a diagnostic of what the back-projection would change, not the issue's goal.
 
 To measure another layer of the same trained network, run the group level with
 ``--model`` into a copy of the output directory (training is skipped), then evaluate it::
@@ -115,6 +120,24 @@ def _nulls(u3, geometry, masks, brain, rng, n_perm):
             for k, mask in enumerate(masks):
                 best[kind][p, k] = _best(up, mask, brain)[0]
     return {k: np.percentile(v, 95, axis=0) for k, v in best.items()}
+
+
+def input_grid_score(maps, masks, brain, rng, n_perm):
+    """Maps on the input grid (back-projected RoIs): each region's correlation with each
+    map ``(regions, maps)``, and per region the 95th percentile of the best correlation
+    with the maps' voxels shuffled within the brain (their ``perm95``)."""
+    from brainage_xai.rois import spatial_correlation
+
+    corr = np.array([[spatial_correlation(m, mask, brain) for m in maps] for mask in masks])
+    inside = [m[brain] for m in maps]
+    null = np.zeros((n_perm, len(masks)))
+    for p in range(n_perm):
+        perm = np.zeros_like(maps)
+        for r, v in enumerate(inside):
+            perm[r][brain] = rng.permutation(v)
+        for k, mask in enumerate(masks):
+            null[p, k] = max(spatial_correlation(m, mask, brain) for m in perm)
+    return corr, np.percentile(null, 95, axis=0)
 
 
 def run_rois(group: Path):
@@ -295,7 +318,9 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
     bp_found = sorted(group.glob("*_desc-backprojected_components.nii.gz"))
     bp_maps = (np.moveaxis(np.asarray(nib.load(str(bp_found[0])).dataobj, dtype=float), -1, 0)
                if bp_found else None)
-    rows, c_in = [], {}
+    rows = []
+    if bp_maps is not None:
+        c_in, in_p95 = input_grid_score(bp_maps * brain, masks, brain, rng, args.permutations)
     # corr[k, r]: region k with RoI r, for the "own" diagnostic.
     corr = np.array([[rois.spatial_correlation(m, mask, brain) for m in roi_maps] for mask in masks])
     for k, (name, mask) in enumerate(zip(names, masks)):
@@ -315,9 +340,9 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
             "occl_p95": round(float(occ.loc[roi, "null_p95"]), 3),
         }
         if bp_maps is not None:
-            c_in[k] = [rois.spatial_correlation(m, mask, brain) for m in bp_maps]
-            row["input"] = round(float(max(c_in[k])), 3)
-            row["input_which"] = f"RoI {int(np.argmax(c_in[k])) + 1}"
+            row["input"] = round(float(c_in[k].max()), 3)
+            row["input_which"] = f"RoI {int(c_in[k].argmax()) + 1}"
+            row["input_perm95"] = round(float(in_p95[k]), 3)
         if plant is not None:
             row["plant_gain"] = round(float(plant.loc[name, "mae_increase"]), 3)
             row["plant_p95"] = round(float(plant.loc[name, "null_p95"]), 3)
@@ -328,8 +353,8 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
         r_rel = int(np.argmax(c_rel))
         row["roi_related"] = round(float(c_rel[r_rel]), 3) if related.any() else float("nan")
         row["which_related"] = f"RoI {r_rel + 1}" if related.any() else "none"
-        if k in c_in:
-            row["input_related"] = (round(float(np.max(np.asarray(c_in[k])[related])), 3)
+        if bp_maps is not None:
+            row["input_related"] = (round(float(c_in[k][related].max()), 3)
                                     if related.any() else float("nan"))
     tab = pd.DataFrame(rows)
     is_decoy = tab["region"].str.contains("decoy")
@@ -384,6 +409,13 @@ def evaluate(args) -> tuple[pd.DataFrame, dict]:
         summary["decoy_best_backprojected"] = round(float(decoy["input"].max()), 3)
         summary["median_best_backprojected_related"] = round(float(np.median(planted["input_related"])), 3)
         summary["decoy_best_backprojected_related"] = round(float(decoy["input_related"].max()), 3)
+        # the goal read once more: the related RoIs placed by their back-projected maps
+        # (against those maps' own perm95), occluded as RoIs
+        summary["goal_met_backprojected_related"] = bool(
+            related.any() and (planted["input_related"] > planted["input_perm95"]).all()
+            and (planted["input_related"] > planted["gradcam"]).all()
+            and not (decoy["input_related"] > decoy["input_perm95"]).any()
+            and summary["median_best_backprojected_related"] >= 0.6 and occ_ok[related].all())
     if rand is not None:
         summary["random_networks_s"] = round(t_rand, 1)
     if plant is not None:
