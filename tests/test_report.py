@@ -181,14 +181,14 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
     assert "<h3>RoI 3 (mostly not age)</h3>" in html and html.count("(mostly not age)") == 1
     assert "it does not explain age" in html
     # the summary's RoIs at a glance: each RoI's two readings, as the tables give them
-    assert "<h3>RoIs at a glance</h3>" in html
+    assert "<h3>RoIs at a glance</h3>" in html and "<th>loading comes from</th>" in html
     occ_table = context["occlusion"][0].set_index("roi")
     for _, row in context["rois_table"].iterrows():
         relied = bool(occ_table.loc[row["name"], "above_null"])
         reading = report.READINGS[(bool(row["target_related"]), relied)].format(target="age")
         share = f"{100 * row['cv_r2']:.0f} %"
-        assert re.search(rf"<td>{row['name']}</td><td>[^<]*</td><td>{share}</td><td>[^<]*</td>"
-                         rf"<td>{re.escape(reading)}</td>", html), row["name"]
+        assert re.search(rf"<td>{row['name']}</td><td>[^<]*</td><td>[^<]*</td><td>{share}</td>"
+                         rf"<td>[^<]*</td><td>{re.escape(reading)}</td>", html), row["name"]
     assert re.search(r"of the 3 RoIs follows? age and the network relies on (it|them)", html)
 
 
@@ -225,6 +225,11 @@ def test_roi_findings_combine_the_two_readings():
     assert report.roi_findings(rois_table[["name", "region"]], occ)["reading"].tolist()[:2] == [
         "the network relies on it", "the network relies on it no more than on random blobs"]
     assert report.roi_findings(None, None) is None
+    # with the back-projection's region, where each loading comes from
+    back = report.roi_findings(rois_table.assign(input_region=["left frontal lobe", "deep grey", np.nan,
+                                                               "deep grey", np.nan]), occ)
+    assert list(back.columns) == ["RoI", "region", "loading comes from", "age share", "occlusion", "reading"]
+    assert back["loading comes from"].tolist() == ["left frontal lobe", "deep grey", "n/a", "deep grey", "n/a"]
 
 
 def _chromium(args, cwd):

@@ -337,8 +337,10 @@ def roi_findings(rois_table=None, occlusion_table=None, *, target: str = "age",
     percentile of random blobs of its volume (``occlusion.tsv``). On the simulated cohort
     the two agree for most RoIs (docs/report.md, stop 16), and an RoI for which both say
     yes is what the method set out to find. Columns: ``RoI``, ``region`` (atlas region),
-    ``<target> share`` (percent of the loadings' variance, cross-validated), ``occlusion``
-    (the RoI's MAE increase against the random blobs' 95th percentile) and ``reading``.
+    ``loading comes from`` (the atlas region of its back-projection, when ``rois.tsv``
+    has it), ``<target> share`` (percent of the loadings' variance, cross-validated),
+    ``occlusion`` (the RoI's MAE increase against the random blobs' 95th percentile) and
+    ``reading``.
     ``None`` when neither table is given.
     """
     if rois_table is None and occlusion_table is None:
@@ -361,9 +363,12 @@ def roi_findings(rois_table=None, occlusion_table=None, *, target: str = "age",
             reading = "the network relies on it" if relied else "the network relies on it no more than on random blobs"
         else:
             reading = "n/a"
+        back = {} if roi is None or "input_region" not in roi else {
+            "loading comes from": "n/a" if pd.isna(roi["input_region"]) else str(roi["input_region"])}
         rows.append({
             "RoI": name,
             "region": "n/a" if roi is None or "region" not in roi else str(roi["region"]),
+            **back,
             f"{target} share": ("n/a" if roi is None or "cv_r2" not in roi or pd.isna(roi["cv_r2"])
                                 else f"{100 * float(roi['cv_r2']):.0f} %"),
             "occlusion": ("n/a" if o is None or empty else
