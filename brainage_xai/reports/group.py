@@ -474,16 +474,16 @@ def build_page(context: dict) -> dict:
             page["gradcam_table"] = _records(
                 roi_gradcam_correlations(rois_img, cam, context.get("mask_img")))
     occ = context.get("occlusion")
+    unit = context.get("target_unit", "years" if target == "age" else "target units")
     page["occlusion_table"] = None
     if occ is not None:
         from ..occlusion import plot_occlusion
 
         table, null = occ
-        figs["occlusion"] = figure_uri(plot_occlusion(table, null, unit=context.get(
-            "target_unit", "years" if target == "age" else "target units")))
+        figs["occlusion"] = figure_uri(plot_occlusion(table, null, unit=unit))
         page["occlusion_table"] = _records(table)
     findings = roi_findings(context.get("rois_table"), None if occ is None else occ[0], target=target,
-                            unit=context.get("target_unit", "years" if target == "age" else "target units"))
+                            unit=unit)
     page["findings"] = _records(findings)
     page["findings_sentence"] = findings_sentence(findings, target)
     # every figure the template names, so that a run without one (e.g. --ranks given:
