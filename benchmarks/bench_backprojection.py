@@ -121,6 +121,10 @@ def speed(args) -> int:
     _, model, _, x, which, _ = _inputs(out, group, resolution, args.device)
     dev = resolve_device(args.device)
     auto = resolve_precision("auto", dev)
+    if auto is None:
+        print("the group level back-projects in float32 on this machine (no AMX, no GPU); "
+              "timing bf16 against it anyway")
+        auto = torch.bfloat16
     X = torch.from_numpy(np.ascontiguousarray(x[which == "train"][: args.speed, None])).float()
     parts = _tensor_parts(model, X, layer, tensor)
     times = {"float32": [], str(auto).replace("torch.", ""): []}
@@ -177,7 +181,11 @@ def evaluate(args):
     _, model, _, x, which, _ = inputs
     train = which == "train"
     t0 = time.perf_counter()
-    maps, S = back_project(model, x, train, layer, dec, tensor, args.batch_size, args.quiet)
+    from brainage_xai.model.training import resolve_device, resolve_precision
+
+    # in the group level's precision, so that the maps are the ones it writes
+    dtype = resolve_precision("auto", resolve_device(args.device))
+    maps, S = back_project(model, x, train, layer, dec, tensor, args.batch_size, args.quiet, dtype)
     t_bp = time.perf_counter() - t0
     fit = [float(np.corrcoef(S[:, r], dec["U1"][:, r])[0, 1]) for r in range(S.shape[1])]
     if args.save:
