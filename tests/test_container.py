@@ -873,37 +873,3 @@ def test_available_memory_reads_meminfo_and_the_cgroup_limit(tmp_path):
     (job / "system.slice" / "slurmstepd.scope" / "job_7" / "memory.current").write_text(f"{2**30}\n")
     assert available_memory(proc, job) == 5 * 2**30
     assert available_memory(tmp_path / "nowhere", v1) == 2 * 2**30 - 5  # the cgroup alone
-
-
-_FAULTS = textwrap.dedent("""
-    import json, resource, sys
-    import numpy as np
-    from brainage_xai.utils.env import tune_allocator
-    tuned = tune_allocator() if sys.argv[1] == "tune" else None
-    def faults():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    a = np.ones(1 << 23); del a  # 64 MiB, as a network pass's activations
-    before = faults()
-    for _ in range(4):
-        a = np.ones(1 << 23); del a
-    print(json.dumps({"tuned": tuned, "faults": faults() - before}))
-""")
-
-
-def test_tune_allocator_keeps_large_buffers_on_the_heap(tmp_path):
-    # With glibc's defaults a 64 MiB buffer comes fresh from the kernel every time it is
-    # allocated (page faults); once tuned, the freed buffer is reused from the heap.
-    from brainage_xai.utils.env import tune_allocator
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    runs = {}
-    for mode in ("default", "tune"):
-        done = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True,
-                              check=True, cwd=tmp_path, env=env)
-        runs[mode] = json.loads(done.stdout)
-    assert runs["tune"]["tuned"] is True
-    assert runs["default"]["faults"] > 100
-    assert runs["tune"]["faults"] < runs["default"]["faults"] / 10
-    # a user's own malloc settings are left alone (and nothing is called)
-    assert tune_allocator({"MALLOC_MMAP_THRESHOLD_": "65536"}) is False
-    assert tune_allocator({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}) is False

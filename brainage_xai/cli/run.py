@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ..errors import EX_FAILURE, BrainAgeXAIError, OutputError
-from ..utils.env import MMAP_THRESHOLD, writable
+from ..utils.env import writable
 
 LOGGER = logging.getLogger("brainage_xai")
 
@@ -82,7 +82,7 @@ def _close_logging() -> None:
 
 def run(config) -> int:
     """Run one level with a parsed configuration; returns the exit code."""
-    from ..utils.env import configure_runtime, tune_allocator
+    from ..utils.env import configure_runtime
 
     check_output_dir(config.output_dir)
     if config.work_dir is not None:
@@ -96,8 +96,6 @@ def run(config) -> int:
         raise OutputError(f"cannot write the run configuration to {config.log_dir}: {exc}") from exc
     LOGGER.info("brainage-xai %s level on %s -> %s", config.analysis_level, config.bids_dir, config.output_dir)
     LOGGER.debug("log file: %s", log_file)
-    if tune_allocator():
-        LOGGER.debug("malloc: buffers up to %d MiB kept on the heap", MMAP_THRESHOLD >> 20)
 
     if config.skip_bids_validation:
         LOGGER.info("BIDS validation skipped (--skip-bids-validation)")

@@ -20,8 +20,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["CACHE_VARIABLES", "available_memory", "configure_runtime", "container_info",
-           "tune_allocator"]
+__all__ = ["CACHE_VARIABLES", "available_memory", "configure_runtime", "container_info"]
 
 #: The cache variables :func:`configure_runtime` manages, in the order they are resolved
 #: (``XDG_CACHE_HOME`` first: the defaults of the others lie under it).
@@ -314,50 +313,3 @@ def available_memory(proc: str | os.PathLike = "/proc", cgroup: str | os.PathLik
                 left = max(limit - usage, 0)
                 available = left if available is None else min(available, left)
     return available
-
-
-#: glibc's malloc serves allocations above its mmap threshold (at most 32 MiB by its own
-#: adjustment) with fresh pages from the kernel and returns them on free, so a buffer that
-#: a 3D network allocates on every pass is zero-filled again on every pass (16 subjects x
-#: 8 channels at 4 mm are 36 MiB of bf16 activations). Buffers up to this size are kept on
-#: the heap instead. In fresh processes on the demo's run, forward passes as the occlusion
-#: test makes ran 1.8 times faster, the back-projection 1.3 times and a training step 1.04
-#: times (``benchmarks/bench_allocator.py``); a rerun of the demo's explanations and
-#: report, 6 % faster, with 3 % more peak memory (docs/report.md).
-MMAP_THRESHOLD = 256 << 20
-#: Free memory at the top of the heap kept for reuse rather than returned to the kernel.
-TRIM_THRESHOLD = 512 << 20
-#: Variables with which a user sets glibc's malloc themself: then it is left alone.
-_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def tune_allocator(environ: Mapping[str, str] | None = None) -> bool:
-    """Keep the large, short-lived buffers of the network's passes on glibc's heap.
-
-    Sets glibc's ``M_MMAP_THRESHOLD`` to :data:`MMAP_THRESHOLD` and ``M_TRIM_THRESHOLD``
-    to :data:`TRIM_THRESHOLD` for this process (``mallopt``), what PyTorch's CPU
-    performance guide gets by preloading jemalloc or tcmalloc. Nothing is changed off
-    glibc (macOS, musl) or when the environment sets glibc's malloc already
-    (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``); with
-    another allocator preloaded, glibc's settings are simply unused.
-
-    Returns
-    -------
-    bool
-        Whether glibc took both settings.
-    """
-    import ctypes
-    import sys
-
-    env = os.environ if environ is None else environ
-    if not sys.platform.startswith("linux") or any(env.get(k) for k in _MALLOC_VARIABLES):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
-        libc.mallopt(m_trim_threshold, TRIM_THRESHOLD))
