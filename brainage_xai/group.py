@@ -732,6 +732,7 @@ def stage_selection(ctx: GroupContext) -> None:
         target_names=list(ctx.targets.columns), n_jobs=config.n_cpus or -1,
         dask_scheduler=config.dask_scheduler, work_dir=ctx.work_dir / "selection",
         random_state=config.random_seed, quiet=config.quiet,
+        device=ctx.device if ctx.device.type == "cuda" else None,
     )  # fmt: skip
     # The tensors (1.8 GB at the demo's block1) can sit in reference cycles left by the
     # sweeps' parallel machinery until the cyclic collector happens to run; the next

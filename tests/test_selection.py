@@ -626,6 +626,83 @@ def test_run_selection_torch_float32_two_targets(cohort, tmp_path):
     assert len(out["lambda_sweep"]) == 2
 
 
+def test_run_selection_on_a_torch_device_gives_the_hosts_choice(cohort, tmp_path, caplog):
+    # --device cuda puts the three tensors on the GPU and runs the sweeps and the final
+    # fit there (torch). The same path on torch's CPU device: the same choice and RoIs as
+    # the host's numpy path, and the sweep tables resume across the two (same fingerprint).
+    import logging
+
+    A, y = cohort
+    A_tr, A_va, A_te = splits(A.astype(np.float32))
+    ys = y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :]
+    kw = dict(rank_grid=range(5, 9), lambda_grid=[0.0, 1e-2, 1e-1], quiet=True, n_jobs=2)
+    host = run_selection(A_tr, A_va, A_te, *ys, tmp_path / "host", **kw)
+    with caplog.at_level(logging.INFO, logger="brainage_xai.selection"):
+        dev = run_selection(A_tr, A_va, A_te, *ys, tmp_path / "dev", device="cpu", **kw)
+    assert "sweeps and final fit on cpu, one fit at a time" in caplog.text
+    assert (dev["ranks"]["R1"], dev["ranks"]["R2"]) == (host["ranks"]["R1"], host["ranks"]["R2"])
+    assert dev["lambda"]["lambda"] == host["lambda"]["lambda"]
+    # torch and numpy round differently, and the sweep's fits stop at a loose tolerance:
+    # the cells R2 < R1 (local minima) land within 1 % of each other.
+    cols = ["R1", "R2", "train_error", "val_error"]
+    pd.testing.assert_frame_equal(host["rank_sweep"][cols], dev["rank_sweep"][cols],
+                                  check_exact=False, rtol=1e-2)
+    U3 = [np.load(tmp_path / d / "decomposition.npz")["U3"] for d in ("host", "dev")]
+    r = [np.corrcoef(U3[0][:, k], U3[1][:, k])[0, 1] for k in range(U3[0].shape[1])]
+    assert min(r) > 0.999, r
+    np.testing.assert_allclose(host["final"].loadings["test"], dev["final"].loadings["test"],
+                               rtol=1e-3, atol=1e-4)
+    # Resume: the host's tables are this run's (same data, same fingerprint on either side).
+    for name in ("rank_sweep.tsv", "rank_sweep.json", "lambda_sweep.tsv", "lambda_sweep.json"):
+        (tmp_path / "resume" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "resume" / name).write_bytes((tmp_path / "host" / name).read_bytes())
+    again = run_selection(A_tr, A_va, A_te, *ys, tmp_path / "resume", device="cpu", **kw)
+    assert again["rank_sweep"].attrs == {"n_fitted": 0, "n_resumed": 10}  # the cells R2 <= R1
+    assert again["lambda_sweep"].attrs["n_fitted"] == 0
+
+
+def test_torch_tensors_are_checked_and_hashed_as_numpy_arrays(cohort):
+    import torch
+
+    from brainage_xai.selection.lambda_sweep import lambda_scale
+    from brainage_xai.selection.rank_sweep import tensor_fingerprint
+    from brainage_xai.selection.scree import _check_tensor
+
+    A, _ = cohort
+    A = A[:N_TRAIN].astype(np.float32)
+    T = torch.from_numpy(A.copy())
+    assert _check_tensor(T) is T  # stays a tensor, where it is
+    assert tensor_fingerprint(T, np.arange(3.0)) == tensor_fingerprint(A, np.arange(3.0))
+    assert tensor_fingerprint(T[:, :, :-1]) != tensor_fingerprint(A)
+    bad = T.clone()
+    bad[3, 2, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _check_tensor(bad, "A_train")
+    with pytest.raises(ValueError, match="3-way"):
+        _check_tensor(T[0], "A_train")
+    res = fit_final(A, A[:5], A[5:10], np.arange(N_TRAIN), np.arange(5), np.arange(5),
+                    (4, 4), 0.0).result
+    assert lambda_scale(T, res) == pytest.approx(lambda_scale(A, res), rel=1e-5)
+
+
+def test_selection_stays_on_the_host_when_the_gpu_is_full(cohort, monkeypatch, caplog):
+    # A GPU without room for the tensors (or a Dask cluster): the sweeps run as on the CPU.
+    import logging
+
+    import torch
+
+    from brainage_xai.selection.workflow import _to_device
+
+    A, _ = cohort
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2**20, 2**30))
+    with caplog.at_level(logging.WARNING, logger="brainage_xai.selection"):
+        arrays, moved = _to_device(splits(A), "cuda")
+    assert not moved and all(isinstance(a, np.ndarray) for a in arrays)
+    assert "do not fit in the free memory of cuda" in caplog.text
+    arrays, moved = _to_device(splits(A), "cpu", dask_scheduler="tcp://localhost:8786")
+    assert not moved and all(isinstance(a, np.ndarray) for a in arrays)
+
+
 def test_relevance_weighted_deviations(rng, tmp_path):
     # --tensor relevance: the scaled deviations times ((g * s) ** 0.5 / mean), g the
     # training subjects' output gradient. Where the network ignores an activation

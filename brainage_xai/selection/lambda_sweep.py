@@ -66,6 +66,17 @@ def lambda_scale(A, result) -> float:
     U1, W, _ = factors_numpy(result)
     U1 = U1 / np.maximum(np.linalg.norm(U1, axis=0), 1e-300)
     W = W / np.maximum(np.linalg.norm(W, axis=0), 1e-300)
+    if hasattr(A, "detach"):
+        # A torch tensor (a GPU's): one subject at a time, as (R1 x c) @ (c x v) products,
+        # where torch.einsum could form an (n, c, v, R1) intermediate.
+        import torch
+
+        U1t = torch.as_tensor(U1, dtype=A.dtype, device=A.device)
+        Wt = torch.as_tensor(W, dtype=A.dtype, device=A.device)
+        M3 = torch.zeros((Wt.shape[1], A.shape[2]), dtype=A.dtype, device=A.device)
+        for i in range(A.shape[0]):
+            M3 += U1t[i, :, None] * (Wt.T @ A[i])
+        return float(M3.max())
     M3 = np.einsum("icv,ir,cr->vr", A, U1.astype(A.dtype), W.astype(A.dtype), optimize=True)
     return float(np.max(M3))
 

@@ -242,7 +242,7 @@ def fit_final(
         if network_pred is not None and split in network_pred:
             pred["network"] = _as_2d(network_pred[split], f"network_pred[{split!r}]")
         elif head is not None:
-            pred["network"] = _as_2d(head(A[split].mean(axis=2)), "head output")
+            pred["network"] = _as_2d(head(as_numpy(A[split].mean(2))), "head output")
         if head is not None:
             pred["network_head_on_reconstruction"] = _as_2d(
                 head(voxel_average(loadings[split], res)), "head output"

@@ -73,6 +73,13 @@ def tensor_fingerprint(*arrays) -> str:
     """
     h = hashlib.blake2b(digest_size=12)
     for arr in arrays:
+        if hasattr(arr, "detach"):
+            # A torch tensor (on a GPU, say) hashes as the same numpy array would, so that a
+            # sweep resumes across devices; its bytes come to the host a row at a time.
+            h.update(f"{tuple(arr.shape)}{str(arr.dtype).removeprefix('torch.')}".encode())
+            for row in arr.detach().reshape(len(arr), -1) if arr.ndim else [arr.detach()]:
+                h.update(memoryview(np.ascontiguousarray(row.cpu().numpy())).cast("B"))
+            continue
         arr = np.ascontiguousarray(arr)
         h.update(f"{arr.shape}{arr.dtype}".encode())
         h.update(memoryview(arr).cast("B"))

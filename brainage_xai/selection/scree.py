@@ -25,12 +25,18 @@ def as_numpy(A) -> np.ndarray:
     return np.asarray(A)
 
 
-def _check_tensor(A, name: str = "A") -> np.ndarray:
-    A = as_numpy(A)
+def _check_tensor(A, name: str = "A"):
+    """``A`` checked: 3-way and finite. A torch tensor stays a tensor, where it is (on a
+    GPU for the selection on ``--device cuda``); anything else becomes a numpy array."""
+    if not hasattr(A, "detach"):
+        A = np.asarray(A)
     if A.ndim != 3:
-        raise ValueError(f"{name} must be a 3-way (subjects, channels, voxels) tensor; got shape {A.shape}")
+        raise ValueError(
+            f"{name} must be a 3-way (subjects, channels, voxels) tensor; got shape {tuple(A.shape)}"
+        )
     # One subject at a time: a mask of the whole tensor would be a quarter of its size.
-    if not all(np.isfinite(A[i]).all() for i in range(A.shape[0])):
+    finite = (lambda a: bool(a.isfinite().all())) if hasattr(A, "detach") else (lambda a: np.isfinite(a).all())
+    if not all(finite(A[i]) for i in range(A.shape[0])):
         raise ValueError(f"{name} contains NaN or Inf values")
     return A
 
@@ -109,7 +115,7 @@ def compute_scree(A_train, max_rank: int = 20, random_state=0) -> pd.DataFrame:
         ``singular_value``, ``explained`` (its share of ``||A||^2``) and
         ``cumulative_explained``.
     """
-    A = _check_tensor(A_train, "A_train")
+    A = _check_tensor(as_numpy(A_train), "A_train")  # on the host: small Gram matrices
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1; got {max_rank}")
     total = _sum_of_squares(A)

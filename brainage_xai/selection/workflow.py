@@ -110,6 +110,46 @@ def write_final(
     write_tsv(group_dir / "loadings.tsv", table, sidecar=sidecar)
 
 
+#: GPU memory kept free beside the three split tensors when they go to the GPU: the
+#: solver allocates little besides its input (docs/decomposition.md), the transforms of
+#: held-out subjects and the cached warm starts are (subjects or voxels) x rank.
+_DEVICE_HEADROOM = (0.25, 512 * 2**20)  # share of the tensors' size, plus bytes
+
+
+def _to_device(arrays, device, dask_scheduler=None):
+    """The split tensors as torch tensors on ``device``, or as numpy arrays on the host.
+
+    Returns ``(arrays, on_device)``. They stay on the host when ``device`` is None, when
+    a Dask cluster runs the sweeps, or when a GPU has too little free memory for them
+    (with a warning: the selection then runs as it would on the CPU).
+    """
+    host = [as_numpy(a) for a in arrays]
+    if device is None:
+        return host, False
+    import torch
+
+    device = torch.device(device)
+    if dask_scheduler is not None:
+        LOG.info("selection: the sweeps run on the Dask cluster, not on %s", device)
+        return host, False
+    size = sum(a.nbytes for a in host)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        share, extra = _DEVICE_HEADROOM
+        if size * (1 + share) + extra > free:
+            LOG.warning(
+                "selection: the tensors (%.1f GB) do not fit in the free memory of %s "
+                "(%.1f GB); the sweeps run on the CPU", size / 1e9, device, free / 1e9,
+            )
+            return host, False
+    moved = [torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in host]
+    LOG.info(
+        "selection: sweeps and final fit on %s, one fit at a time (%.1f GB of tensors there)",
+        device, size / 1e9,
+    )
+    return moved, True
+
+
 def run_selection(
     A_train,
     A_val,
@@ -133,6 +173,7 @@ def run_selection(
     random_state=0,
     quiet: bool = False,
     constraints: str = "nonneg",
+    device=None,
 ) -> dict:
     """Run the whole selection stage and write its outputs into ``group_dir``.
 
@@ -160,6 +201,11 @@ def run_selection(
         As in :func:`~brainage_xai.selection.run_rank_sweep`.
     work_dir : path-like, optional
         Work folder for the rank sweep's factor cache (warm starts on resume).
+    device : str or torch.device, optional
+        Where the sweeps and the final fit run. None (default): on the host, numpy, with
+        ``n_jobs`` workers. A torch device (``"cuda"``): the three tensors are moved there
+        and the fits run one at a time on it; the scree is computed on the host first.
+        They stay on the host if the GPU lacks the memory, or with ``dask_scheduler``.
 
     Returns
     -------
@@ -172,6 +218,9 @@ def run_selection(
     A_train = as_numpy(A_train)
     n, c, v = A_train.shape
     scree = compute_scree(A_train, max_rank=20, random_state=random_state)
+    (A_train, A_val, A_test), on_device = _to_device((A_train, A_val, A_test), device, dask_scheduler)
+    if on_device:
+        n_jobs = 1  # workers would each need the tensors; the GPU runs one fit at a time
 
     sweep = None
     if ranks is not None:
