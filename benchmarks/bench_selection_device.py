@@ -109,10 +109,16 @@ def main(argv=None) -> int:
     grid = _grid(args.rank_grid)
     print(f"{args.output}: layer {layer}, deviations {A['train'].shape[1:]}, "
           f"{ {s: len(a) for s, a in A.items()} }, rank grid {grid[0]}..{grid[-1]}")
-    runs = {"host (numpy, baseline)": (None, args.n_jobs), f"{args.device} (torch)": (args.device, 1)}
+    # The device first, each run printed as it ends: a run cut off by a time limit during
+    # the (slower) host baseline still reports the device's time.
+    runs = {f"{args.device} (torch)": (args.device, 1), "host (numpy, baseline)": (None, args.n_jobs)}
     res = {}
     for name, (device, n_jobs) in runs.items():
-        res[name] = [run_once(A, y, grid, device, n_jobs, args.quiet) for _ in range(args.repeats)]
+        res[name] = []
+        for _ in range(args.repeats):
+            res[name].append(run_once(A, y, grid, device, n_jobs, args.quiet))
+            r = res[name][-1]
+            print(f"  {name}: {r['seconds']:.1f} s, ranks {r['ranks']}, lambda {r['lambda']:.4g}", flush=True)
     base = statistics.median(r["seconds"] for r in res["host (numpy, baseline)"])
     host_U3 = res["host (numpy, baseline)"][0]["U3"]
     rows = []
