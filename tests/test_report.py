@@ -189,7 +189,7 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
         share = f"{100 * row['cv_r2']:.0f} %"
         assert re.search(rf"<td>{row['name']}</td><td>[^<]*</td><td>[^<]*</td><td>{share}</td>"
                          rf"<td>[^<]*</td><td>{re.escape(reading)}</td>", html), row["name"]
-    assert re.search(r"of the 3 RoIs follows? age and the network relies on (it|them)", html)
+    assert re.search(r"Of the 3 RoIs, \d follows? age and the network relies on (it|them)", html)
 
 
 def test_roi_findings_combine_the_two_readings():
@@ -216,9 +216,25 @@ def test_roi_findings_combine_the_two_readings():
     ]
     assert f["age share"].tolist()[:2] == ["91 %", "62 %"] and f.loc[4, "occlusion"] == "n/a"
     assert f.loc[0, "occlusion"] == "0.80 vs 0.20 years"
+    # The sentence accounts for every RoI, by reading.
     assert report.findings_sentence(f) == (
-        "1 of the 5 RoIs follows age and the network relies on it (RoI 1); "
-        "2 are mostly other variation (RoI 3, RoI 4).")
+        "Of the 5 RoIs, 1 follows age and the network relies on it (RoI 1); "
+        "1 follows age, but the network relies on it no more than on random blobs (RoI 2); "
+        "1 is mostly other variation, yet the network relies on it (RoI 3); "
+        "1 is mostly other variation (RoI 4); 1 is empty after thresholding (RoI 5).")
+    # none supported by both readings: said, with where the others stand (the H200's run)
+    g = f.assign(reading=["follows age; the network relies on it no more than on random blobs"] * 3
+                 + ["empty after thresholding"] * 2)
+    assert report.findings_sentence(g) == (
+        "Of the 5 RoIs, 0 follow age and the network relies on them; 3 follow age, but the "
+        "network relies on them no more than on random blobs (RoI 1, RoI 2, RoI 3); "
+        "2 are empty after thresholding (RoI 4, RoI 5).")
+    # one reading alone: no claim about the other
+    assert report.findings_sentence(report.roi_findings(rois_table, None)) == (
+        "Of the 5 RoIs, 2 follow age (RoI 1, RoI 2); 3 are mostly other variation (RoI 3, RoI 4, RoI 5).")
+    assert report.findings_sentence(report.roi_findings(rois_table[["name", "region"]], occ)) == (
+        "Of the 5 RoIs, the network relies on 2 (RoI 1, RoI 3); the network relies on 2 no more "
+        "than on random blobs (RoI 2, RoI 4); 1 is empty after thresholding (RoI 5).")
     # one reading alone (a run without the occlusion test, or a rois.tsv without cv_r2)
     assert report.roi_findings(rois_table, None)["reading"].tolist()[:3] == [
         "follows age", "follows age", "mostly other variation"]

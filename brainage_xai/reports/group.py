@@ -378,20 +378,51 @@ def roi_findings(rois_table=None, occlusion_table=None, *, target: str = "age",
     return pd.DataFrame(rows)
 
 
+#: How :func:`findings_sentence` says each reading of a group of ``{k}`` RoIs, in its
+#: order: (one, several).
+CLAUSES = {
+    READINGS[(True, True)]: ("{k} follows {target} and the network relies on it",
+                             "{k} follow {target} and the network relies on them"),
+    READINGS[(True, False)]: ("{k} follows {target}, but the network relies on it no more than on random blobs",
+                              "{k} follow {target}, but the network relies on them no more than on random blobs"),
+    "follows {target}": ("{k} follows {target}", "{k} follow {target}"),
+    READINGS[(False, True)]: ("{k} is mostly other variation, yet the network relies on it",
+                              "{k} are mostly other variation, yet the network relies on them"),
+    READINGS[(False, False)]: ("{k} is mostly other variation", "{k} are mostly other variation"),
+    "the network relies on it": ("the network relies on {k}", "the network relies on {k}"),
+    "the network relies on it no more than on random blobs": (
+        "the network relies on {k} no more than on random blobs",
+        "the network relies on {k} no more than on random blobs"),
+    "empty after thresholding": ("{k} is empty after thresholding", "{k} are empty after thresholding"),
+}
+
+
 def findings_sentence(findings: pd.DataFrame | None, target: str = "age") -> str | None:
-    """One sentence: which RoIs follow the target and are relied on, and which are not."""
+    """One sentence that accounts for every RoI, grouped by reading.
+
+    Where the occlusion test ran it starts with the RoIs that follow the target and that
+    the network relies on (their number even when none); the other readings follow in the
+    order of :data:`CLAUSES`.
+    """
     if findings is None or findings.empty:
         return None
-    both = findings.loc[findings["reading"] == READINGS[(True, True)].format(target=target), "RoI"].tolist()
-    other = findings.loc[findings["reading"].str.startswith("mostly other"), "RoI"].tolist()
-    n = len(findings)
-    one = len(both) == 1
-    parts = [f"{len(both)} of the {n} RoIs {'follows' if one else 'follow'} {target} and the network "
-             f"relies on {'it' if one else 'them'}" + (f" ({', '.join(both)})" if both else "")]
-    if other:
-        parts.append(f"{len(other)} {'is' if len(other) == 1 else 'are'} mostly other variation "
-                     f"({', '.join(other)})")
-    return "; ".join(parts) + "."
+    clauses = {reading.format(target=target): forms for reading, forms in CLAUSES.items()}
+    first = READINGS[(True, True)].format(target=target)
+    # Both readings ran when the occlusion test did and some reading combines the two.
+    both_ran = bool((findings.get("occlusion", pd.Series(dtype=object)) != "n/a").any()) and bool(
+        findings["reading"].isin([r.format(target=target) for r in READINGS.values()]).any())
+    parts = []
+    for reading in dict.fromkeys([*clauses, *findings["reading"]]):
+        names = findings.loc[findings["reading"] == reading, "RoI"].tolist()
+        if not names and not (reading == first and both_ran):
+            continue
+        k = len(names)
+        if reading in clauses:
+            said = clauses[reading][k != 1].format(k=k, target=target)
+        else:  # a reading this sentence does not know: quoted as it is
+            said = f"{k} {'reads' if k == 1 else 'read'} \u201c{reading}\u201d"
+        parts.append(said + (f" ({', '.join(names)})" if names else ""))
+    return f"Of the {len(findings)} RoIs, " + "; ".join(parts) + "."
 
 
 # -- rendering ------------------------------------------------------------------------
