@@ -33,7 +33,7 @@ from .errors import DataError, UsageError
 from .model.data import check_grid, standardise_inputs
 from .model.io import load_model, model_sha256, weights_path
 from .model.network import PreActResNet3d
-from .model.training import memory_format
+from .model.training import place
 from .utils.io import atomic_path, save_nifti, write_json
 
 LOGGER = logging.getLogger("brainage_xai.activations")
@@ -107,7 +107,6 @@ def iter_activations(
     """
     layer = _check_layer(model, layer)
     device = torch.device(device)
-    fmt = memory_format(device, None)
     modules = layer_modules(model, layer)
     captured: list = [None] * len(modules)
 
@@ -116,7 +115,7 @@ def iter_activations(
 
     handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(modules)]
     was_training = model.training
-    model.eval().to(device)
+    fmt = place(model.eval(), device)
     try:
         with torch.inference_mode():
             for start in range(0, x.shape[0], batch_size):
@@ -168,7 +167,7 @@ def gradient_rms(
         raise DataError("no inputs to take the gradient over")
     device = torch.device(device)
     was_training = model.training
-    model.eval().to(device)
+    fmt = place(model.eval(), device)
     modules = layer_modules(model, layer)
     # Captum takes a list of layers and returns a gradient per layer (an ensemble's
     # members: the gradient of the ensemble's mean output, 1/K of each member's own).
@@ -177,7 +176,7 @@ def gradient_rms(
     total = None
     try:
         for start in range(0, x.shape[0], batch_size):
-            batch = x[start : start + batch_size].to(device)
+            batch = x[start : start + batch_size].to(device).contiguous(memory_format=fmt)
             grad = explainer.attribute(batch, target=target)
             grad = torch.cat(list(grad), dim=1) if len(modules) > 1 else grad
             square = (grad.detach().double() ** 2).sum(dim=0).cpu().numpy()

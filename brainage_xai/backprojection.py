@@ -142,8 +142,10 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
     store: dict[int, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda _m, _i, o, k=k: store.__setitem__(k, o))
              for k, m in enumerate(modules)]
+    from .model.training import place
+
     was_training = model.training
-    model.eval().to(device)
+    fmt = place(model.eval(), device, dtype)
     grid = tuple(x.shape[2:])
     xbar = x.mean(0, dtype=torch.float64)[0].numpy()
     keys = ("c", "cs") + (("gradient", "contribution") if diagnostics else ())
@@ -152,7 +154,7 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
     try:
         for start in tqdm(range(0, x.shape[0], batch_size), desc="back-projection", unit="batch",
                           disable=not progress):
-            xb = x[start:start + batch_size].to(device).float().requires_grad_(True)
+            xb = x[start:start + batch_size].to(device).float().contiguous(memory_format=fmt).requires_grad_(True)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 model(xb)
             a = torch.cat([store[k] for k in range(len(modules))], 1).flatten(2).float()

@@ -78,13 +78,14 @@ def gradcam_maps(model, layer, inputs: Sequence, *, target: int = 0, relu: bool 
 
     layers = list(layer) if isinstance(layer, list | tuple) else [layer]
     explainers = [LayerGradCam(model, resolve_layer(model, m)) for m in layers]
+    from .model.training import place
+
     was_training = model.training
-    model.eval()
-    model.to(device)
+    fmt = place(model.eval(), device)
     maps = []
     try:
         for batch in _batches(inputs, batch_size):
-            x = torch.from_numpy(batch).to(device).requires_grad_(True)
+            x = torch.from_numpy(batch).to(device).contiguous(memory_format=fmt).requires_grad_(True)
             if len(explainers) == 1:
                 attr = explainers[0].attribute(x, target=target, relu_attributions=relu)
             else:
@@ -117,14 +118,15 @@ def cam_maps(model, layer, head_weight, inputs: Sequence, *, relu: bool = True,
     w = torch.as_tensor(np.asarray(head_weight, dtype=np.float32), device=device)
     store = {}
     handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    from .model.training import place
+
     was_training = model.training
-    model.eval()
-    model.to(device)
+    fmt = place(model.eval(), device)
     maps = []
     try:
         with torch.no_grad():
             for batch in _batches(inputs, batch_size):
-                model(torch.from_numpy(batch).to(device))
+                model(torch.from_numpy(batch).to(device).contiguous(memory_format=fmt))
                 cam = torch.einsum("c,bcxyz->bxyz", w, store["a"])
                 maps.append((cam.clamp(min=0) if relu else cam).cpu().numpy().astype(np.float64))
     finally:

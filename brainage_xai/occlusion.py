@@ -53,7 +53,6 @@ def torch_predictor(model, *, target: int = 0, device="cpu", batch_size: int = 4
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 4:
             x = x[:, None]
-        model.to(device)
         out = predict_batches(model, torch.from_numpy(x), batch_size=batch_size,
                               device=device, dtype=dtype)
         return out[:, target] * scale + shift

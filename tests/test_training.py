@@ -196,3 +196,33 @@ def test_device_and_precision_checks():
     assert resolve_precision("fp32", torch.device("cpu")) is None
     with pytest.raises(UsageError, match="'precision' must be one of"):
         dataclasses.replace(settings(), precision="int8")
+
+
+def _conv(model):
+    """A 3D convolution's weight with several input channels (with one, both formats agree)."""
+    return next(p for p in model.parameters() if p.dim() == 5 and p.shape[1] > 1)
+
+
+def test_a_loaded_network_runs_with_its_weights_in_the_inputs_format(tmp_path):
+    # A network read from its safetensors file is contiguous; every pass outside training
+    # puts its weights in the format of its inputs (channels-last for float32 on a CPU,
+    # contiguous for bf16), which only the inputs used to get. Same predictions either way.
+    from brainage_xai.model.io import load_model, save_model
+    from brainage_xai.model.training import place, predict_batches
+
+    model = net(3)
+    path = tmp_path / "model.safetensors"
+    save_model(path, model, {"map": "volume"})
+    loaded, _ = load_model(path)
+    conv = _conv(loaded)
+    assert conv.is_contiguous() and not conv.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(5, 1, *SHAPE)
+    before = net(3).eval()
+    with torch.inference_mode():
+        expected = before(x).numpy()
+    out = predict_batches(loaded, x, batch_size=2)
+    conv = _conv(loaded)
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert place(loaded, "cpu", torch.bfloat16) is torch.contiguous_format
+    assert _conv(loaded).is_contiguous()

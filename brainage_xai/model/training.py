@@ -153,6 +153,20 @@ def memory_format(device: torch.device, dtype: torch.dtype | None) -> torch.memo
     return torch.channels_last_3d
 
 
+def place(model: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.memory_format:
+    """Move ``model`` to ``device`` in :func:`memory_format` (in place, like
+    :meth:`torch.nn.Module.to`) and return that format, for the inputs.
+
+    The weights need the format as much as the inputs do: a model loaded from its
+    safetensors file is contiguous, and on a CPU without AMX a float32 forward pass with
+    channels-last inputs alone ran at the contiguous speed (``benchmarks/bench_layout.py``).
+    """
+    device = torch.device(device)
+    fmt = memory_format(device, dtype)
+    model.to(device).to(memory_format=fmt)
+    return fmt
+
+
 # -- split ------------------------------------------------------------------------------
 
 
@@ -251,8 +265,7 @@ def predict_batches(
     loaded from its safetensors file lives on the CPU.
     """
     device = torch.device(device)
-    fmt = memory_format(device, dtype)
-    model.to(device)
+    fmt = place(model, device, dtype)
     was_training = model.training
     model.eval()
     out = []
@@ -388,10 +401,9 @@ def fit(
 
     device = torch.device(device)
     dtype = resolve_precision(settings.precision, device)
-    fmt = memory_format(device, dtype)
     n_targets = y_train.shape[1]
     scale = np.ones(n_targets) if y_scale is None else np.asarray(y_scale, dtype=float).reshape(-1)
-    model.to(device).to(memory_format=fmt)
+    fmt = place(model, device, dtype)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=settings.learning_rate,
