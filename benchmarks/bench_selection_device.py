@@ -57,6 +57,7 @@ def load_run(bids: Path, output: Path):
 
 def run_once(A, y, grid, device, n_jobs, quiet):
     from brainage_xai.selection import run_selection
+    from brainage_xai.selection.scree import as_numpy
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -70,14 +71,12 @@ def run_once(A, y, grid, device, n_jobs, quiet):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
     final = out["final"]
-    U3 = np.asarray(final.result.factors[2].detach().cpu() if hasattr(final.result.factors[2], "detach")
-                    else final.result.factors[2], dtype=np.float64)
     return {
         "seconds": seconds,
         "ranks": (out["ranks"]["R1"], out["ranks"]["R2"]),
         "lambda": out["lambda"]["lambda"],
         "test_mae": final.metrics["test"]["linear_model_on_decomposition"]["mae"],
-        "U3": U3,
+        "U3": as_numpy(final.result.factors[2]).astype(np.float64),
     }
 
 
