@@ -32,11 +32,6 @@ import numpy as np
 import pandas as pd
 
 
-def _grid(text: str) -> list[int]:
-    lo, hi = (int(x) for x in text.split(":"))
-    return list(range(lo, hi + 1))
-
-
 def load_run(bids: Path, output: Path):
     """``(A, y)``: the deviation tensors and standardised ages per split of a group run."""
     from brainage_xai.activations import load_activation_tensor
@@ -91,11 +86,14 @@ def roi_agreement(U3a, U3b) -> float:
 
 
 def main(argv=None) -> int:
+    from brainage_xai.cli.parser import _rank_grid
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bids", required=True, type=Path, help="the run's BIDS dataset (participants.tsv)")
     parser.add_argument("--output", required=True, type=Path, help="output directory of a group run")
     parser.add_argument("--device", default="cuda", help="torch device of the candidate (default cuda)")
-    parser.add_argument("--rank-grid", default="2:12", help="the sweep's ranks, LO:HI (the demo's 2:12)")
+    parser.add_argument("--rank-grid", type=_rank_grid, default="2:12",
+                        help="the sweep's ranks as the group level takes them (the demo's 2:12)")
     parser.add_argument("--n-jobs", type=int, default=os.cpu_count() or 1, help="host workers (baseline)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each (medians are printed)")
     parser.add_argument("--quiet", action="store_true")
@@ -105,7 +103,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(os.cpu_count() or 1)
     layer, A, y = load_run(args.bids, args.output)
-    grid = _grid(args.rank_grid)
+    grid = args.rank_grid
     print(f"{args.output}: layer {layer}, deviations {A['train'].shape[1:]}, "
           f"{ {s: len(a) for s, a in A.items()} }, rank grid {grid[0]}..{grid[-1]}")
     # The device first, each run printed as it ends: a run cut off by a time limit during

@@ -261,8 +261,9 @@ def predict_batches(
 ) -> np.ndarray:
     """Network outputs ``(n, n_outputs)`` for inputs ``(n, 1, *grid)``, in evaluation mode.
 
-    The model is moved to ``device`` (in place, like :meth:`torch.nn.Module.to`): a model
-    loaded from its safetensors file lives on the CPU.
+    The model is moved to ``device`` and put in the inputs' memory format (:func:`place`,
+    in place, like :meth:`torch.nn.Module.to`): a model loaded from its safetensors file
+    lives on the CPU, contiguous.
     """
     device = torch.device(device)
     fmt = place(model, device, dtype)

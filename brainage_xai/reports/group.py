@@ -407,14 +407,14 @@ def findings_sentence(findings: pd.DataFrame | None, target: str = "age") -> str
     if findings is None or findings.empty:
         return None
     clauses = {reading.format(target=target): forms for reading, forms in CLAUSES.items()}
-    first = READINGS[(True, True)].format(target=target)
+    combined = [r.format(target=target) for r in READINGS.values()]
     # Both readings ran when the occlusion test did and some reading combines the two.
-    both_ran = bool((findings.get("occlusion", pd.Series(dtype=object)) != "n/a").any()) and bool(
-        findings["reading"].isin([r.format(target=target) for r in READINGS.values()]).any())
+    both_ran = ("occlusion" in findings and bool((findings["occlusion"] != "n/a").any())
+                and bool(findings["reading"].isin(combined).any()))
     parts = []
     for reading in dict.fromkeys([*clauses, *findings["reading"]]):
         names = findings.loc[findings["reading"] == reading, "RoI"].tolist()
-        if not names and not (reading == first and both_ran):
+        if not names and not (reading == combined[0] and both_ran):
             continue
         k = len(names)
         if reading in clauses:

@@ -28,15 +28,16 @@ def as_numpy(A) -> np.ndarray:
 def _check_tensor(A, name: str = "A"):
     """``A`` checked: 3-way and finite. A torch tensor stays a tensor, where it is (on a
     GPU for the selection on ``--device cuda``); anything else becomes a numpy array."""
-    if not hasattr(A, "detach"):
+    torch_tensor = hasattr(A, "detach")
+    if not torch_tensor:
         A = np.asarray(A)
     if A.ndim != 3:
         raise ValueError(
             f"{name} must be a 3-way (subjects, channels, voxels) tensor; got shape {tuple(A.shape)}"
         )
     # One subject at a time: a mask of the whole tensor would be a quarter of its size.
-    finite = (lambda a: bool(a.isfinite().all())) if hasattr(A, "detach") else (lambda a: np.isfinite(a).all())
-    if not all(finite(A[i]) for i in range(A.shape[0])):
+    if not all(bool(A[i].isfinite().all()) if torch_tensor else np.isfinite(A[i]).all()
+               for i in range(A.shape[0])):
         raise ValueError(f"{name} contains NaN or Inf values")
     return A
 
