@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .._version import __version__
 from ..config import DEVICES_HELP, MAP_PRESETS, Config
+from ..errors import UsageError
+from ..imaging.templates import check_resolution
 
 _LABEL = re.compile(r"[0-9A-Za-z]+")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
@@ -51,14 +53,9 @@ def _non_negative_float(value: str) -> float:
 
 def _resolution(value: str) -> int:
     try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a voxel size in mm; {value!r} was provided") from None
-    if not number.is_integer() or not 1 <= number <= 16:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number of mm between 1 and 16; {value!r} was provided"
-        )
-    return int(number)
+        return check_resolution(value)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _device(value: str) -> str:

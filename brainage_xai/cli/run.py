@@ -106,10 +106,10 @@ def run(config) -> int:
             LOGGER.info("BIDS validation passed")
 
     if config.analysis_level == "participant":
-        from ..participant import run as run_participant
+        from ..workflows.participant import run as run_participant
 
         return int(run_participant(config) or 0)
-    from ..group import run as run_group
+    from ..workflows.group import run as run_group
 
     return int(run_group(config) or 0)
 

@@ -14,7 +14,8 @@ pre-activation, on block ``k``'s (finer) grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +23,22 @@ from torch import nn
 
 PAPER_WIDTHS = (8, 16, 32, 64, 128)
 PAPER_DEPTHS = (3, 4, 6, 4, 3)
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """Put ``model`` in training or evaluation mode for a ``with`` block, then restore it.
+
+    Every pass outside training (predictions, activations, gradients, explanations)
+    runs the network in evaluation mode (batch norm with its running statistics) and
+    hands it back in the mode it came in.
+    """
+    was_training = model.training
+    model.train(training)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class PreActUnit(nn.Module):
@@ -319,3 +336,21 @@ def build_network(architecture: dict) -> PreActResNet3d | EnsembleNet:
         )
 
     return one() if k == 1 else EnsembleNet([one() for _ in range(k)])
+
+
+def head_from_torch(module):
+    """Wrap a torch head (e.g. the network's final ``nn.Linear``) as a numpy callable.
+
+    The returned function maps voxel-averaged activations (m, c) to predictions (m, t),
+    running ``module`` in eval mode, without gradients, on its own device and dtype.
+    """
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None else torch.float32
+
+    def head(avg):
+        with model_mode(module), torch.no_grad():
+            out = module(torch.as_tensor(np.asarray(avg), dtype=dtype, device=device))
+        return out.detach().cpu().double().numpy()
+
+    return head

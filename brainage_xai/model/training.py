@@ -1,7 +1,7 @@
 """Training of the 3D ResNet: split, SGD, schedule, early stopping, resume, tuning.
 
 Everything here works on in-memory tensors (inputs already standardised, targets
-standardised), so it is testable without files; :mod:`brainage_xai.group` wires it to
+standardised), so it is testable without files; :mod:`brainage_xai.workflows.group` wires it to
 the maps on disk.
 
 Determinism: the network is initialised from ``seed``, and every epoch draws its
@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import BrainAgeXAIError, DataError, UsageError
 from ..utils.io import atomic_path
 from .io import state_tensors
+from .network import model_mode
 
 LOGGER = logging.getLogger("brainage_xai.training")
 
@@ -267,17 +268,12 @@ def predict_batches(
     """
     device = torch.device(device)
     fmt = place(model, device, dtype)
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with torch.inference_mode():
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start : start + batch_size].to(device).contiguous(memory_format=fmt)
-                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    out.append(model(xb).float().cpu())
-    finally:
-        model.train(was_training)
+    with model_mode(model), torch.inference_mode():
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size].to(device).contiguous(memory_format=fmt)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out.append(model(xb).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "n_outputs", 1)), np.float32)
 
 
@@ -305,10 +301,8 @@ def recalibrate_batchnorm(
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    was_training = model.training
-    model.train()
     try:
-        with torch.no_grad():
+        with model_mode(model, training=True), torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size]
                 if len(xb) < 2 and start:
@@ -318,7 +312,6 @@ def recalibrate_batchnorm(
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        model.train(was_training)
 
 
 def _save_checkpoint(path: Path, model, optimizer, best_state, scaler, state: dict) -> None:

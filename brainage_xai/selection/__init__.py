@@ -9,14 +9,16 @@ from .linear_model import (
     FinalModel,
     fit_final,
     fit_linear_model,
-    head_from_torch,
     loadings_table,
     regression_metrics,
     roi_coefficients,
     roi_contributions,
+    target_metrics,
 )
-from .rank_sweep import choose_ranks, run_rank_sweep
+from .rank_choice import choose_ranks
+from .rank_sweep import MAX_RANK, default_rank_grid, run_rank_sweep
 from .scree import compute_scree, scree_drop
+from .splits import SPLIT_NAMES, Splits
 from .tensor import (
     RELEVANCE_POWER,
     TENSORS,
@@ -25,36 +27,42 @@ from .tensor import (
     deviation_head,
     deviation_splits,
     deviation_tensor,
+    prepare_tensor,
     relevance_weight,
 )
-from .workflow import run_selection, write_final, write_scree
+from .workflow import SelectionFiles, run_selection, write_final
 
 __all__ = [
+    "MAX_RANK",
     "RELEVANCE_POWER",
+    "SPLIT_NAMES",
     "TENSORS",
     "FinalModel",
+    "SelectionFiles",
+    "Splits",
     "channel_scale",
-    "decomposed_nbytes",
-    "deviation_head",
-    "deviation_splits",
-    "deviation_tensor",
-    "relevance_weight",
     "choose_lambda",
     "choose_ranks",
     "compute_scree",
+    "decomposed_nbytes",
     "default_lambda_grid",
+    "default_rank_grid",
+    "deviation_head",
+    "deviation_splits",
+    "deviation_tensor",
     "fit_final",
     "fit_linear_model",
-    "head_from_torch",
     "lambda_scale",
     "loadings_table",
+    "prepare_tensor",
     "regression_metrics",
+    "relevance_weight",
     "roi_coefficients",
     "roi_contributions",
     "run_lambda_sweep",
     "run_rank_sweep",
     "run_selection",
     "scree_drop",
+    "target_metrics",
     "write_final",
-    "write_scree",
 ]

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ..bids.derivatives import roi_names
 from ._decomp import factors_numpy, relative_error, voxel_average
 from .scree import _check_tensor, as_numpy
+from .splits import Splits
 
 __all__ = [
     "fit_linear_model",
@@ -26,7 +28,6 @@ __all__ = [
     "regression_metrics",
     "FinalModel",
     "fit_final",
-    "head_from_torch",
 ]
 
 LOG = logging.getLogger("brainage_xai.selection")
@@ -95,31 +96,6 @@ def regression_metrics(y, pred) -> dict:
     return {"mae": float(np.mean(np.abs(err))), "mse": float(np.mean(err**2))}
 
 
-def head_from_torch(module):
-    """Wrap a torch head (e.g. the network's final ``nn.Linear``) as a numpy callable.
-
-    The returned function maps voxel-averaged activations (m, c) to predictions (m, t),
-    running ``module`` in eval mode, without gradients, on its own device and dtype.
-    """
-    import torch
-
-    param = next(module.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None else torch.float32
-
-    def head(avg):
-        was_training = module.training
-        module.eval()
-        try:
-            with torch.no_grad():
-                out = module(torch.as_tensor(np.asarray(avg), dtype=dtype, device=device))
-        finally:
-            module.train(was_training)
-        return out.detach().cpu().double().numpy()
-
-    return head
-
-
 @dataclass
 class FinalModel:
     """The final decomposition, loadings, linear model and metrics.
@@ -159,12 +135,8 @@ class FinalModel:
 
 
 def fit_final(
-    A_train,
-    A_val,
-    A_test,
-    y_train,
-    y_val,
-    y_test,
+    A: Splits,
+    y: Splits,
     rank,
     l1: float = 0.0,
     head=None,
@@ -180,9 +152,9 @@ def fit_final(
 
     Parameters
     ----------
-    A_train, A_val, A_test : array-like, shape (n_split, c, v)
-        Activations per split; the decomposition is fitted on ``A_train`` only.
-    y_train, y_val, y_test : array-like, shape (n_split,) or (n_split, t)
+    A : Splits of array-like, shape (n_split, c, v)
+        Activations per split; the decomposition is fitted on the training split only.
+    y : Splits of array-like, shape (n_split,) or (n_split, t)
         Targets.
     rank : tuple of int
         ``(R1, R2)``.
@@ -208,12 +180,8 @@ def fit_final(
     from ..decomposition import fit_constrained_tucker
 
     t0 = time.perf_counter()
-    A = {
-        "train": _check_tensor(A_train, "A_train"),
-        "val": _check_tensor(A_val, "A_val"),
-        "test": _check_tensor(A_test, "A_test"),
-    }
-    y = {"train": _as_2d(y_train, "y_train"), "val": _as_2d(y_val, "y_val"), "test": _as_2d(y_test, "y_test")}
+    A = {split: _check_tensor(a, f"A_{split}") for split, a in A.items()}
+    y = {split: _as_2d(t, f"y_{split}") for split, t in y.items()}
     for split in A:
         if A[split].shape[0] != y[split].shape[0]:
             raise ValueError(
@@ -275,8 +243,8 @@ def loadings_table(final: FinalModel, participant_ids: dict | None = None, targe
         if len(ids) != U1.shape[0]:
             raise ValueError(f"{len(ids)} participant ids for {U1.shape[0]} {split} subjects")
         df = pd.DataFrame({"participant_id": [str(i) for i in ids], "split": split})
-        for r in range(U1.shape[1]):
-            df[f"roi_{r + 1}"] = U1[:, r]
+        for r, name in enumerate(roi_names(U1.shape[1])):
+            df[name] = U1[:, r]
         pred = final.predictions[split]["linear_model_on_decomposition"]
         names = list(target_names) if target_names is not None else (
             ["target"] if pred.shape[1] == 1 else [f"target_{t + 1}" for t in range(pred.shape[1])]
@@ -285,3 +253,45 @@ def loadings_table(final: FinalModel, participant_ids: dict | None = None, targe
             df[f"predicted_{name}"] = pred[:, t]
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+#: The held-out splits that metrics are reported on.
+HELD_OUT = ("val", "test")
+#: The predictors of :func:`fit_final`, in the order they are reported.
+PREDICTOR_NAMES = ("network", "linear_model_on_decomposition", "network_head_on_reconstruction",
+                   "mean_predictor")
+
+
+def target_metrics(final: FinalModel, y_true: Splits, mean, std, targets, key: str) -> dict:
+    """The final fit's metrics per target and held-out split, in the target's own units.
+
+    ``final`` was fitted on targets standardised with ``mean`` and ``std`` (as the network
+    was trained); ``y_true`` holds the targets in their units. The predictors are those of
+    :func:`fit_final`: (a) the network, (b) the linear model on the decomposition, (c) the
+    network's head on the voxel-averaged reconstruction (when it applies), (d) the
+    training-mean predictor.
+    """
+    out: dict = {}
+    for j, target in enumerate(targets):
+        out[target] = {}
+        for split in HELD_OUT:
+            true = np.asarray(y_true[split])[:, j]
+            out[target][split] = {}
+            for name in PREDICTOR_NAMES:
+                if name not in final.predictions[split]:
+                    continue
+                pred = np.asarray(final.predictions[split][name])[:, j] * std[j] + mean[j]
+                err = pred - true
+                out[target][split][name] = {"mae": float(np.mean(np.abs(err))), "mse": float(np.mean(err**2))}
+    return {
+        "Description": "Test and validation MAE/MSE, in the target's units, of (a) the network, (b) the "
+        "linear model on the decomposition (voxel-averaged reconstruction), (c) the network's head "
+        "applied to the voxel-averaged reconstruction (only when the decomposed layer is the last "
+        "one, which the head reads), (d) the training-mean predictor. 'standardised' holds the same "
+        "from the selection stage, on the standardised target the network was trained on.",
+        "rank": list(final.rank),
+        "l1": final.l1,
+        "metrics": out,
+        "reconstruction_error": final.errors,
+        "stage_key": key,
+    }

@@ -86,6 +86,38 @@ def tensor_fingerprint(*arrays) -> str:
     return h.hexdigest()
 
 
+#: The largest rank of the default grid.
+MAX_RANK = 20
+
+
+def default_rank_grid(shape) -> list[int]:
+    """The rank sweep's grid unless given: 2 to :data:`MAX_RANK`, capped by the tensor.
+
+    ``shape`` is the training tensor's ``(n, c, v)``: R1 cannot exceed the subjects or
+    voxels, nor R2 the channels.
+    """
+    n, c, v = shape
+    return list(range(2, min(MAX_RANK, n, c, v) + 1))
+
+
+def check_ranks(shape, r1_max: int, r2_max: int, *, tensor: str = "the activations") -> None:
+    """The one rule for ranks a tensor ``(n, c, v)`` can hold: R2 <= c, R1 <= min(n, v).
+
+    Used on the training tensor by the sweep and, before any training, on the shape the
+    network will give (``tensor`` says which, for the message).
+    """
+    n, c, v = shape
+    if min(r1_max, r2_max) < 1:
+        raise UsageError(f"ranks must be >= 1; {min(r1_max, r2_max)} was provided")
+    if r2_max > c:
+        raise UsageError(f"R2 up to {r2_max} needs at least that many channels; {tensor} has {c}")
+    if r1_max > min(n, v):
+        raise UsageError(
+            f"R1 up to {r1_max} needs at least that many training subjects and voxels; "
+            f"{tensor} has {n} subjects and {v} voxels"
+        )
+
+
 def _check_grid(rank_grid, shape) -> list[int]:
     try:
         grid = sorted({int(r) for r in rank_grid})
@@ -93,18 +125,9 @@ def _check_grid(rank_grid, shape) -> list[int]:
         raise UsageError(f"rank grid must be integers; got {rank_grid!r}") from exc
     if not grid:
         raise UsageError("rank grid is empty")
-    n, c, v = shape
     if grid[0] < 1:
         raise UsageError(f"ranks must be >= 1; the rank grid has {grid[0]}")
-    if grid[-1] > c:
-        raise UsageError(
-            f"R2 up to {grid[-1]} needs at least that many channels; the activations have {c}"
-        )
-    if grid[-1] > min(n, v):
-        raise UsageError(
-            f"R1 up to {grid[-1]} needs at least that many training subjects and voxels; "
-            f"the training tensor has {n} subjects and {v} voxels"
-        )
+    check_ranks(shape, grid[-1], grid[-1], tensor="the training tensor")
     return grid
 
 
@@ -304,7 +327,7 @@ def sweep_chains(grid) -> dict:
 def run_rank_sweep(
     A_train,
     A_val,
-    rank_grid=range(2, 21),
+    rank_grid=None,
     out_tsv=None,
     n_jobs: int | None = 1,
     dask_scheduler: str | None = None,
@@ -325,7 +348,8 @@ def run_rank_sweep(
     A_train, A_val : array-like, shape (n, c, v) and (m, c, v)
         Activations of the training and validation subjects.
     rank_grid : iterable of int
-        Values tried for both R1 and R2 (paper: 2..20).
+        Values tried for both R1 and R2; default :func:`default_rank_grid` (the
+        paper's 2..20, capped by the tensor).
     out_tsv : path-like, optional
         ``rank_sweep.tsv``; rows are appended as cells finish and read back on a re-run
         (only when computed on the same data and settings, checked by a content hash and
@@ -368,7 +392,7 @@ def run_rank_sweep(
             f"A_val must have the channels and voxels of A_train {A_train.shape[1:]}; "
             f"got {A_val.shape[1:]}"
         )
-    grid = _check_grid(rank_grid, A_train.shape)
+    grid = _check_grid(default_rank_grid(A_train.shape) if rank_grid is None else rank_grid, A_train.shape)
     y_train, y_val = _check_targets(y_train, y_val, len(A_train), len(A_val))
     out_tsv = Path(out_tsv) if out_tsv is not None else None
     cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -436,159 +460,3 @@ def run_rank_sweep(
     return table
 
 
-#: R1 is at least the smallest rank whose linear model's validation MAE (best over R2)
-#: is within this share of the best over the grid (:func:`choose_ranks`).
-PREDICTION_TOLERANCE = 0.10
-
-
-def _knee(x, y) -> int | None:
-    """Kneedle knee of a decreasing, convex curve, or None."""
-    from kneed import KneeLocator
-
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
-    ok = np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if x.size < 3 or np.ptp(y) <= 0:
-        return None
-    import warnings
-
-    with warnings.catch_warnings():
-        # kneed warns (and returns None) when it finds no knee; None says that here.
-        warnings.simplefilter("ignore")
-        knee = KneeLocator(x, y, curve="convex", direction="decreasing").knee
-    return None if knee is None else int(round(float(knee)))
-
-
-def _parsimonious(candidates: dict, curve: dict, tolerance: float):
-    """The smallest candidate rank within ``tolerance`` of the best candidate's error."""
-    valid = {name: r for name, r in candidates.items() if r is not None and r in curve}
-    if not valid:
-        return None, None
-    best = min(curve[r] for r in valid.values())
-    rank = min(r for r in valid.values() if curve[r] <= best * (1 + tolerance))
-    return rank, sorted(name for name, r in valid.items() if r == rank)
-
-
-def choose_ranks(sweep: pd.DataFrame, scree: pd.DataFrame | None = None, tolerance: float = 0.01) -> dict:
-    """Choose ``(R1, R2)`` from the rank sweep and the scree, as paper section 3.5 reasons.
-
-    R1: the candidates are the knee (Kneedle) of the validation error as a function of R1
-    (best R2 for each R1) and the rank after the largest scree drop of modes 1 and 3; the
-    smallest candidate whose validation error is within ``tolerance`` (relative) of the
-    best candidate's is chosen, so that a knee and a scree drop that disagree are settled
-    by held-out error, in favour of fewer RoIs when they fit equally well. When the
-    sweep has ``val_mae``, R1 is then raised, if need be, to the smallest rank whose
-    linear model's validation MAE (best over R2) is within :data:`PREDICTION_TOLERANCE`
-    of the best over the grid: RoIs that cannot predict the target do not explain the
-    network's prediction. R2: likewise
-    on the validation error along R2 at the chosen R1 (knee, mode-2 scree drop, and R2 =
-    R1, where the mode-2 constraint becomes inactive); when the sweep has ``val_mae``,
-    instead every R2 up to R1 whose validation error is within ``tolerance`` of the best
-    at R1 is a candidate, and the one whose linear model on the voxel-averaged
-    reconstruction has the smallest validation MAE is chosen (ties: the smaller). R2 does
-    not change the RoIs (the spatial factor has R1 columns) but caps the rank of that
-    model's inputs, so a smaller R2 that reconstructs as well can still predict worse.
-
-    Parameters
-    ----------
-    sweep : pandas.DataFrame
-        Output of :func:`run_rank_sweep`.
-    scree : pandas.DataFrame, optional
-        Output of :func:`~brainage_xai.selection.compute_scree`.
-    tolerance : float
-        Relative validation-error margin within which a smaller rank is preferred.
-
-    Returns
-    -------
-    dict
-        ``R1``, ``R2``, ``rule`` (a sentence) and ``numbers`` (the knees, scree drops,
-        validation errors of the candidates and the curves they came from).
-    """
-    from .scree import scree_drop
-
-    if sweep.empty:
-        raise ValueError("the rank sweep table is empty; nothing to choose from")
-    by_r1 = sweep.groupby("R1")["val_error"].min()
-    grid1 = [int(r) for r in by_r1.index]
-    curve1 = {int(r): float(e) for r, e in by_r1.items()}
-    drops = {}
-    if scree is not None:
-        for mode in (1, 2, 3):
-            drops[mode] = scree_drop(scree, mode, candidates=sorted(set(sweep["R2"] if mode == 2 else grid1)))
-    cands1 = {
-        "knee of the validation error": _knee(grid1, [curve1[r] for r in grid1]),
-        "scree drop, mode 1": drops.get(1),
-        "scree drop, mode 3": drops.get(3),
-    }
-    R1, why1 = _parsimonious(cands1, curve1, tolerance)
-    if R1 is None:
-        R1 = min(curve1, key=curve1.get)
-        why1 = ["smallest validation error (no knee, no scree)"]
-    R1_reconstruction, mae1, R1_prediction = R1, None, None
-    if "val_mae" in sweep and sweep["val_mae"].notna().all():
-        # The RoIs are there to explain the prediction: R1 is raised to the smallest rank
-        # whose linear model predicts about as well as the best (within
-        # PREDICTION_TOLERANCE, about one standard error of a validation MAE over ~40
-        # subjects). Without it a knee or scree drop at 3 or 5 gave 10-year linear models
-        # against the networks' 3-5 years (docs/selection.md).
-        mae1 = {int(r): float(e) for r, e in sweep.groupby("R1")["val_mae"].min().items()}
-        best1 = min(mae1.values())
-        R1_prediction = min(r for r in grid1 if mae1[r] <= best1 * (1 + PREDICTION_TOLERANCE))
-        if R1_prediction > R1:
-            why1 = [f"raised from {R1} ({' and '.join(why1)}): the smallest R1 whose linear model's "
-                    f"validation MAE is within {PREDICTION_TOLERANCE:.0%} of the best"]
-            R1 = R1_prediction
-
-    at = sweep.loc[sweep["R1"] == R1].sort_values("R2")
-    curve2 = {int(r): float(e) for r, e in zip(at["R2"], at["val_error"])}
-    mae2 = None
-    if "val_mae" in at and at["val_mae"].notna().all():
-        mae2 = {int(r): float(e) for r, e in zip(at["R2"], at["val_mae"])}
-    lower = [r for r in sorted(curve2) if r <= R1]
-    cands2 = {
-        "knee of the validation error": _knee(lower, [curve2[r] for r in lower]),
-        "scree drop, mode 2": drops.get(2) if drops.get(2) in lower else None,
-        "R2 = R1 (constraint inactive)": R1 if R1 in curve2 else None,
-    }
-    within = f"within {tolerance:.0%} of the best candidate's validation error"
-    if mae2 is not None and lower and all(np.isfinite(mae2.get(r, np.nan)) for r in lower):
-        # Every R2 up to R1 that reconstructs as well is a candidate, named by a rule or
-        # not: the knee can land on a rank whose linear model is far worse than its
-        # neighbour's (R2 = 3 against 5 on a GPU-trained demo network: validation MAE
-        # 0.77 vs 0.29, validation errors 0.8027 vs 0.8024).
-        best2 = min(curve2[r] for r in lower)
-        ok = [r for r in lower if curve2[r] <= best2 * (1 + tolerance)]
-        R2 = min(ok, key=lambda r: (mae2[r], r))
-        why2 = sorted(name for name, r in cands2.items() if r == R2) or ["smallest validation MAE"]
-        how = (
-            f"R1 the smallest candidate {within} (fewer RoIs); R2 the rank up to R1 within "
-            f"{tolerance:.0%} of the best validation error at R1 whose linear model has the "
-            "smallest validation MAE"
-        )
-    else:
-        R2, why2 = _parsimonious(cands2, curve2, tolerance)
-        if R2 is None:
-            R2 = min(curve2, key=curve2.get)
-            why2 = ["smallest validation error"]
-        how = f"each the smallest candidate {within}"
-    rule = f"R1 = {R1}: {' and '.join(why1)}; R2 = {R2}: {' and '.join(why2)} ({how})"
-    return {
-        "R1": int(R1),
-        "R2": int(R2),
-        "rule": rule,
-        "numbers": {
-            "tolerance": tolerance,
-            "R1_candidates": cands1,
-            "R2_candidates": cands2,
-            "val_error_by_R1": curve1,
-            "val_mae_by_R1": mae1,
-            "R1_by_reconstruction": int(R1_reconstruction),
-            "R1_by_prediction": None if R1_prediction is None else int(R1_prediction),
-            "prediction_tolerance": PREDICTION_TOLERANCE,
-            "val_error_by_R2_at_R1": curve2,
-            "val_mae_by_R2_at_R1": mae2,
-            "val_error": curve2.get(R2),
-            "train_error": float(at.loc[at["R2"] == R2, "train_error"].iloc[0]),
-        },
-    }

@@ -24,7 +24,7 @@ depends on each channel and voxel: ``D * w`` with::
     w[c, v] = (g[c, v] * s[c]) ** RELEVANCE_POWER      (normalised to mean 1)
 
 where ``g`` is the root mean square over the training subjects of the output's gradient
-with respect to the activation (:func:`brainage_xai.activations.gradient_rms`), so that
+with respect to the activation (:func:`brainage_xai.model.activations.gradient_rms`), so that
 ``g * s`` is how far the prediction moves for a one-spread change of that activation
 (:func:`relevance_weight`). Tissue that varies between subjects but that the network
 ignores (the simulated cohort's decoy) then stays out of the decomposition, which the
@@ -66,7 +66,7 @@ def relevance_weight(gradient_rms, scale, power: float = RELEVANCE_POWER) -> np.
 
     ``(gradient_rms * scale[:, None]) ** power``, divided by its mean so that the
     weighted tensor keeps the size of the deviations. ``gradient_rms`` ``(c, v)`` is
-    :func:`brainage_xai.activations.gradient_rms` of the training subjects and ``scale``
+    :func:`brainage_xai.model.activations.gradient_rms` of the training subjects and ``scale``
     ``(c,)`` is :func:`channel_scale` of the same subjects: their product is how far the
     prediction moves for a one-spread change of the activation.
     """
@@ -193,3 +193,47 @@ def deviation_head(head, centre_average, scale=None):
         return head(centre_average[None] + scale[None] * (z[:, :c] - z[:, c:]))
 
     return on_deviations
+
+
+def prepare_tensor(array, rows, tensor: str, *, gradient_rms=None, head=None):
+    """The tensor the selection decomposes, per split, and what it was built with.
+
+    Parameters
+    ----------
+    array : array-like, shape (n, c, v)
+        Activations of all subjects (typically memory-mapped).
+    rows : Splits of array of int
+        Rows of each split.
+    tensor : {"activations", "deviations", "relevance"}
+    gradient_rms : array-like, shape (c, v), optional
+        The training subjects' output gradient; needed for ``"relevance"``.
+    head : callable, optional
+        The network's head on voxel-averaged activations (last layer only).
+
+    Returns
+    -------
+    A : Splits of numpy.ndarray
+    parameters : dict
+        ``centre`` and ``scale`` (and ``weight`` for ``"relevance"``): what the
+        back-projection needs to build the same tensor; empty for ``"activations"``.
+    head : callable or None
+        The head on the voxel average of the reconstruction of this tensor, or None where
+        that is not the head's input (the relevance weight varies over voxels).
+    """
+    from .splits import Splits
+
+    if tensor not in TENSORS:
+        raise ValueError(f"tensor must be one of {TENSORS}; got {tensor!r}")
+    if tensor == "activations":
+        return rows.map(lambda r: np.asarray(array[r])), {}, head
+    if tensor == "relevance" and gradient_rms is None:
+        raise ValueError("the relevance tensor needs the output gradient")
+    tensors, centre, scale = deviation_splits(array, rows.to_dict(),
+                                              gradient_rms=gradient_rms if tensor == "relevance" else None)
+    parameters = {"centre": centre, "scale": scale}
+    if tensor == "relevance":
+        parameters["weight"] = relevance_weight(gradient_rms, scale)
+        head = None
+    elif head is not None:
+        head = deviation_head(head, centre.mean(axis=1), scale)
+    return Splits.from_dict(tensors), parameters, head

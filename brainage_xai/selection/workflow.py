@@ -1,26 +1,44 @@
-"""The selection stage from activations to the final decomposition, with its outputs.
+"""The selection from activations to the final decomposition, with its tables.
 
-:func:`run_selection` is what the group level calls: scree, rank sweep and choice (or
+:func:`run_selection` is what the selection stage calls: scree, rank sweep and choice (or
 given ranks), λ sweep and choice (or a given λ), the final fit and its metrics, every
-table, figure and JSON written atomically into ``group_dir``.
+table and JSON written atomically to the paths of a :class:`SelectionFiles` (the caller
+names them; the stage draws the figures from what this returns).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..utils.io import write_json, write_tsv
+from ..bids.derivatives import roi_names
+from ..utils.io import atomic_path, write_json, write_tsv
 from ._decomp import diagonal_faces
 from .lambda_sweep import choose_lambda, run_lambda_sweep
 from .linear_model import FinalModel, fit_final, loadings_table, roi_contributions
-from .plots import plot_lambda_sweep, plot_rank_sweep, plot_scree
-from .rank_sweep import choose_ranks, run_rank_sweep
+from .rank_choice import choose_ranks
+from .rank_sweep import default_rank_grid, run_rank_sweep
 from .scree import as_numpy, compute_scree
+from .splits import Splits
 
-__all__ = ["run_selection", "write_scree", "write_final"]
+__all__ = ["SelectionFiles", "run_selection", "write_final"]
+
+
+@dataclass(frozen=True)
+class SelectionFiles:
+    """Where :func:`run_selection` writes (``rank_sweep_cache``: warm starts on resume)."""
+
+    scree: Path
+    rank_sweep: Path
+    lambda_sweep: Path
+    selection: Path
+    decomposition: Path
+    decomposition_json: Path
+    loadings: Path
+    rank_sweep_cache: Path | None = None
 
 LOG = logging.getLogger("brainage_xai.selection")
 
@@ -33,28 +51,18 @@ SCREE_SIDECAR = {
 }
 
 
-def write_scree(scree, group_dir, choice: dict | None = None) -> None:
-    """``scree.tsv`` (+ JSON) and ``figures/scree.png``."""
-    group_dir = Path(group_dir)
-    write_tsv(group_dir / "scree.tsv", scree, sidecar=SCREE_SIDECAR)
-    plot_scree(scree, group_dir / "figures" / "scree.png", choice)
-
-
-def write_final(
-    final: FinalModel, group_dir, participant_ids: dict | None = None, target_names=None
-) -> None:
+def write_final(final: FinalModel, files: SelectionFiles, participant_ids: dict | None = None,
+                target_names=None, about: dict | None = None) -> None:
     """``decomposition.npz`` + JSON (with the metrics) and ``loadings.tsv`` + JSON.
 
     The metrics go into ``decomposition.json``, in the units of the targets given (the
-    group level passes standardised targets and writes ``metrics.json`` in years itself).
+    group level passes standardised targets and writes ``metrics.json`` in years itself);
+    ``about`` (what was decomposed: layer, tensor, grid) goes there too.
     """
-    group_dir = Path(group_dir)
     res = final.result
     U1, U2, U3 = (as_numpy(f) for f in res.factors)
     core = as_numpy(res.core)
-    from ..utils.io import atomic_path
-
-    with atomic_path(group_dir / "decomposition.npz") as tmp, open(tmp, "wb") as fh:
+    with atomic_path(files.decomposition) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(
             fh, core=core, U1=U1, U2=U2, U3=U3, D=diagonal_faces(core),
             U1_val=final.loadings["val"], U1_test=final.loadings["test"],
@@ -62,8 +70,9 @@ def write_final(
         )
     names = list(target_names) if target_names is not None else None
     write_json(
-        group_dir / "decomposition.json",
+        files.decomposition_json,
         {
+            **(about or {}),
             "Description": "Constrained non-negative Tucker decomposition of the training "
             "activations, A ~ G x1 U1 x2 U2 x3 U3 with diagonal faces G[r, j, r] = D[r, j].",
             "rank": list(final.rank),
@@ -100,14 +109,14 @@ def write_final(
         "participant_id": {"Description": "Participant (or row) identifier."},
         "split": {"Description": "Data split: train, val or test."},
     }
-    for r in range(final.rank[0]):
-        sidecar[f"roi_{r + 1}"] = {
-            "Description": f"Loading of RoI {r + 1} (column {r + 1} of U1; refitted for val/test)."
+    for r, name in enumerate(roi_names(final.rank[0])):
+        sidecar[name] = {
+            "Description": f"Loading of {name} (column {r + 1} of U1; refitted for val/test)."
         }
     for col in table.columns:
         if col.startswith("predicted_"):
             sidecar[col] = {"Description": "Prediction of the linear model on the decomposition."}
-    write_tsv(group_dir / "loadings.tsv", table, sidecar=sidecar)
+    write_tsv(files.loadings, table, sidecar=sidecar)
 
 
 #: GPU memory kept free beside the three split tensors when they go to the GPU: the
@@ -151,13 +160,9 @@ def _to_device(arrays, device, dask_scheduler=None):
 
 
 def run_selection(
-    A_train,
-    A_val,
-    A_test,
-    y_train,
-    y_val,
-    y_test,
-    group_dir,
+    A: Splits,
+    y: Splits,
+    files: SelectionFiles,
     *,
     ranks=None,
     l1=None,
@@ -169,29 +174,29 @@ def run_selection(
     target_names=None,
     n_jobs: int | None = 1,
     dask_scheduler: str | None = None,
-    work_dir=None,
     random_state=0,
     quiet: bool = False,
     constraints: str = "nonneg",
     device=None,
+    about: dict | None = None,
 ) -> dict:
     """Run the whole selection stage and write its outputs into ``group_dir``.
 
     Parameters
     ----------
-    A_train, A_val, A_test : array-like, shape (n_split, c, v)
+    A : Splits of array-like, shape (n_split, c, v)
         Activations per split.
-    y_train, y_val, y_test : array-like
+    y : Splits of array-like
         Targets per split, (n_split,) or (n_split, t).
-    group_dir : path-like
-        Output folder (``OUTPUT_DIR/group`` or ``group/map-<name>``).
+    files : SelectionFiles
+        Where the tables go.
     ranks : (int, int), optional
         ``--ranks R1 R2``: skip the rank sweep (the scree is still computed).
     l1 : float, optional
         ``--lambda L``: skip the λ sweep.
     rank_grid, lambda_grid : list, optional
-        Grids of the sweeps; default 2..20 (capped by the data) and
-        :func:`~brainage_xai.selection.default_lambda_grid`.
+        Grids of the sweeps; default :func:`~brainage_xai.selection.default_rank_grid`
+        and :func:`~brainage_xai.selection.default_lambda_grid`.
     head, network_pred
         See :func:`~brainage_xai.selection.fit_final`.
     participant_ids : dict, optional
@@ -199,13 +204,13 @@ def run_selection(
     target_names : list of str, optional
     n_jobs, dask_scheduler, random_state, quiet, constraints
         As in :func:`~brainage_xai.selection.run_rank_sweep`.
-    work_dir : path-like, optional
-        Work folder for the rank sweep's factor cache (warm starts on resume).
     device : str or torch.device, optional
         Where the sweeps and the final fit run. None (default): on the host, numpy, with
         ``n_jobs`` workers. A torch device (``"cuda"``): the three tensors are moved there
         and the fits run one at a time on it; the scree is computed on the host first.
         They stay on the host if the GPU lacks the memory, or with ``dask_scheduler``.
+    about : dict, optional
+        What was decomposed (layer, tensor, grid), recorded in ``decomposition.json``.
 
     Returns
     -------
@@ -213,12 +218,11 @@ def run_selection(
         ``scree``, ``rank_sweep`` (None when given), ``ranks`` (the choice),
         ``lambda_sweep`` (None when given), ``lambda`` (the choice) and ``final``.
     """
-    group_dir = Path(group_dir)
-    figures = group_dir / "figures"
-    A_train = as_numpy(A_train)
+    A_train = as_numpy(A.train)
     n, c, v = A_train.shape
     scree = compute_scree(A_train, max_rank=20, random_state=random_state)
-    (A_train, A_val, A_test), on_device = _to_device((A_train, A_val, A_test), device, dask_scheduler)
+    moved, on_device = _to_device((A_train, A.val, A.test), device, dask_scheduler)
+    A = Splits(*moved)
     if on_device:
         n_jobs = 1  # workers would each need the tensors; the GPU runs one fit at a time
 
@@ -226,19 +230,14 @@ def run_selection(
     if ranks is not None:
         choice = {"R1": int(ranks[0]), "R2": int(ranks[1]), "rule": "given (--ranks)", "numbers": {}}
     else:
-        if rank_grid is None:
-            top = min(20, n, c, v)
-            rank_grid = list(range(2, top + 1))
         sweep = run_rank_sweep(
-            A_train, A_val, rank_grid, out_tsv=group_dir / "rank_sweep.tsv", n_jobs=n_jobs,
-            dask_scheduler=dask_scheduler, random_state=random_state, quiet=quiet,
-            constraints=constraints,
-            cache_dir=None if work_dir is None else Path(work_dir) / "rank_sweep",
-            y_train=y_train, y_val=y_val,
+            A.train, A.val, rank_grid if rank_grid is not None else default_rank_grid((n, c, v)),
+            out_tsv=files.rank_sweep, n_jobs=n_jobs, dask_scheduler=dask_scheduler,
+            random_state=random_state, quiet=quiet, constraints=constraints,
+            cache_dir=files.rank_sweep_cache, y_train=y.train, y_val=y.val,
         )
         choice = choose_ranks(sweep, scree)
-        plot_rank_sweep(sweep, figures / "rank_sweep.png", choice)
-    write_scree(scree, group_dir, choice)
+    write_tsv(files.scree, scree, sidecar=SCREE_SIDECAR)
     rank = (choice["R1"], choice["R2"])
 
     lam_table = None
@@ -246,20 +245,18 @@ def run_selection(
         lam_choice = {"lambda": float(l1), "rule": "given (--lambda)", "numbers": {}}
     else:
         lam_table = run_lambda_sweep(
-            A_train, A_val, y_train, y_val, rank, lambda_grid,
-            out_tsv=group_dir / "lambda_sweep.tsv", n_jobs=n_jobs, dask_scheduler=dask_scheduler,
-            random_state=random_state,
+            A.train, A.val, y.train, y.val, rank, lambda_grid, out_tsv=files.lambda_sweep,
+            n_jobs=n_jobs, dask_scheduler=dask_scheduler, random_state=random_state,
             quiet=quiet, constraints=constraints,
         )
         lam_choice = choose_lambda(lam_table)
-        plot_lambda_sweep(lam_table, figures / "lambda_sweep.png", lam_choice)
-    write_json(group_dir / "selection.json", {"ranks": choice, "lambda": lam_choice})
+    write_json(files.selection, {"ranks": choice, "lambda": lam_choice})
 
     final = fit_final(
-        A_train, A_val, A_test, y_train, y_val, y_test, rank, lam_choice["lambda"], head,
+        A, y, rank, lam_choice["lambda"], head,
         network_pred=network_pred, constraints=constraints, random_state=random_state,
     )
-    write_final(final, group_dir, participant_ids, target_names)
+    write_final(final, files, participant_ids, target_names, about)
     return {
         "scree": scree,
         "rank_sweep": sweep,

@@ -1,0 +1,484 @@
+"""The group report: one self-contained ``report.html`` (inline images, no network).
+
+:func:`read_context` reads what the group level's stages wrote into ``group/`` (tables,
+images, figure files) into a context dict; :func:`render_group_report` takes such a
+context (keys below, all optional but ``title``) and writes the page atomically. The
+report computes nothing of the science: figures of the numbers are the files their stages
+drew (:mod:`brainage_xai.report.figures`), embedded as ``data:`` URIs; only the brain views
+are drawn here from the images (PNG); the interactive RoI viewer is nilearn's ``view_img`` document (its JavaScript
+inlined by nilearn) inside an ``iframe srcdoc``, so the file can be mailed or opened from
+a cluster without a server. Every value from the dataset (labels, column names) goes
+through Jinja2 autoescape, so a label with HTML in it is shown as text.
+
+Context keys
+------------
+title : str
+summary : dict
+    Label -> value rows of the run summary (data, map, target, split sizes, grid, layer,
+    ranks, lambda).
+metrics : DataFrame or list of dict
+    Rows of predictor x split metrics (network, linear model on loadings, network head on
+    the reconstruction, mean predictor).
+target : str
+    Target name (default ``age``).
+figures : dict
+    Figure files drawn by the stages that made the numbers, embedded as they are (SVG
+    or PNG): ``predictions``, ``scree``, ``rank_sweep``, ``lambda_sweep``, ``loadings``
+    and ``occlusion``. The report draws none of these again, so there is one
+    implementation of each plot (:mod:`brainage_xai.report.figures`).
+ranks : (int, int)
+    The chosen ``(R1, R2)``; with ``rank_reason`` (str), the rule that chose them.
+lambda : float
+    The chosen l1 penalty; with ``lambda_reason`` (str).
+rois_img, dseg_img, background_img, mask_img : nibabel images
+    RoI components (4D), combined map, template for display, brain mask.
+rois_table : DataFrame
+    ``rois.tsv``. With ``occlusion``, each RoI's two readings are summed up under the
+    summary (:func:`roi_findings`).
+loadings : DataFrame
+    ``participant_id``, ``split``, the target column and one column per RoI.
+loading_fits : DataFrame
+    ``loadings_vs_<target>.tsv``: each RoI's fits and the statement of its relation.
+gradcam_img : nibabel image
+    Average GradCAM on the template grid.
+backprojected_img : nibabel image
+    The RoIs back-projected to the input (:mod:`brainage_xai.explain.backprojection`), 4D like
+    ``rois_img``; shown under each RoI, with ``input_region`` and ``agreement`` from
+    ``rois_table`` when it has them.
+occlusion : tuple of DataFrame
+    ``(table, null)``: ``occlusion.tsv`` and ``occlusion_null.tsv``.
+methods : str
+    Methods text (a default with citations is used when missing).
+versions : dict
+    Software versions (filled in when missing).
+subjects : list of dict
+    ``{"label": ..., "href": ...}`` links to the per-subject pages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..bids.derivatives import GroupOutputs, roi_names
+from ..imaging.geometry import spatial_correlation
+from ..utils.io import read_tsv
+from .figures import combined_map_uri, file_uri, glass_uri, index_img, roi_mosaics, viewer_html
+from .methods import CITATIONS, DEFAULT_METHODS, methods_text
+
+#: The figures the template shows (keys of ``page["figures"]``).
+FIGURES = ("predictions", "scree", "rank_sweep", "lambda_sweep", "combined", "loadings",
+           "gradcam", "occlusion")
+
+
+_VERSION_PACKAGES = (
+    "brainage-xai", "torch", "numpy", "scipy", "tensorly", "scikit-learn", "nibabel",
+    "nilearn", "pybids", "captum", "jinja2", "matplotlib",
+)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and of the packages that made the results."""
+    out = {"python": platform.python_version()}
+    for name in _VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _records(table) -> dict | None:
+    """A table as ``{"columns": [...], "rows": [[...]]}`` with readable numbers."""
+    if table is None:
+        return None
+    df = pd.DataFrame(table)
+    rows = []
+    for row in df.itertuples(index=False):
+        cells = []
+        for value in row:
+            if isinstance(value, float | np.floating):
+                cells.append("n/a" if not np.isfinite(value) else f"{value:.4g}")
+            elif value is None or (isinstance(value, float) and np.isnan(value)):
+                cells.append("n/a")
+            else:
+                cells.append(str(value))
+        rows.append(cells)
+    return {"columns": [str(c) for c in df.columns], "rows": rows}
+
+
+# -- figures --------------------------------------------------------------------------
+
+
+def roi_gradcam_correlations(rois_img, gradcam_img, mask=None) -> pd.DataFrame:
+    """Spatial correlation of the GradCAM average with each RoI, on the template grid."""
+    rois = np.asarray(rois_img.dataobj, dtype=float)
+    cam = np.asarray(gradcam_img.dataobj, dtype=float)
+    within = None if mask is None else np.asarray(
+        mask.dataobj if hasattr(mask, "dataobj") else mask, dtype=bool)
+    return pd.DataFrame({
+        "roi": roi_names(rois.shape[3]),
+        "correlation_with_gradcam": [
+            spatial_correlation(rois[..., r], cam, within) for r in range(rois.shape[3])
+        ],
+    })
+
+
+def _true(value) -> bool:
+    """A boolean cell as written to and read back from a TSV (``True``/``true``/bool)."""
+    return str(value).strip().lower() == "true"
+
+
+#: What each combination of the two readings makes an RoI, for the summary.
+READINGS = {
+    (True, True): "follows {target}; the network relies on it",
+    (True, False): "follows {target}; the network relies on it no more than on random blobs",
+    (False, True): "mostly other variation, yet the network relies on it",
+    (False, False): "mostly other variation",
+}
+
+
+def roi_findings(rois_table=None, occlusion_table=None, *, target: str = "age",
+                 unit: str = "years") -> pd.DataFrame | None:
+    """One row per RoI: what the two readings that need no ground truth say of it.
+
+    Whether the RoI's loadings follow the target (``cv_r2`` and ``target_related`` of
+    ``rois.tsv``) and whether occluding it raises the network's test MAE more than the 95th
+    percentile of random blobs of its volume (``occlusion.tsv``). On the simulated cohort
+    the two agree for most RoIs (docs/report.md, stop 16), and an RoI for which both say
+    yes is what the method set out to find. Columns: ``RoI``, ``region`` (atlas region),
+    ``loading comes from`` (the atlas region of its back-projection, when ``rois.tsv``
+    has it), ``<target> share`` (percent of the loadings' variance, cross-validated),
+    ``occlusion`` (the RoI's MAE increase against the random blobs' 95th percentile) and
+    ``reading``.
+    ``None`` when neither table is given.
+    """
+    if rois_table is None and occlusion_table is None:
+        return None
+    rois = {} if rois_table is None else {str(r["name"]): r for _, r in pd.DataFrame(rois_table).iterrows()}
+    occ = {} if occlusion_table is None else {str(r["roi"]): r for _, r in pd.DataFrame(occlusion_table).iterrows()}
+    rows = []
+    for name in list(dict.fromkeys([*rois, *occ])):
+        roi, o = rois.get(name), occ.get(name)
+        related = None if roi is None or "target_related" not in roi else _true(roi["target_related"])
+        empty = o is not None and not np.isfinite(float(o["mae_increase"]))
+        relied = None if o is None or empty else _true(o["above_null"])
+        if empty:
+            reading = "empty after thresholding"
+        elif related is not None and relied is not None:
+            reading = READINGS[(related, relied)]
+        elif related is not None:  # no occlusion test
+            reading = "follows {target}" if related else "mostly other variation"
+        elif relied is not None:  # a rois.tsv written before cv_r2
+            reading = "the network relies on it" if relied else "the network relies on it no more than on random blobs"
+        else:
+            reading = "n/a"
+        back = {} if roi is None or "input_region" not in roi else {
+            "loading comes from": "n/a" if pd.isna(roi["input_region"]) else str(roi["input_region"])}
+        rows.append({
+            "RoI": name,
+            "region": "n/a" if roi is None or "region" not in roi else str(roi["region"]),
+            **back,
+            f"{target} share": ("n/a" if roi is None or "cv_r2" not in roi or pd.isna(roi["cv_r2"])
+                                else f"{100 * float(roi['cv_r2']):.0f} %"),
+            "occlusion": ("n/a" if o is None or empty else
+                          f"{float(o['mae_increase']):.2f} vs {float(o['null_p95']):.2f} {unit}"),
+            "reading": reading.format(target=target),
+        })
+    return pd.DataFrame(rows)
+
+
+#: How :func:`findings_sentence` says each reading of a group of ``{k}`` RoIs, in its
+#: order: (one, several).
+CLAUSES = {
+    READINGS[(True, True)]: ("{k} follows {target} and the network relies on it",
+                             "{k} follow {target} and the network relies on them"),
+    READINGS[(True, False)]: ("{k} follows {target}, but the network relies on it no more than on random blobs",
+                              "{k} follow {target}, but the network relies on them no more than on random blobs"),
+    "follows {target}": ("{k} follows {target}", "{k} follow {target}"),
+    READINGS[(False, True)]: ("{k} is mostly other variation, yet the network relies on it",
+                              "{k} are mostly other variation, yet the network relies on them"),
+    READINGS[(False, False)]: ("{k} is mostly other variation", "{k} are mostly other variation"),
+    "the network relies on it": ("the network relies on {k}", "the network relies on {k}"),
+    "the network relies on it no more than on random blobs": (
+        "the network relies on {k} no more than on random blobs",
+        "the network relies on {k} no more than on random blobs"),
+    "empty after thresholding": ("{k} is empty after thresholding", "{k} are empty after thresholding"),
+}
+
+
+def findings_sentence(findings: pd.DataFrame | None, target: str = "age") -> str | None:
+    """One sentence that accounts for every RoI, grouped by reading.
+
+    Where the occlusion test ran it starts with the RoIs that follow the target and that
+    the network relies on (their number even when none); the other readings follow in the
+    order of :data:`CLAUSES`.
+    """
+    if findings is None or findings.empty:
+        return None
+    clauses = {reading.format(target=target): forms for reading, forms in CLAUSES.items()}
+    combined = [r.format(target=target) for r in READINGS.values()]
+    # Both readings ran when the occlusion test did and some reading combines the two.
+    both_ran = ("occlusion" in findings and bool((findings["occlusion"] != "n/a").any())
+                and bool(findings["reading"].isin(combined).any()))
+    parts = []
+    for reading in dict.fromkeys([*clauses, *findings["reading"]]):
+        names = findings.loc[findings["reading"] == reading, "RoI"].tolist()
+        if not names and not (reading == combined[0] and both_ran):
+            continue
+        k = len(names)
+        if reading in clauses:
+            said = clauses[reading][k != 1].format(k=k, target=target)
+        else:  # a reading this sentence does not know: quoted as it is
+            said = f"{k} {'reads' if k == 1 else 'read'} \u201c{reading}\u201d"
+        parts.append(said + (f" ({', '.join(names)})" if names else ""))
+    return f"Of the {len(findings)} RoIs, " + "; ".join(parts) + "."
+
+
+# -- reading the group folder --------------------------------------------------------
+
+#: The predictors compared in ``metrics.json``, as the report names them.
+PREDICTORS = {
+    "network": "network",
+    "linear_model_on_decomposition": "linear model on the decomposition",
+    "network_head_on_reconstruction": "network head on the reconstruction",
+    "mean_predictor": "training-mean predictor",
+}
+
+
+def _read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def summary_rows(config, out: GroupOutputs, input_shape, template_name: str) -> dict:
+    """The run summary: data, split, network, decomposed layer and tensor, choices, MAE.
+
+    From the run's configuration and the files the stages wrote (``model.json``,
+    ``split.tsv``, ``decomposition.json``, ``selection.json``, ``metrics.json``).
+    """
+    meta = _read_json(out.model_json)
+    counts = read_tsv(out.split)["split"].value_counts()
+    about = _read_json(out.decomposition_json)
+    choice = _read_json(out.selection)
+    metrics = _read_json(out.metrics)
+    targets = list(meta.get("targets") or config.target)
+    training = meta.get("training") or {}
+    n_members = int(meta.get("architecture", {}).get("ensemble", 1))
+    if config.model is not None:
+        model = f"given (--model {config.model})"
+    elif n_members > 1:
+        model = (f"trained here: best epochs "
+                 f"{', '.join(str(m.get('best_epoch')) for m in training.get('members', []))} "
+                 f"of {len(training.get('history') or [])}")
+    else:
+        model = f"trained here: best epoch {training.get('best_epoch')} of {len(training.get('history') or [])}"
+    if n_members > 1:
+        model = f"ensemble of {n_members}, {model}"
+    test = metrics["decomposition"]["metrics"][targets[0]]["test"]
+    tensor = about.get("tensor", config.tensor)
+    channels = int(about["channels"])
+    grid = " × ".join(map(str, about["grid_shape"]))
+    n_subjects = int(counts.sum())
+    return {
+        "Dataset": str(config.bids_dir),
+        "Map": config.map,
+        "Target": ", ".join(targets),
+        "Subjects": f"{n_subjects} (train {counts.get('train', 0)}, validation "
+        f"{counts.get('val', 0)}, test {counts.get('test', 0)})",
+        "Model grid": f"{template_name}, {config.resolution} mm, {' × '.join(map(str, input_shape))} voxels",
+        "Network": f"{meta.get('architecture', {}).get('name', 'network')}, {model}",
+        "Decomposed layer": f"{about['layer']}: {channels} channels × {grid} voxels",
+        "Decomposed tensor": (
+            "the activations (as in the paper)" if tensor == "activations" else
+            "deviations from the training mean activation, positive and negative parts "
+            f"({2 * channels} channels)"
+            + (", weighted by the network's output gradient" if tensor == "relevance" else "")),
+        "Ranks": f"R1 = {choice['ranks']['R1']}, R2 = {choice['ranks']['R2']} ({choice['ranks'].get('rule')})",
+        "l1 penalty (lambda)": f"{choice['lambda']['lambda']:.4g} ({choice['lambda'].get('rule')})",
+        "Test MAE": "; ".join(f"{PREDICTORS[k]} {v['mae']:.2f}" for k, v in test.items()),
+    }
+
+
+def metrics_rows(metrics: dict) -> pd.DataFrame:
+    """Predictor × target × split rows of MAE and MSE (``metrics.json``'s decomposition part)."""
+    rows = []
+    for target, splits in metrics["decomposition"]["metrics"].items():
+        for split in ("test", "val"):
+            for name, m in splits.get(split, {}).items():
+                rows.append({"predictor": PREDICTORS[name], "target": target, "split": split,
+                             "MAE": m["mae"], "MSE": m["mse"]})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
+                 background_img=None, mask_img=None, subject_pages: dict | None = None) -> dict:
+    """The report's context from the files of one group analysis.
+
+    Parameters
+    ----------
+    out : GroupOutputs
+        The analysis' files.
+    config : brainage_xai.config.Config
+        The run's settings (what the summary and methods say about them).
+    input_shape : tuple of int
+        The model grid's shape.
+    template_name : str
+        The template space.
+    background_img, mask_img : nibabel images, optional
+        The template on the model grid and its brain mask (display only).
+    subject_pages : dict, optional
+        Participant label -> path of its ``sub-X.html``, for the links.
+    """
+    import nibabel as nib
+
+    meta = _read_json(out.model_json)
+    targets = list(meta.get("targets") or config.target)
+    target = targets[0]
+    predictions = read_tsv(out.predictions)
+    loadings = read_tsv(out.loadings)
+    loadings = loadings.merge(predictions[["participant_id", target]], on="participant_id", how="left")
+    choice = _read_json(out.selection)
+    n_members = int(meta.get("architecture", {}).get("ensemble", 1))
+    decomposition = _read_json(out.decomposition_json)
+    optional = {
+        "backprojected_img": nib.load(str(out.backprojected)) if out.backprojected.is_file() else None,
+    }
+    return {
+        **optional,
+        "title": f"brainage-xai group report: {config.map} map, {', '.join(targets)}",
+        "summary": summary_rows(config, out, input_shape, template_name),
+        "methods": methods_text(target=target, tensor=decomposition.get("tensor", config.tensor),
+                                n_members=n_members, backprojection=optional["backprojected_img"] is not None),
+        "metrics": metrics_rows(_read_json(out.metrics)),
+        "predictions": predictions,
+        "target": target,
+        "target_unit": "years" if target == "age" else f"{target} units",
+        "figures": {
+            "predictions": out.predictions_figure(target),
+            "scree": out.scree_figure,
+            "rank_sweep": out.rank_sweep_figure if config.ranks is None else None,
+            "lambda_sweep": out.lambda_sweep_figure if config.l1 is None else None,
+            "loadings": out.loadings_figure(target),
+            "occlusion": out.occlusion_figure,
+        },
+        "ranks": (int(choice["ranks"]["R1"]), int(choice["ranks"]["R2"])),
+        "rank_reason": f"Rule: {choice['ranks'].get('rule')}.",
+        "lambda": float(choice["lambda"]["lambda"]),
+        "lambda_reason": f"Rule: {choice['lambda'].get('rule')}.",
+        "rois_img": nib.load(str(out.components)),
+        "dseg_img": nib.load(str(out.dseg)),
+        "rois_table": read_tsv(out.rois),
+        "loadings": loadings,
+        "loading_fits": read_tsv(out.loading_fits(target)),
+        "gradcam_img": nib.load(str(out.gradcam)),
+        "occlusion": (read_tsv(out.occlusion), read_tsv(out.occlusion_null)),
+        "background_img": background_img,
+        "mask_img": mask_img,
+        "subjects": [{"label": f"sub-{s}", "href": os.path.relpath(p, out.group_dir)}
+                     for s, p in (subject_pages or {}).items()],
+    }
+
+
+# -- rendering ------------------------------------------------------------------------
+
+
+def build_page(context: dict) -> dict:
+    """Turn the context (tables, images) into what the template shows."""
+    target = context.get("target", "age")
+    page: dict = {
+        "title": context.get("title", f"brainage-xai group report ({target})"),
+        "target": target,
+        "summary": list((context.get("summary") or {}).items()),
+        "metrics": _records(context.get("metrics")),
+        "subjects": context.get("subjects") or [],
+        "sections": [],
+    }
+    figs = {name: file_uri(path) for name, path in (context.get("figures") or {}).items()
+            if path is not None and Path(path).is_file()}
+    page["ranks"] = context.get("ranks")
+    page["rank_reason"] = context.get("rank_reason")
+    page["lambda"] = context.get("lambda")
+    page["lambda_reason"] = context.get("lambda_reason")
+    bg = context.get("background_img")
+    rois_img = context.get("rois_img")
+    page["rois_table"] = _records(context.get("rois_table"))
+    page["mosaics"] = roi_mosaics(rois_img, bg) if rois_img is not None else []
+    table = context.get("rois_table")
+    rows = {} if table is None else {str(row["name"]): row for _, row in table.iterrows()}
+    for mosaic in page["mosaics"]:
+        mosaic["input"] = None
+        row = rows.get(mosaic["name"])
+        # how much of the RoI is the target: a component of other variation is said so
+        has_r2 = row is not None and "cv_r2" in row
+        mosaic["cv_r2"] = float(row["cv_r2"]) if has_r2 else None
+        mosaic["related"] = str(row["target_related"]).lower() == "true" if has_r2 else None
+    bp_img = context.get("backprojected_img")
+    if bp_img is not None and rois_img is not None and bp_img.shape == rois_img.shape:
+        for mosaic, bp in zip(page["mosaics"], roi_mosaics(bp_img, bg)):
+            row = rows.get(mosaic["name"])
+            known = row is not None and "input_region" in row
+            mosaic["input"] = {
+                "glass": bp["glass"], "slices": bp["slices"],
+                "region": row["input_region"] if known else None,
+                "agreement": float(row["agreement"]) if known else None,
+            }
+    if context.get("dseg_img") is not None:
+        figs["combined"] = combined_map_uri(context["dseg_img"], bg)
+    page["viewers"] = []
+    if rois_img is not None:
+        for r, name in enumerate(roi_names(rois_img.shape[3])):
+            page["viewers"].append({
+                "name": name, "html": viewer_html(index_img(rois_img, r), bg, title=name),
+            })
+    fits = context.get("loading_fits")
+    page["statements"] = [] if fits is None else list(fits["statement"])
+    if fits is not None:
+        keep = [c for c in ("roi", "relation", "cv_r2", "pearson_r", "slope", "breakpoint",
+                            "cv_rmse_linear", "cv_rmse_piecewise", "cv_rmse_smooth",
+                            "coefficient") if c in fits]
+        page["loading_fits"] = _records(fits[keep])
+    else:
+        page["loading_fits"] = None
+    cam = context.get("gradcam_img")
+    page["gradcam_table"] = None
+    if cam is not None:
+        figs["gradcam"] = glass_uri(cam, "GradCAM average")
+        if rois_img is not None:
+            page["gradcam_table"] = _records(
+                roi_gradcam_correlations(rois_img, cam, context.get("mask_img")))
+    occ = context.get("occlusion")
+    unit = context.get("target_unit", "years" if target == "age" else "target units")
+    page["occlusion_table"] = None if occ is None else _records(occ[0])
+    findings = roi_findings(context.get("rois_table"), None if occ is None else occ[0], target=target,
+                            unit=unit)
+    page["findings"] = _records(findings)
+    page["findings_sentence"] = findings_sentence(findings, target)
+    # every figure the template names, so that a run without one (e.g. --ranks given:
+    # no rank sweep) drops the figure instead of failing on an undefined key
+    page["figures"] = dict.fromkeys(FIGURES) | figs
+    page["methods"] = context.get("methods") or DEFAULT_METHODS.format(target=target)
+    page["citations"] = context.get("citations") or CITATIONS
+    page["versions"] = list((context.get("versions") or software_versions()).items())
+    return page
+
+
+def render_group_report(context: dict, out_path) -> Path:
+    """Render ``report.html`` from ``context`` (see the module docstring) atomically.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out_path``.
+    """
+    from ..utils.io import write_text
+    from . import render
+
+    return write_text(out_path, render("group.html", page=build_page(context)))
+
+

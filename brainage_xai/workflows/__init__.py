@@ -1,0 +1,1 @@
+"""The two levels wired from the library packages: :mod:`.participant` and :mod:`.group`."""

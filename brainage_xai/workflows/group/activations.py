@@ -1,0 +1,52 @@
+"""Stage ``activations``: the activation tensor ``A`` of the decomposed layer (work folder)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from nibabel.affines import voxel_sizes
+
+from ...model.activations import (
+    check_layer,
+    iter_activations,
+    load_activation_tensor,
+    read_participant_activations,
+    write_activation_tensor,
+)
+from .runner import GroupContext
+
+LOGGER = logging.getLogger("brainage_xai.group")
+
+#: Subjects per forward pass.
+BATCH = 8
+
+
+def stage_activations(ctx: GroupContext) -> None:
+    """Store ``A`` (reusing participant-level activation NIfTIs made by the same model)."""
+    layer = check_layer(ctx.model, ctx.config.layer, float(voxel_sizes(ctx.input_affine).max()))
+    key = ctx.key(model=ctx.model_sha, layer=layer, inputs=ctx.inputs_sha, split=ctx.split_sha)
+    paths = ctx.out.activations(layer)
+    if not ctx.is_done("activations", key, paths):
+        x = ctx.standardised_inputs()
+        reused = 0
+
+        def batches():
+            nonlocal reused
+            for start in range(0, len(ctx.subjects), BATCH):
+                stop = min(start + BATCH, len(ctx.subjects))
+                stored = [read_participant_activations(ctx.paths[i], layer, ctx.model_sha) for i in range(start, stop)]
+                if all(s is not None for s in stored):
+                    reused += len(stored)
+                    yield np.stack(stored)
+                else:
+                    yield from iter_activations(ctx.model, x[start:stop], layer, batch_size=BATCH, device=ctx.device)
+
+        write_activation_tensor(
+            paths, batches(), subjects=ctx.subjects, split=list(ctx.split.loc[ctx.subjects]),
+            model=ctx.model, layer=layer, input_shape=ctx.input_shape,
+            input_affine=ctx.input_affine, model_sha=ctx.model_sha,
+        )  # fmt: skip
+        LOGGER.info("activations: %s (%d subjects from participant-level files)", paths[0], reused)
+        ctx.mark_done("activations", key, paths)
+    ctx.activations = load_activation_tensor(paths[1])

@@ -1,0 +1,190 @@
+"""The group level's stage runner: the shared state, stage keys and stamps.
+
+A stage is a function ``stage(ctx: GroupContext) -> None`` that does four things only:
+compute its key from its settings and inputs (:meth:`GroupContext.key`), return early
+after loading its results into ``ctx`` when :meth:`GroupContext.is_done` says that the
+same key produced outputs that still exist, otherwise call library functions, write its
+outputs (:attr:`GroupContext.out` names every file) and :meth:`GroupContext.mark_done`.
+Stamps live in the work directory; the model stage also recognises a trained model by
+the key in its own metadata, so deleting the work directory never forces retraining.
+
+Where the outputs go: ``OUTPUT_DIR/group/`` holds one analysis (one map). When it
+already holds an analysis of another map (``group/analysis.json``), or a
+``group/map-<name>/`` folder exists for this map, the analysis goes to
+``group/map-<name>/`` instead, with the same layout; the work directory mirrors this
+(``WORK/group[/map-<name>]/``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ...bids.derivatives import GroupOutputs
+from ...selection.splits import SPLIT_NAMES, Splits
+from ...utils.io import write_json
+
+LOGGER = logging.getLogger("brainage_xai.group")
+
+
+def digest(data) -> str:
+    """SHA-256 of ``data`` as canonical JSON."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def analysis_dirs(config) -> tuple[Path, Path]:
+    """``(group_dir, work_dir)`` of this run's analysis (see the module docstring)."""
+    root = Path(config.output_dir) / "group"
+    sub = f"map-{config.map}"
+    marker = root / "analysis.json"
+    nested = (root / sub).is_dir()
+    if not nested and marker.is_file():
+        try:
+            nested = json.loads(marker.read_text()).get("map") != config.map
+        except (OSError, ValueError):
+            nested = False
+    if nested:
+        return root / sub, Path(config.work) / "group" / sub
+    return root, Path(config.work) / "group"
+
+
+@dataclass
+class GroupContext:
+    """State shared by the stages of one group run."""
+
+    config: object
+    out: GroupOutputs
+    device: torch.device
+    subjects: list = field(default_factory=list)
+    paths: list = field(default_factory=list)
+    targets: pd.DataFrame | None = None
+    inputs_sha: str = ""
+    input_shape: tuple = ()
+    input_affine: np.ndarray | None = None
+    split: pd.Series | None = None
+    model: object = None
+    model_meta: dict = field(default_factory=dict)
+    model_path: Path | None = None
+    model_sha: str = ""
+    predictions: pd.DataFrame | None = None
+    metrics: dict = field(default_factory=dict)
+    activations: object = None
+    selection: dict = field(default_factory=dict)
+    selection_key: str = ""
+    explanations_key: str = ""
+    _maps: np.ndarray | None = None
+    _template: object = None
+
+    @property
+    def group_dir(self) -> Path:
+        return Path(self.out.group_dir)
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.out.work_dir)
+
+    @property
+    def template(self):
+        """The template on the model grid (:func:`brainage_xai.imaging.templates.get_template`)."""
+        if self._template is None:
+            from ...imaging.templates import get_template
+
+            self._template = get_template(self.config.resolution)
+        return self._template
+
+    @property
+    def maps(self) -> np.ndarray:
+        """All preprocessed maps ``(n, 1, *grid)``, loaded on first use."""
+        if self._maps is None:
+            from ...model.data import load_maps
+
+            self._maps, _ = load_maps(self.paths)
+        return self._maps
+
+    def standardised_inputs(self) -> torch.Tensor:
+        """The maps as the network sees them (its input normalisation)."""
+        from ...model.data import standardise_inputs
+
+        return standardise_inputs(self.maps, self.model_meta["normalisation"])
+
+    @property
+    def split_sha(self) -> str:
+        return digest(self.split.to_dict())
+
+    @property
+    def targets_sha(self) -> str:
+        return digest(self.targets.to_dict(orient="list") | {"index": list(self.targets.index)})
+
+    def rows(self, split: str) -> np.ndarray:
+        """Row indices (in ``subjects`` order) of one split."""
+        return np.flatnonzero(self.split.loc[self.subjects].to_numpy() == split)
+
+    def split_rows(self) -> Splits:
+        """Row indices of each split in the activation tensor's subject order."""
+        return Splits(*(self.activations.rows(s) for s in SPLIT_NAMES))
+
+    def target_scale(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)`` of the targets as the network was trained on them."""
+        norm = self.model_meta["normalisation"]
+        return np.asarray(norm["target_mean"], float), np.asarray(norm["target_std"], float)
+
+    # -- skip-if-done -------------------------------------------------------------------
+    def key(self, **parts) -> str:
+        """A digest of a stage's settings and inputs, and of the package version.
+
+        The version is part of every key: a work directory left by another release is
+        not trusted (its code may have computed something else), as fMRIPrep does not
+        reuse work directories across versions. ``--model`` reuses a network explicitly.
+        """
+        from ..._version import __version__
+
+        return digest({**parts, "version": __version__})
+
+    def _stamp(self, stage: str) -> Path:
+        return self.out.stamps / f"{stage}.json"
+
+    def is_done(self, stage: str, key: str, outputs) -> bool:
+        """True when ``stage`` last ran with ``key`` and all ``outputs`` exist."""
+        try:
+            stamp = json.loads(self._stamp(stage).read_text())
+        except (OSError, ValueError):
+            return False
+        done = stamp.get("key") == key and all(Path(p).exists() for p in outputs)
+        if done:
+            LOGGER.info("%s: up to date, skipped", stage)
+        return done
+
+    def mark_done(self, stage: str, key: str, outputs) -> None:
+        """Record that ``stage`` produced ``outputs`` with ``key``."""
+        write_json(self._stamp(stage), {"key": key, "outputs": [str(p) for p in outputs]})
+
+
+Stage = Callable[[GroupContext], None]
+
+
+def make_context(config) -> GroupContext:
+    """A fresh :class:`GroupContext` for ``config`` (threads and device set up)."""
+    from ...imaging.templates import TEMPLATE_NAME
+    from ...model.training import resolve_device
+
+    if config.n_cpus:
+        torch.set_num_threads(int(config.n_cpus))
+    group_dir, work_dir = analysis_dirs(config)
+    out = GroupOutputs(group_dir, work_dir, space=TEMPLATE_NAME, resolution=config.resolution)
+    return GroupContext(config=config, out=out, device=resolve_device(config.device))
+
+
+def run_stages(ctx: GroupContext, stages) -> int:
+    """Run ``stages`` (``(name, function)`` pairs) in order; returns the exit code (0)."""
+    for name, stage in stages:
+        LOGGER.debug("stage %s", name)
+        stage(ctx)
+    return 0

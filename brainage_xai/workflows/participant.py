@@ -1,0 +1,258 @@
+"""The participant level: one preprocessed, checked map per subject.
+
+For each selected subject: find the map with PyBIDS, check its MNI registration in world
+coordinates, resample it onto the model grid, normalise its intensity, and write it (with
+a JSON sidecar), a registration QC figure and ``sub-X.html`` into OUTPUT_DIR. With
+``--model`` the subject's activations are written as well.
+
+Subjects are independent: a subject that fails is reported and the others go on; the run
+then exits with the failure's code. Every file is written atomically and the sidecar last,
+so an interrupted run leaves no half-written map, and a re-run skips subjects whose
+sidecar records the same input and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .._version import __version__
+from ..bids import derivatives as deriv
+from ..errors import BrainAgeXAIError, DataError, MissingInputError
+from ..report.subject import INTERPOLATION, subject_page
+from ..utils.io import save_nifti, write_json, write_text
+from .outputs import init_output_dir
+
+LOGGER = logging.getLogger("brainage_xai.participant")
+
+
+def _fingerprint(path: Path, config, template) -> str:
+    """Identifies the input file and every setting the output depends on."""
+    stat = path.stat()
+    key = {
+        "file": str(path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "map": config.map,
+        "resolution": config.resolution,
+        "allow_resample": config.allow_resample,
+        "template": template.source,
+        "version": __version__,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _bids_uri(path: Path, config) -> str:
+    """``bids:<dataset>:<relative path>`` for a source file (BIDS URIs, as in Sources)."""
+    path = Path(path).absolute()
+    for name, root in (config.derivatives or {}).items():
+        root = Path(root).absolute()
+        if root in path.parents:
+            return f"bids:{name}:{path.relative_to(root).as_posix()}"
+    bids_dir = Path(config.bids_dir).absolute()
+    if bids_dir in path.parents:
+        return f"bids:raw:{path.relative_to(bids_dir).as_posix()}"
+    return path.as_uri()
+
+
+def _skull_stripped(img, template) -> bool:
+    """Whether the map has (almost) nothing outside the template brain (dilated 1 voxel)."""
+    import numpy as np
+    from scipy import ndimage
+
+    data = np.clip(np.asarray(img.dataobj, dtype=np.float32), 0, None)
+    brain = ndimage.binary_dilation(np.asarray(template.mask.dataobj) > 0, iterations=1)
+    total = float(data.sum())
+    return bool(total > 0 and data[~brain].sum() / total < 0.05)
+
+
+def _outputs_current(out_path: Path, sidecar: Path, fingerprint: str, extra: list[Path]) -> bool:
+    if not (out_path.is_file() and sidecar.is_file() and all(p.is_file() for p in extra)):
+        return False
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8")).get("InputFingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def process_subject(config, subject: str, source: Path, entities: dict, template) -> Path:
+    """Check, resample, normalise and write one subject's map.
+
+    Parameters
+    ----------
+    config : brainage_xai.config.Config
+    subject : str
+        Label without ``sub-``.
+    source : Path
+        The map found by PyBIDS.
+    entities : dict
+        Its BIDS entities (``space`` is the declared space).
+    template : brainage_xai.imaging.templates.Template
+        The template on the model grid.
+
+    Returns
+    -------
+    Path
+        The preprocessed map.
+
+    Raises
+    ------
+    DataError
+        The file is unreadable, not 3D, has NaN/Inf voxels or fails the registration
+        check (the message carries the measured numbers).
+    """
+    from ..imaging.registration import check_registration, load_map, normalise_intensity
+    from ..report.qc import registration_figure
+
+    deriv.check_label(subject)
+    out_dir = config.output_dir
+    out_path = deriv.preproc_path(out_dir, subject, config.map, config.resolution, template.name)
+    sidecar = deriv.sidecar_path(out_path)
+    figure = deriv.qc_figure_path(out_dir, subject, config.map, config.resolution, template.name)
+    report = deriv.report_path(out_dir, subject)
+    fingerprint = _fingerprint(source, config, template)
+
+    if _outputs_current(out_path, sidecar, fingerprint, [figure, report]):
+        LOGGER.info("sub-%s: outputs up to date, skipped", subject)
+    else:
+        try:
+            img = load_map(source)
+        except DataError as exc:
+            raise DataError(f"sub-{subject}: {exc}") from exc
+        check, resampled = check_registration(
+            img,
+            template,
+            declared_space=entities.get("space"),
+            map_name=config.map,
+            allow_other_mni=config.allow_resample,
+        )
+        if not check.passed:
+            raise DataError(
+                f"sub-{subject}: {source.name} fails the MNI registration check "
+                f"({'; '.join(check.failures)}): {check.summary()}"
+            )
+        LOGGER.info("sub-%s: registration check passed (%s)", subject, check.summary())
+        normalised, norm_info = normalise_intensity(resampled, template, config.map)
+        qc = check.to_dict()
+        shape = list(template.shape)
+        meta = {
+            "Sources": [_bids_uri(source, config)],
+            "SpatialReference": {"Template": template.name, "TemplateSource": template.description},
+            "Resolution": (
+                f"{config.resolution} mm isotropic model grid, {shape[0]}x{shape[1]}x{shape[2]} "
+                f"voxels, origin {[float(v) for v in template.affine[:3, 3]]} mm"
+            ),
+            "SkullStripped": _skull_stripped(resampled, template),
+            "Interpolation": INTERPOLATION,
+            "IntensityNormalization": norm_info,
+            "RegistrationQC": qc,
+            "InputFingerprint": fingerprint,
+            "GeneratedBy": {"Name": "brainage-xai", "Version": __version__},
+        }
+        if config.map == "volume":
+            meta["Description"] = "Gray-matter probability map, resampled and intensity-normalised"
+        else:
+            meta["Description"] = "MR elastography stiffness map, resampled; values relative to the brain mean"
+            meta["Units"] = "arbitrary (brain mean = 1)"
+
+        # Everything that can fail on the data is done before the first write.
+        html = subject_page(config, subject, template, meta)
+        save_nifti(normalised, out_path)
+        registration_figure(
+            resampled, template, figure, title=f"sub-{subject} {config.map} on {template.name}"
+        )
+        write_text(report, html)
+        # The sidecar is the completion mark: written last, checked by the skip above.
+        write_json(sidecar, meta)
+        LOGGER.info("sub-%s: wrote %s", subject, out_path.relative_to(out_dir))
+
+    if config.model is not None:
+        from ..model.activations import write_participant_activations
+
+        write_participant_activations(config, subject, out_path)
+    return out_path
+
+
+def _combined_error(failures: dict[str, BrainAgeXAIError], total: int) -> BrainAgeXAIError:
+    """One exception (class and exit code of the first failure) naming every failure."""
+    first = next(iter(failures.values()))
+    if len(failures) == 1:
+        return first
+    detail = "; ".join(f"{exc}" for exc in failures.values())
+    err = type(first)(f"{len(failures)} of {total} subjects failed: {detail}")
+    err.exit_code = first.exit_code
+    return err
+
+
+def run(config) -> int:
+    """Run the participant level.
+
+    Parameters
+    ----------
+    config : brainage_xai.config.Config
+
+    Returns
+    -------
+    int
+        0 when every selected subject was written.
+
+    Raises
+    ------
+    UsageError
+        A requested participant label is not in the dataset (exit 2).
+    NoMatchError
+        The map query matched no file for any selected subject (exit 18).
+    BrainAgeXAIError
+        After all subjects ran, when some failed: the first failure's kind and code
+        (``MissingInputError`` 66 for a subject without a map, ``DataError`` 65 for a
+        bad map), with every failure named in the message.
+    """
+    from tqdm.auto import tqdm
+
+    from ..bids import build_layout, find_maps, load_targets, select_subjects
+    from ..imaging.templates import get_template
+
+    layout = build_layout(config.bids_dir, config.derivatives or None)
+    subjects = select_subjects(layout, config.participant_label)
+    if config.model is None:
+        # The group level will need the targets: a missing column or an n/a fails here,
+        # before a cluster spends hours on the subjects. With --model (applying a trained
+        # network to new subjects) the targets may be unknown.
+        load_targets(config.bids_dir, list(config.target), subjects)
+    found, missing = find_maps(
+        layout, subjects, config.map, config.bids_filters, resolution=config.resolution
+    )
+    LOGGER.info("%d subject(s) with a %s map; %d without", len(found), config.map, len(missing))
+    template = get_template(config.resolution)
+    LOGGER.info("template: %s (%s)", template.name, template.description)
+    init_output_dir(
+        config.output_dir, config.bids_dir, config.resolution, template.name,
+        derivatives=config.derivatives,
+    )
+
+    failures: dict[str, BrainAgeXAIError] = {}
+    for subject in missing:
+        failures[subject] = MissingInputError(
+            f"sub-{subject} has no {config.map} map matching the query "
+            f"(looked in {config.bids_dir} and its derivatives)"
+        )
+        # INFO, not ERROR: the run ends with one error line naming every failure.
+        LOGGER.info("failed: %s", failures[subject])
+    bar = tqdm(
+        sorted(found.items()), desc="participants", unit="subject",
+        disable=config.quiet, file=sys.stderr,
+    )
+    for subject, (source, entities) in bar:
+        bar.set_postfix_str(f"sub-{subject}")
+        try:
+            process_subject(config, subject, source, entities, template)
+        except BrainAgeXAIError as exc:
+            failures[subject] = exc
+            LOGGER.info("failed: %s", exc)
+    bar.close()
+    if failures:
+        raise _combined_error(dict(sorted(failures.items())), len(subjects))
+    return 0
