@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainage_xai.atlas import (
+from brainage_xai.errors import DataError
+from brainage_xai.imaging.atlas import (
     ATLAS_FILE,
     STRUCTURES,
     atlas_table,
@@ -14,8 +15,7 @@ from brainage_xai.atlas import (
     label_from_coordinates,
     load_atlas,
 )
-from brainage_xai.errors import DataError
-from brainage_xai.templates import model_grid
+from brainage_xai.imaging.templates import model_grid
 
 
 def test_shipped_file_equals_rules():

@@ -1,4 +1,4 @@
-"""Back-projection of each RoI's loading to the input (brainage_xai.backprojection)."""
+"""Back-projection of each RoI's loading to the input (brainage_xai.explain.backprojection)."""
 
 import nibabel as nib
 import numpy as np
@@ -7,8 +7,13 @@ import torch
 from _tiny import mni_affine
 from torch import nn
 
-from brainage_xai.backprojection import back_project, loading_functional, write_backprojection
 from brainage_xai.errors import DataError
+from brainage_xai.explain.backprojection import (
+    back_project,
+    backprojection_image,
+    backprojection_table,
+    loading_functional,
+)
 from brainage_xai.model.network import PreActResNet3d
 from brainage_xai.selection import channel_scale, deviation_tensor, relevance_weight
 
@@ -93,7 +98,7 @@ def test_the_map_lies_where_the_input_varies_not_where_the_rois_voxel_is(rng):
 def test_scores_follow_the_selections_tensor(rng, tensor):
     # The loadings that are back-projected are those of the tensor the selection builds
     # (deviation_tensor: positive then negative parts, per-channel scale, relevance weight).
-    from brainage_xai.activations import gradient_rms, iter_activations
+    from brainage_xai.model.activations import gradient_rms, iter_activations
 
     torch.manual_seed(1)
     net = PreActResNet3d(widths=(3, 4), depths=(1, 1)).eval()
@@ -120,7 +125,7 @@ def test_bfloat16_gives_the_float32_maps(rng):
     torch.manual_seed(2)
     net = PreActResNet3d(widths=(4, 6), depths=(1, 1)).eval()
     x = torch.from_numpy(rng.normal(size=(10, 1, 10, 10, 10)).astype(np.float32))
-    from brainage_xai.activations import iter_activations
+    from brainage_xai.model.activations import iter_activations
 
     A = np.concatenate(list(iter_activations(net, x, "block1")))
     A = A.reshape(A.shape[0], A.shape[1], -1)
@@ -149,18 +154,15 @@ def test_missing_parts_and_another_layer_are_clear_errors(rng):
         back_project(net, x, "features", U2, D, U3, tensor="activations")  # 4 channels vs 2
 
 
-def test_write_backprojection_on_the_template_grid(tmp_path, rng):
+def test_backprojection_image_and_table_on_the_template_grid(rng):
     affine = mni_affine(4.0)
     maps = rng.random((2, 5, 6, 4))
     rois = nib.Nifti1Image(np.moveaxis(maps, 0, -1).astype(np.float32), affine)
     mask = np.ones((5, 6, 4), bool)
     mask[0] = False
     template = nib.Nifti1Image(np.zeros((5, 6, 4), np.float32), affine)
-    img, path, table = write_backprojection(tmp_path, maps, template, rois, prefix="space-X_res-4",
-                                            mask=mask)
-    assert path.name == "space-X_res-4_desc-backprojected_components.nii.gz"
-    assert path.with_name("space-X_res-4_desc-backprojected_components.json").is_file()
-    back = nib.load(str(path))
+    back = backprojection_image(maps, template, mask)
+    table = backprojection_table(back, rois, mask=mask)
     np.testing.assert_allclose(back.affine, affine)
     assert back.shape == (5, 6, 4, 2) and np.all(back.get_fdata()[0] == 0)
     assert list(table["name"]) == ["RoI 1", "RoI 2"]

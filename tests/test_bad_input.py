@@ -203,11 +203,11 @@ def test_bids_validation_failure_exit_16(sim_bids_copy, tmp_path, capsys):
 
 
 def test_validator_absent_warns_and_continues(sim_bids, tmp_path, monkeypatch, caplog):
-    import brainage_xai.bids as bids_mod
+    import brainage_xai.bids.validation as bids_mod
 
     monkeypatch.setattr(bids_mod.shutil, "which", lambda name: None)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bids_mod, "__file__", str(tmp_path / "pkg" / "brainage_xai" / "bids.py"))
+    monkeypatch.setattr(bids_mod, "__file__", str(tmp_path / "pkg" / "brainage_xai" / "bids" / "validation.py"))
     assert bids_mod.find_validator() is None
     out = tmp_path / "out"
     code = main([str(sim_bids), str(out), "participant", "--participant-label", "011",

@@ -589,7 +589,7 @@ def test_fetch_templates_selects_one_file_per_query_and_covers_the_app(
         if path.name.endswith(".nii.gz"):
             suffix = path.name[: -len(".nii.gz")].rsplit("_", 1)[1]
             images[suffix].to_filename(path)
-    from brainage_xai import templates
+    from brainage_xai.imaging import templates
 
     monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tf_home))
     template = templates.get_template(2)

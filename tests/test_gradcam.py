@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from _tiny import mni_affine, tiny_net
 
-from brainage_xai import gradcam, rois
 from brainage_xai.errors import DataError
+from brainage_xai.explain import gradcam
+from brainage_xai.imaging.geometry import upsample
+from brainage_xai.model.activations import feature_geometry
 
 SHAPE = (21, 23, 19)
 
@@ -18,7 +20,7 @@ def inputs(rng):
 
 def test_gradcam_equals_cam_over_voxels_for_gap_and_linear_head(inputs):
     net = tiny_net()
-    geo = rois.feature_geometry(net, "features", SHAPE)
+    geo = feature_geometry(net, "features", SHAPE)
     grad = gradcam.gradcam_maps(net, "features", inputs, batch_size=2)
     cam = gradcam.cam_maps(net, "features", net.head.weight.detach()[0].numpy(), inputs)
     assert grad.shape == (5, *geo.feature_shape)
@@ -44,12 +46,12 @@ def test_gradcam_of_an_earlier_layer_differs_from_cam(inputs):
 
 def test_average_gradcam_on_template_grid(inputs):
     net = tiny_net()
-    geo = rois.feature_geometry(net, "features", SHAPE)
+    geo = feature_geometry(net, "features", SHAPE)
     template = nib.Nifti1Image(np.zeros(SHAPE, np.float32), mni_affine(4.0))
     img, maps = gradcam.average_gradcam(net, "features", inputs, geo, template)
     assert img.shape == SHAPE
     np.testing.assert_allclose(img.affine, template.affine)
-    expected = rois.upsample(maps.mean(axis=0), geo)
+    expected = upsample(maps.mean(axis=0), geo)
     np.testing.assert_allclose(img.get_fdata(), expected, rtol=1e-5, atol=1e-6)
     # inputs as nibabel images give the same maps
     imgs = [nib.Nifti1Image(x, template.affine) for x in inputs]

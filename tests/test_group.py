@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from brainage_xai.activations import load_activation_tensor, write_participant_activations
 from brainage_xai.cli.parser import parse_args
 from brainage_xai.cli.run import main, run
 from brainage_xai.errors import EX_DATAERR, DataError
+from brainage_xai.imaging.templates import get_template
 from brainage_xai.model import load_model, model_sha256, save_model
+from brainage_xai.model.activations import load_activation_tensor, write_participant_activations
 from brainage_xai.utils.io import read_tsv
 
 WIDTHS, DEPTHS = [4, 6, 8], [1, 1, 1]
@@ -249,7 +250,7 @@ def test_selection_metrics_compare_the_four_predictors(first_run):
     assert sorted(loadings["participant_id"]) == sorted(pred["participant_id"])
     merged = loadings.merge(pred, on="participant_id", suffixes=("", "_pred"))
     assert (merged["split"] == merged["split_pred"]).all()
-    assert [c for c in loadings.columns if c.startswith("roi_")] == [f"roi_{r + 1}" for r in range(r1)]
+    assert [c for c in loadings.columns if c.startswith("RoI ")] == [f"RoI {r + 1}" for r in range(r1)]
     with np.load(g / "decomposition.npz") as npz:
         act = load_activation_tensor(first_run["config"].work / "group" / "activations" / "layer-block3_activations.json")
         assert npz["U3"].shape == (act.array.shape[2], r1) and (npz["U3"] >= 0).all()
@@ -297,6 +298,14 @@ def test_explanations_are_on_the_template_grid(first_run):
     # the training's precision, bf16 on CPUs with AMX, which the test's passes use)
     test_mae = json.loads((g / "metrics.json").read_text())["metrics"]["age"]["test"]["mae"]
     assert occ["mae_baseline"].iloc[0] == pytest.approx(test_mae, rel=0.02)
+    # the feature geometry and layer beside the RoIs, so that they can be read without the log
+    sidecar = json.loads((g / f"{PREFIX}_desc-rois_components.json").read_text())
+    assert sidecar["Layer"] == "block3" and sidecar["FeatureGeometry"]["Stride"] == [4.0, 4.0, 4.0]
+    brain = np.asarray(get_template(4).mask.dataobj) > 0
+    assert not (data[~brain] > 0).any()  # RoIs live in the brain mask
+    # the figures of the numbers, drawn by the stage that made them
+    for name in ("target-age_desc-loadings_scatter.svg", "desc-occlusion_plot.svg"):
+        assert (g / "figures" / name).read_text().lstrip().startswith("<?xml"), name
 
 
 def test_report_and_subject_pages(first_run):

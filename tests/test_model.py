@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from brainage_xai.activations import (
-    iter_activations,
-    load_activation_tensor,
-    participant_activations_path,
-    write_activation_tensor,
-)
+from brainage_xai.bids.derivatives import GroupOutputs, participant_activations_path
 from brainage_xai.errors import DataError, MissingInputError
 from brainage_xai.model import PAPER_DEPTHS, PAPER_WIDTHS, PreActResNet3d, load_model, save_model
+from brainage_xai.model.activations import (
+    feature_geometry,
+    iter_activations,
+    load_activation_tensor,
+    write_activation_tensor,
+)
 from brainage_xai.model.data import check_grid, load_maps
 from brainage_xai.model.io import read_metadata
 from brainage_xai.model.training import place
-from brainage_xai.rois import feature_geometry
 
 SHAPE = (13, 15, 11)  # uneven on purpose
 
@@ -129,7 +129,7 @@ def test_activation_tensor_roundtrip(tmp_path, rng):
     x = inputs(rng, n=5)
     affine = np.diag([4.0, 4.0, 4.0, 1.0])
     meta = write_activation_tensor(
-        tmp_path, iter_activations(model, x, "block2", batch_size=2), subjects=list("abcde"),
+        GroupOutputs(tmp_path, tmp_path).activations("block2"), iter_activations(model, x, "block2", batch_size=2), subjects=list("abcde"),
         split=["train", "train", "val", "test", "train"], model=model, layer="block2",
         input_shape=SHAPE, input_affine=affine, model_sha="0" * 64,
     )  # fmt: skip
@@ -167,7 +167,7 @@ def test_load_maps_checks_grid(tmp_path, rng):
 
 def test_gradient_rms_is_the_output_gradient_over_subjects(rng):
     # The relevance weight's input (--tensor relevance): sqrt(mean_n (dy_n / dA_n[c, v])^2).
-    from brainage_xai.activations import gradient_rms
+    from brainage_xai.model.activations import gradient_rms
 
     net = small_net(seed=2)
     # Non-trivial BN statistics, as in a trained network.
@@ -214,7 +214,7 @@ def _ensemble(k=2, seed=0):
 
 
 def test_ensemble_predicts_the_members_mean_and_its_layer_is_theirs_side_by_side(tmp_path, rng):
-    from brainage_xai.activations import gradient_rms
+    from brainage_xai.model.activations import gradient_rms
     from brainage_xai.model.network import EnsembleNet, build_network
 
     ens = _ensemble(3)

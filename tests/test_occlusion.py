@@ -6,8 +6,9 @@ import torch
 from _tiny import tiny_net
 from sklearn.linear_model import Ridge
 
-from brainage_xai import occlusion
 from brainage_xai.errors import DataError
+from brainage_xai.explain import occlusion
+from brainage_xai.report.figures import plot_occlusion
 
 SHAPE = (14, 15, 13)
 
@@ -52,7 +53,7 @@ def test_relevant_roi_beats_random_blobs_and_decoy_does_not(cohort):
     assert region["above_null"] and region["p_value"] == pytest.approx(1 / 21)
     assert not decoy["above_null"]
     assert len(null) == 40 and set(null["roi"]) == set(table["roi"])
-    fig = occlusion.plot_occlusion(table, null)
+    fig = plot_occlusion(table, null)
     assert len(fig.axes[0].collections) >= 4
 
 

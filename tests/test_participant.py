@@ -10,15 +10,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainage_xai.cli.run import main
-from brainage_xai.derivatives import (
+from brainage_xai.bids.derivatives import (
     collect_preprocessed,
     preproc_path,
     qc_figure_path,
     report_path,
     sidecar_path,
 )
-from brainage_xai.templates import get_template, model_grid
+from brainage_xai.cli.run import main
+from brainage_xai.imaging.templates import get_template, model_grid
 
 ARGS = ["--skip-bids-validation", "--resolution", "4", "--quiet"]
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from brainage_xai.errors import DataError
-from brainage_xai.registration import (
+from brainage_xai.imaging.registration import (
     MAX_CENTROID_OFFSET,
     check_registration,
     load_map,
     normalise_intensity,
 )
-from brainage_xai.templates import get_template
+from brainage_xai.imaging.templates import get_template
 
 SPACE = "MNI152NLin2009cAsym"
 

@@ -11,8 +11,11 @@ import pandas as pd
 import pytest
 from _tiny import tiny_net
 
-from brainage_xai import backprojection, gradcam, occlusion, rois
-from brainage_xai.reports import group as report
+from brainage_xai.explain import backprojection, gradcam, occlusion, rois
+from brainage_xai.model.activations import feature_geometry
+from brainage_xai.report import group as report
+from brainage_xai.report.figures import file_uri
+from brainage_xai.report.subject import subject_rois
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 EVIL_LABEL = '<img src=x onerror="alert(1)">'
@@ -56,17 +59,24 @@ def context(tmp_path_factory):
     """
     from nilearn.datasets import load_mni152_template
 
-    from brainage_xai.prediction import compute_metrics
-    from brainage_xai.prediction import plot_predictions as draw_predictions
+    from brainage_xai.model.prediction import compute_metrics
+    from brainage_xai.report.figures import (
+        plot_lambda_sweep,
+        plot_loadings,
+        plot_occlusion,
+        plot_rank_sweep,
+        plot_scree,
+        save_figure,
+    )
+    from brainage_xai.report.figures import plot_predictions as draw_predictions
     from brainage_xai.selection import compute_scree
-    from brainage_xai.selection.plots import plot_lambda_sweep, plot_rank_sweep, plot_scree
 
     rng = np.random.default_rng(0)
     template = load_mni152_template(resolution=8)
     shape = template.shape
     brain = template.get_fdata() > 0.2 * template.get_fdata().max()
     net = tiny_net()
-    geo = rois.feature_geometry(net, "features", shape)
+    geo = feature_geometry(net, "features", shape)
     n_rois = 3
     u3 = np.zeros((int(np.prod(geo.feature_shape)), n_rois))
     for r, centre in enumerate([(2, 3, 3), (4, 4, 3), (3, 5, 4)]):
@@ -82,9 +92,9 @@ def context(tmp_path_factory):
     table = rois.atlas_overlap(comps, atlas_img, labels)
     # each RoI "back-projected to the input": here the RoI moved by two voxels
     moved = np.roll(np.moveaxis(comps.get_fdata(), -1, 0), 2, axis=1)
-    bp_img, _, bp_table = backprojection.write_backprojection(
-        tmp_path_factory.mktemp("bp"), moved, template, comps, prefix="space-X_res-8", mask=brain,
-        atlas_img=atlas_img, atlas_labels=labels)
+    bp_img = backprojection.backprojection_image(moved, template, brain)
+    bp_table = backprojection.backprojection_table(bp_img, comps, mask=brain, atlas_img=atlas_img,
+                                                   atlas_labels=labels)
     table = table.merge(bp_table, on="name")
     n = 30
     age = rng.uniform(10, 80, n)
@@ -97,8 +107,8 @@ def context(tmp_path_factory):
     loadings["RoI 1"] = 0.02 * age + rng.normal(0, 0.1, n)
     loadings["RoI 2"] = np.maximum(age - 45, 0) * 0.05 + rng.normal(0, 0.1, n)
     loadings["RoI 3"] = rng.normal(0, 1, n)
-    # how much of each RoI is age, as write_explanations adds it to rois.tsv
-    from brainage_xai.loadings import RELATED_R2, describe_loadings
+    # how much of each RoI is age, as the explanations stage adds it to rois.tsv
+    from brainage_xai.explain.loadings import RELATED_R2, describe_loadings, trajectory_curves
 
     fits = describe_loadings(loadings, age, roi_columns=["RoI 1", "RoI 2", "RoI 3"])
     table["cv_r2"] = fits["cv_r2"].to_numpy()
@@ -124,20 +134,25 @@ def context(tmp_path_factory):
                                     "val_mae": [5.0, 4.8, 4.6, 6.0],
                                     "sparsity": [0.0, 0.2, 0.5, 0.9]}),
                       figures / "lambda_sweep.png", {"lambda": 0.1})
+    roi_cols = ["RoI 1", "RoI 2", "RoI 3"]
+    save_figure(plot_loadings(loadings, age, trajectory_curves(loadings, age, roi_cols), split),
+                figures / "loadings.svg")
+    save_figure(plot_occlusion(*occ), figures / "occlusion.svg")
     return {
         "title": "Group report <test>",
         "summary": {"Subjects": n, "Map": "volume", "Dataset <name>": "sim & co"},
         "metrics": pd.DataFrame({"predictor": ["network", "mean predictor"],
                                  "split": ["test", "test"], EVIL_COLUMN: [4.2, 15.1]}),
         "predictions": predictions,
-        "figures": {name: figures / f"{name}.{'svg' if name == 'predictions' else 'png'}"
-                    for name in ("predictions", "scree", "rank_sweep", "lambda_sweep")},
+        "figures": {name: figures / f"{name}.{'svg' if name in ('predictions', 'loadings', 'occlusion') else 'png'}"
+                    for name in ("predictions", "scree", "rank_sweep", "lambda_sweep", "loadings",
+                                 "occlusion")},
         "ranks": (3, 4), "rank_reason": "knee of the validation error",
         "lambda": 0.1, "lambda_reason": "smallest validation MAE",
         "rois_img": comps, "dseg_img": dseg, "rois_table": table,
         "background_img": template, "mask_img": nib.Nifti1Image(brain.astype(np.uint8),
                                                                  template.affine),
-        "loadings": loadings, "gradcam_img": cam_img, "occlusion": occ,
+        "loadings": loadings, "loading_fits": fits, "gradcam_img": cam_img, "occlusion": occ,
         "backprojected_img": bp_img,
         "subjects": [{"label": i, "href": f"{i}.html"} for i in ids[:3]],
     }
@@ -165,9 +180,10 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
     assert "equals CAM" in html and "Selvaraju" in html
     # the stage figures are the owners' files, embedded byte for byte
     for name, alt in (("scree", "scree plots"), ("rank_sweep", "rank sweep"),
-                      ("lambda_sweep", "lambda sweep"), ("predictions", "predicted vs true age")):
+                      ("lambda_sweep", "lambda sweep"), ("predictions", "predicted vs true age"),
+                      ("loadings", "loadings vs age"), ("occlusion", "occlusion test")):
         path = context["figures"][name]
-        uri = report.file_uri(path)
+        uri = file_uri(path)
         assert f'src="{uri}" alt="{alt}"' in html, name
     assert "smallest validation MAE" in html
     assert "RoI 1: loadings rise linearly" in html
@@ -288,9 +304,9 @@ def test_report_renders_in_headless_chromium(rendered, tmp_path):
 
 
 def test_subject_partial_renders_loadings(context):
-    info = report.subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
+    info = subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
     assert [roi for roi, _, _ in info["loadings"]] == ["RoI 1", "RoI 2", "RoI 3"]
-    from brainage_xai.reports import render
+    from brainage_xai.report import render
 
     html = render("group_subject_rois.html", subject=info)
     assert "predicted age" in html and "RoI 3" in html
@@ -308,9 +324,9 @@ def test_missing_figures_are_dropped(context, tmp_path):
 
 
 def test_subject_page_carries_the_group_section(context):
-    from brainage_xai import reports
+    from brainage_xai import report as reports
 
-    info = report.subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
+    info = subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
     qc = {"DeclaredSpace": "MNI152NLin2009cAsym", "Orientation": "RAS", "VoxelSize": [8.0] * 3,
           "Dice": 0.9, "Correlation": 0.9, "CentroidOffsetMM": 1.0, "Coverage": 1.0,
           "Passed": True, "Thresholds": {"Dice": 0.7, "Correlation": 0.5,

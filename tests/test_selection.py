@@ -11,13 +11,15 @@ import pandas as pd
 import pytest
 
 from brainage_xai.errors import UsageError
+from brainage_xai.model.network import head_from_torch
 from brainage_xai.selection import (
+    SelectionFiles,
+    Splits,
     choose_lambda,
     choose_ranks,
     compute_scree,
     fit_final,
     fit_linear_model,
-    head_from_torch,
     roi_coefficients,
     roi_contributions,
     run_lambda_sweep,
@@ -27,6 +29,17 @@ from brainage_xai.selection import (
 )
 from brainage_xai.selection import rank_sweep as rank_sweep_mod
 from brainage_xai.utils.io import read_tsv
+
+
+def files(group, cache=None) -> SelectionFiles:
+    """Where run_selection writes, named as the group level names them."""
+    from brainage_xai.bids.derivatives import GroupOutputs
+
+    out = GroupOutputs(group, cache or group / "work")
+    return SelectionFiles(scree=out.scree, rank_sweep=out.rank_sweep, lambda_sweep=out.lambda_sweep,
+                          selection=out.selection, decomposition=out.decomposition,
+                          decomposition_json=out.decomposition_json, loadings=out.loadings,
+                          rank_sweep_cache=None if cache is None else out.rank_sweep_cache)
 
 # Small but not tiny: uneven sizes catch transposed modes.
 N_TRAIN, N_VAL, N_TEST, C, V = 48, 20, 20, 21, 64
@@ -317,7 +330,7 @@ def test_r2_among_equal_candidates_is_chosen_by_validation_mae():
 
 
 def test_r1_is_raised_until_the_linear_model_predicts_about_as_well_as_the_best():
-    from brainage_xai.selection.rank_sweep import PREDICTION_TOLERANCE
+    from brainage_xai.selection.rank_choice import PREDICTION_TOLERANCE
 
     assert PREDICTION_TOLERANCE == 0.10
     # The knee is R1 = 6, but its RoIs' linear model is three times worse than R1 = 8's:
@@ -521,7 +534,7 @@ def test_fit_final_metrics(cohort):
     def head(avg):
         return np.c_[avg, np.ones(len(avg))] @ coef
 
-    final = fit_final(A_tr, A_va, A_te, y_tr, y_va, y_te, (7, 7), 0.0, head)
+    final = fit_final(Splits(A_tr, A_va, A_te), Splits(y_tr, y_va, y_te), (7, 7), 0.0, head)
     # The same head as the torch layer a trained network ends with.
     import torch
 
@@ -558,8 +571,8 @@ def test_run_selection_with_given_ranks_and_lambda(cohort, tmp_path, monkeypatch
     ids = {s: [f"sub-{s}{i:02d}" for i in range(len(a))] for s, a in zip(("train", "val", "test"), (A_tr, A_va, A_te))}
     group = tmp_path / "group"
     out = run_selection(
-        A_tr, A_va, A_te, y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :],
-        group, ranks=(6, 4), l1=0.0, participant_ids=ids, target_names=["age"], quiet=True,
+        Splits(A_tr, A_va, A_te), Splits(y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :]),
+        files(group), ranks=(6, 4), l1=0.0, participant_ids=ids, target_names=["age"], quiet=True,
     )
     assert out["rank_sweep"] is None and out["lambda_sweep"] is None
     sel = json.loads((group / "selection.json").read_text())
@@ -569,13 +582,13 @@ def test_run_selection_with_given_ranks_and_lambda(cohort, tmp_path, monkeypatch
     with np.load(group / "decomposition.npz") as z:
         assert z["core"].shape == (6, 4, 6) and z["U3"].shape == (V, 6)
     loadings = read_tsv(group / "loadings.tsv")
-    assert loadings.columns.tolist() == ["participant_id", "split"] + [f"roi_{r}" for r in range(1, 7)] + ["predicted_age"]
+    assert loadings.columns.tolist() == ["participant_id", "split"] + [f"RoI {r}" for r in range(1, 7)] + ["predicted_age"]
     assert loadings["participant_id"].tolist()[:2] == ["sub-train00", "sub-train01"]
     decomposition = json.loads((group / "decomposition.json").read_text())
     assert decomposition["rank"] == [6, 4]
     assert "linear_model_on_decomposition" in decomposition["metrics"]["test"]
     assert not (group / "metrics.json").exists()  # the group level owns metrics.json
-    assert (group / "scree.tsv").exists() and (group / "figures" / "scree.png").stat().st_size > 0
+    assert (group / "scree.tsv").exists() and not (group / "figures").exists()  # the stage draws
 
 
 def test_run_selection_end_to_end(cohort, sweep_small, tmp_path):
@@ -588,16 +601,14 @@ def test_run_selection_end_to_end(cohort, sweep_small, tmp_path):
         src = sweep_small[1].with_suffix(suffix)
         (group / src.name).write_bytes(src.read_bytes())
     out = run_selection(
-        A_tr, A_va, A_te, y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :],
-        group, rank_grid=range(2, 10), lambda_grid=[0.0, 1e-2, 1e-1], quiet=True,
-        work_dir=tmp_path / "work",
+        Splits(A_tr, A_va, A_te), Splits(y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :]),
+        files(group, tmp_path / "work"), rank_grid=range(2, 10), lambda_grid=[0.0, 1e-2, 1e-1], quiet=True,
     )
     assert out["ranks"]["R1"] in (6, 7, 8)
     assert out["rank_sweep"].attrs == {"n_fitted": 0, "n_resumed": 36}
     for name in (
         "scree.tsv", "scree.json", "rank_sweep.tsv", "rank_sweep.json", "lambda_sweep.tsv",
         "selection.json", "decomposition.npz", "decomposition.json", "loadings.tsv",
-        "figures/scree.png", "figures/rank_sweep.png", "figures/lambda_sweep.png",
     ):
         assert (group / name).stat().st_size > 0, name
     lam = read_tsv(group / "lambda_sweep.tsv")
@@ -614,8 +625,8 @@ def test_run_selection_torch_float32_two_targets(cohort, tmp_path):
     Y = np.c_[y, 100 - 0.5 * y]  # a second target, e.g. a cognitive score
     group = tmp_path / "group"
     out = run_selection(
-        A_tr, A_va, A_te, Y[:N_TRAIN], Y[N_TRAIN : N_TRAIN + N_VAL], Y[N_TRAIN + N_VAL :],
-        group, ranks=(7, 7), lambda_grid=[0.0, 0.05], target_names=["age", "score"], quiet=True,
+        Splits(A_tr, A_va, A_te), Splits(Y[:N_TRAIN], Y[N_TRAIN : N_TRAIN + N_VAL], Y[N_TRAIN + N_VAL :]),
+        files(group), ranks=(7, 7), lambda_grid=[0.0, 0.05], target_names=["age", "score"], quiet=True,
     )
     final = out["final"]
     assert final.roi_coefficients.shape == (7, 2)
@@ -634,19 +645,23 @@ def test_run_selection_on_a_torch_device_gives_the_hosts_choice(cohort, tmp_path
 
     A, y = cohort
     A_tr, A_va, A_te = splits(A.astype(np.float32))
-    ys = y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :]
+    ys = Splits(y[:N_TRAIN], y[N_TRAIN : N_TRAIN + N_VAL], y[N_TRAIN + N_VAL :])
+    A3 = Splits(A_tr, A_va, A_te)
     kw = dict(rank_grid=range(5, 9), lambda_grid=[0.0, 1e-2, 1e-1], quiet=True, n_jobs=2)
-    host = run_selection(A_tr, A_va, A_te, *ys, tmp_path / "host", **kw)
+    host = run_selection(A3, ys, files(tmp_path / "host"), **kw)
     with caplog.at_level(logging.INFO, logger="brainage_xai.selection"):
-        dev = run_selection(A_tr, A_va, A_te, *ys, tmp_path / "dev", device="cpu", **kw)
+        dev = run_selection(A3, ys, files(tmp_path / "dev"), device="cpu", **kw)
     assert "sweeps and final fit on cpu, one fit at a time" in caplog.text
     assert (dev["ranks"]["R1"], dev["ranks"]["R2"]) == (host["ranks"]["R1"], host["ranks"]["R2"])
     assert dev["lambda"]["lambda"] == host["lambda"]["lambda"]
     # torch and numpy round differently, and the sweep's fits stop at a loose tolerance:
-    # the cells R2 < R1 (local minima) land within 1 % of each other.
+    # the cells R2 >= R1 (one optimum, the CP fit's) agree closely; the cells R2 < R1 are
+    # local minima that land within several per cent of each other (up to 6 % seen on one CPU).
     cols = ["R1", "R2", "train_error", "val_error"]
-    pd.testing.assert_frame_equal(host["rank_sweep"][cols], dev["rank_sweep"][cols],
-                                  check_exact=False, rtol=1e-2)
+    for rule, rtol in ((lambda t: t["R2"] >= t["R1"], 2e-3), (lambda t: t["R2"] < t["R1"], 0.1)):
+        a, b = host["rank_sweep"], dev["rank_sweep"]
+        pd.testing.assert_frame_equal(a.loc[rule(a), cols], b.loc[rule(b), cols],
+                                      check_exact=False, rtol=rtol)
     U3 = [np.load(tmp_path / d / "decomposition.npz")["U3"] for d in ("host", "dev")]
     r = [np.corrcoef(U3[0][:, k], U3[1][:, k])[0, 1] for k in range(U3[0].shape[1])]
     assert min(r) > 0.999, r
@@ -656,7 +671,7 @@ def test_run_selection_on_a_torch_device_gives_the_hosts_choice(cohort, tmp_path
     for name in ("rank_sweep.tsv", "rank_sweep.json", "lambda_sweep.tsv", "lambda_sweep.json"):
         (tmp_path / "resume" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "resume" / name).write_bytes((tmp_path / "host" / name).read_bytes())
-    again = run_selection(A_tr, A_va, A_te, *ys, tmp_path / "resume", device="cpu", **kw)
+    again = run_selection(A3, ys, files(tmp_path / "resume"), device="cpu", **kw)
     assert again["rank_sweep"].attrs == {"n_fitted": 0, "n_resumed": 10}  # the cells R2 <= R1
     assert again["lambda_sweep"].attrs["n_fitted"] == 0
 
@@ -680,7 +695,7 @@ def test_torch_tensors_are_checked_and_hashed_as_numpy_arrays(cohort):
         _check_tensor(bad, "A_train")
     with pytest.raises(ValueError, match="3-way"):
         _check_tensor(T[0], "A_train")
-    res = fit_final(A, A[:5], A[5:10], np.arange(N_TRAIN), np.arange(5), np.arange(5),
+    res = fit_final(Splits(A, A[:5], A[5:10]), Splits(np.arange(N_TRAIN), np.arange(5), np.arange(5)),
                     (4, 4), 0.0).result
     assert lambda_scale(T, res) == pytest.approx(lambda_scale(A, res), rel=1e-5)
 

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from brainage_xai.errors import OutputError, UsageError
+from brainage_xai.imaging.templates import model_grid
 from brainage_xai.simulate import PLANTED, draw_participants, main, simulate_cohort
-from brainage_xai.templates import model_grid
 from brainage_xai.utils.io import read_tsv
 
 SPACE = "MNI152NLin2009cAsym"
@@ -58,8 +58,8 @@ def test_layout_and_tables(sim_bids):
 def test_planted_regions_are_compact_and_named(sim_bids):
     # Most of the brain carries no age effect (so that occluding a region differs from
     # occluding a random blob), each region lies in its two balls and in its lobe.
-    from brainage_xai.atlas import load_atlas
-    from brainage_xai.templates import get_template
+    from brainage_xai.imaging.atlas import load_atlas
+    from brainage_xai.imaging.templates import get_template
 
     tpl = get_template(4)
     brain = np.asarray(tpl.mask.dataobj) > 0
@@ -211,7 +211,7 @@ def test_stiffness_map(sim_bids):
 
 
 def test_imperfect_registration(sim_bids):
-    from brainage_xai.templates import get_template
+    from brainage_xai.imaging.templates import get_template
 
     _, gm = _maps(sim_bids)
     template = np.asarray(get_template(4).gm.get_fdata())
@@ -243,7 +243,7 @@ def test_unfinished_run_is_completed_and_foreign_folder_refused(tmp_path):
 
 
 def test_dataset_of_an_older_model_is_not_reused(tmp_path, monkeypatch):
-    import brainage_xai.simulate as simulate
+    import brainage_xai.simulate.cohort as simulate
 
     out = simulate_cohort(tmp_path / "m", n_subjects=2, resolution=8, seed=1, quiet=True)
     params = json.loads((out / "sourcedata" / "simulation" / "simulation.json").read_text())

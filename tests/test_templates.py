@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from brainage_xai.errors import UsageError
-from brainage_xai.templates import TEMPLATE_NAME, get_template, model_grid
+from brainage_xai.imaging.templates import TEMPLATE_NAME, get_template, model_grid
 
 
 def test_model_grid_2mm_is_nilearns_grid():
