@@ -53,9 +53,9 @@ def worker(args) -> None:
     from bench_backprojection import _tensor_parts
     from bench_explanations import _inputs, run_rois
 
-    from brainage_xai import backprojection
+    from brainage_xai.explain import backprojection
+    from brainage_xai.explain.occlusion import torch_predictor
     from brainage_xai.model.training import resolve_device, resolve_precision
-    from brainage_xai.occlusion import torch_predictor
 
     out = Path(args.output)
     group = out / "group"

@@ -5,7 +5,7 @@ activations carry the component. A feature voxel of ``block1`` sees 60 mm of inp
 the input that drives a component's loadings can lie elsewhere than its U3 map. This
 benchmark takes an existing group run (nothing is retrained) and, for every component
 ``r``, back-projects its loading through the network to the input grid with
-:func:`brainage_xai.backprojection.back_project` (what the group level writes as
+:func:`brainage_xai.explain.backprojection.back_project` (what the group level writes as
 ``*_desc-backprojected_components.nii.gz``; this also scores runs made before it):
 
 - the loading functional ``s_r = P[r] · M^T vec(T)`` of the subject's decomposed tensor
@@ -70,7 +70,7 @@ KINDS = ("grad", "contrib", "cov")
 def _tensor_parts(model, X, layer, tensor):
     """The training centre, scale and relevance weight, from a forward pass over ``X``
     (the group level reads them from its stored activations)."""
-    from brainage_xai.activations import gradient_rms, iter_activations
+    from brainage_xai.model.activations import gradient_rms, iter_activations
     from brainage_xai.selection import channel_scale, relevance_weight
 
     A = np.concatenate(list(iter_activations(model, X, layer, batch_size=16)))
@@ -87,12 +87,12 @@ def _tensor_parts(model, X, layer, tensor):
 def back_project(model, x, train, layer, dec, tensor, batch_size=8, quiet=False, dtype=None):
     """``{kind: (R, *grid)}`` maps and the training loadings ``S`` (n_train, R).
 
-    The package's :func:`brainage_xai.backprojection.back_project` with its diagnostic
+    The package's :func:`brainage_xai.explain.backprojection.back_project` with its diagnostic
     maps.
     """
     import torch
 
-    from brainage_xai import backprojection
+    from brainage_xai.explain import backprojection
 
     X = torch.from_numpy(np.ascontiguousarray(x[train][:, None])).float()
     bp = backprojection.back_project(model, X, layer, dec["U2"], dec["D"], dec["U3"], tensor=tensor,
@@ -108,7 +108,7 @@ def speed(args) -> int:
     medians, their ratio, and how far the maps and loadings agree."""
     import torch
 
-    from brainage_xai import backprojection
+    from brainage_xai.explain import backprojection
     from brainage_xai.model.training import resolve_device, resolve_precision
 
     out = Path(args.output)
@@ -155,8 +155,8 @@ def speed(args) -> int:
 def evaluate(args):
     import nibabel as nib
 
-    from brainage_xai import rois
-    from brainage_xai.templates import get_template
+    from brainage_xai.explain import rois
+    from brainage_xai.imaging.templates import get_template
     from brainage_xai.utils.io import read_tsv
 
     bids, out = Path(args.bids), Path(args.output)

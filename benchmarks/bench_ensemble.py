@@ -58,7 +58,7 @@ def _activations(out: Path, model, x, dev, layer: str | None):
     """The run's stored activation tensor ``(n, c, v)`` (memory-mapped), or recomputed."""
     import torch
 
-    from brainage_xai.activations import iter_activations, load_activation_tensor
+    from brainage_xai.model.activations import iter_activations, load_activation_tensor
 
     found = sorted((out / ".work" / "group" / "activations").glob("layer-*_activations.json"))
     for path in found:
@@ -90,11 +90,11 @@ def main(argv=None) -> int:
     import torch
     from bench_explanations import _inputs, _nulls
 
-    from brainage_xai import occlusion, rois
-    from brainage_xai.activations import gradient_rms
+    from brainage_xai.explain import occlusion, rois
+    from brainage_xai.imaging.templates import get_template
+    from brainage_xai.model.activations import gradient_rms
     from brainage_xai.model.training import resolve_precision
     from brainage_xai.selection import deviation_splits, fit_final, run_selection
-    from brainage_xai.templates import get_template
     from brainage_xai.utils.io import read_tsv
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

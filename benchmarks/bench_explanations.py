@@ -46,7 +46,7 @@ the decoy by none, median best correlation >= 0.6 x ceiling, every matched RoI a
 occlusion null.
 
 The same goal is then read on the RoIs related to the target only (``related``: the
-target predicts at least ``brainage_xai.loadings.RELATED_R2`` of the RoI's loadings'
+target predicts at least ``brainage_xai.explain.loadings.RELATED_R2`` of the RoI's loadings'
 variance, cross-validated, from ``loadings_vs_<target>.tsv``; the others are components
 of other variation, which the report says): ``roi_related`` / ``which_related`` per region,
 and ``goal_met_related`` with every related RoI (not only the matched ones) above its
@@ -87,7 +87,7 @@ def _one(folder: Path, pattern: str) -> Path:
 
 
 def _best(maps, target, within):
-    from brainage_xai.rois import spatial_correlation
+    from brainage_xai.explain.rois import spatial_correlation
 
     corrs = [spatial_correlation(m, target, within) for m in maps]
     k = int(np.argmax(corrs))
@@ -102,7 +102,7 @@ def _nulls(u3, geometry, masks, brain, rng, n_perm):
     ``shift`` rolls each RoI's feature map by a random offset per axis (wrapping), which
     keeps its size and smoothness and moves it elsewhere.
     """
-    from brainage_xai.rois import columns_to_feature_maps, downsample, upsample
+    from brainage_xai.explain.rois import columns_to_feature_maps, downsample, upsample
 
     idx = np.flatnonzero(downsample(brain.astype(float), geometry).ravel() > 0.5)
     maps = columns_to_feature_maps(u3, geometry.feature_shape)
@@ -126,7 +126,7 @@ def input_grid_score(maps, masks, brain, rng, n_perm):
     """Maps on the input grid (back-projected RoIs): each region's correlation with each
     map ``(regions, maps)``, and per region the 95th percentile of the best correlation
     with the maps' voxels shuffled within the brain (their ``perm95``)."""
-    from brainage_xai.rois import spatial_correlation
+    from brainage_xai.explain.rois import spatial_correlation
 
     corr = np.array([[spatial_correlation(m, mask, brain) for m in maps] for mask in masks])
     inside = [m[brain] for m in maps]
@@ -144,7 +144,7 @@ def run_rois(group: Path):
     """The run's RoI image, its feature geometry and the components' JSON sidecar."""
     import nibabel as nib
 
-    from brainage_xai import rois
+    from brainage_xai.explain import rois
 
     comps_path = _one(group, "*_desc-rois_components.nii.gz")
     sidecar = json.loads(comps_path.with_name(comps_path.name.replace(".nii.gz", ".json"))
@@ -161,7 +161,7 @@ def _related_rois(group: Path, n_rois: int) -> np.ndarray:
     From ``loadings_vs_<target>.tsv``'s cross-validated RMSEs, so that runs written
     before its ``cv_r2`` column are read the same way.
     """
-    from brainage_xai.loadings import RELATED_R2
+    from brainage_xai.explain.loadings import RELATED_R2
     from brainage_xai.utils.io import read_tsv
 
     fits = read_tsv(_one(group, "loadings_vs_*.tsv")).set_index("roi")
@@ -173,7 +173,7 @@ def _related_rois(group: Path, n_rois: int) -> np.ndarray:
 
 def _inputs(out: Path, group: Path, resolution: float, device: str):
     """The run's network, its standardised inputs ``(n, X, Y, Z)``, splits and targets."""
-    from brainage_xai.derivatives import collect_preprocessed
+    from brainage_xai.bids.derivatives import collect_preprocessed
     from brainage_xai.model.data import load_maps, standardise_inputs
     from brainage_xai.model.io import load_model
     from brainage_xai.model.training import resolve_device
@@ -205,10 +205,10 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
     """
     import torch
 
-    from brainage_xai.activations import gradient_rms, iter_activations
     from brainage_xai.decomposition import fit_constrained_tucker
+    from brainage_xai.explain.rois import roi_maps
+    from brainage_xai.model.activations import gradient_rms, iter_activations
     from brainage_xai.model.network import build_network
-    from brainage_xai.rois import roi_maps
     from brainage_xai.selection import channel_scale, deviation_tensor, relevance_weight
 
     dev, model, meta, x, which, _ = inputs
@@ -242,7 +242,7 @@ def _random_network_null(inputs, layer, geometry, masks, brain, dec, n_nets, see
 
 def _occlude_planted(inputs, masks, names, brain, resolution: float, draws: int, seed: int):
     """The occlusion test with the planted masks as RoIs (positive control)."""
-    from brainage_xai import occlusion
+    from brainage_xai.explain import occlusion
     from brainage_xai.model.training import resolve_precision
 
     dev, model, meta, x, which, y = inputs
@@ -261,8 +261,8 @@ def _occlude_planted(inputs, masks, names, brain, resolution: float, draws: int,
 def evaluate(args) -> tuple[pd.DataFrame, dict]:
     import nibabel as nib
 
-    from brainage_xai import rois
-    from brainage_xai.templates import get_template
+    from brainage_xai.explain import rois
+    from brainage_xai.imaging.templates import get_template
     from brainage_xai.utils.io import read_tsv
 
     bids, out = Path(args.bids), Path(args.output)

@@ -56,10 +56,11 @@ def main(argv=None) -> int:
     import torch
     from bench_explanations import _inputs
 
-    from brainage_xai import rois
-    from brainage_xai.activations import gradient_rms, iter_activations
     from brainage_xai.decomposition import _solver
-    from brainage_xai.loadings import RELATED_R2, fit_trajectory
+    from brainage_xai.explain import rois
+    from brainage_xai.explain.loadings import RELATED_R2, fit_trajectory
+    from brainage_xai.imaging.templates import get_template
+    from brainage_xai.model.activations import gradient_rms, iter_activations
     from brainage_xai.selection import (
         RELEVANCE_POWER,
         channel_scale,
@@ -67,7 +68,6 @@ def main(argv=None) -> int:
         fit_final,
         relevance_weight,
     )
-    from brainage_xai.templates import get_template
     from brainage_xai.utils.io import read_tsv
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         p.error("needs Linux /proc to read the resident memory")
     lo, hi = (int(v) for v in args.rank_grid.split(":"))
 
-    from brainage_xai.activations import load_activation_tensor
+    from brainage_xai.model.activations import load_activation_tensor
     from brainage_xai.selection import deviation_splits, workflow
 
     found = sorted(Path(args.output).glob(".work/group/activations/*.npy"))

@@ -34,7 +34,7 @@ import pandas as pd
 
 def load_run(bids: Path, output: Path):
     """``(A, y)``: the deviation tensors and standardised ages per split of a group run."""
-    from brainage_xai.activations import load_activation_tensor
+    from brainage_xai.model.activations import load_activation_tensor
     from brainage_xai.selection import deviation_splits
 
     found = sorted((output / ".work" / "group" / "activations").glob("layer-*_activations.json"))

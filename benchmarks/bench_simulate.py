@@ -25,7 +25,7 @@ import numpy as np
 
 
 def _features(root: Path, resolution: int):
-    from brainage_xai.atlas import load_atlas
+    from brainage_xai.imaging.atlas import load_atlas
     from brainage_xai.utils.io import read_tsv
 
     table = read_tsv(root / "participants.tsv")

@@ -47,7 +47,7 @@ def prepare(args) -> tuple[Path, Path]:
 
 
 def throughput(out: Path, args) -> None:
-    from brainage_xai.derivatives import collect_preprocessed
+    from brainage_xai.bids.derivatives import collect_preprocessed
     from brainage_xai.model.data import input_normalisation, load_maps, standardise_inputs
     from brainage_xai.model.network import PreActResNet3d
 
