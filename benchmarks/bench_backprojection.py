@@ -1,6 +1,6 @@
 """Are the RoIs where their loadings come from? Back-projection to the input grid.
 
-An RoI is a column of U3 on the feature grid, upsampled (``rois``): where the layer's
+An RoI is a column of U3 on the feature grid, upsampled (``explain.rois``): where the layer's
 activations carry the component. A feature voxel of ``block1`` sees 60 mm of input, so
 the input that drives a component's loadings can lie elsewhere than its U3 map. This
 benchmark takes an existing group run (nothing is retrained) and, for every component
@@ -26,17 +26,17 @@ best correlation with the maps' voxels shuffled within the brain), the median ov
 planted regions, and the time taken. ``cov`` is each input voxel's (first-order) share
 of the loading's variance over subjects: summed over voxels it is Var(s_r), so it shows
 where the loading's differences between subjects come from. With ``--occlusion N`` the
-back-projected maps, thresholded as the RoIs are (``rois.DEFAULT_THRESHOLD`` of the
+back-projected maps, thresholded as the RoIs are (``explain.rois.DEFAULT_THRESHOLD`` of the
 peak), also go through the occlusion test with N random blobs each, beside the run's own
 ``occlusion.tsv``::
 
-    python benchmarks/bench_backprojection.py --bids /tmp/demo/bids --output /tmp/demo/results
+    python benchmarks/bench_backprojection.py --bids DEMO/bids --output DEMO/results
 
 With ``--speed N`` it only times the group level's back-projection over N training
 subjects, in float32 (the baseline) and in the precision the group level uses (bf16 on
 CPUs with AMX and on GPUs), and prints how far their maps agree::
 
-    python benchmarks/bench_backprojection.py --bids /tmp/demo/bids --output /tmp/demo/results \
+    python benchmarks/bench_backprojection.py --bids DEMO/bids --output DEMO/results \
         --speed 40 --repeats 3
 
 A map on the input grid has resolution ceiling 1; the ``u3`` median is divided by the
@@ -102,8 +102,8 @@ def back_project(model, x, train, layer, dec, tensor, batch_size=8, quiet=False,
 
 
 def speed(args) -> int:
-    """Time the group level's back-projection in float32 (the baseline: before stop 17)
-    against the autocast precision the group level now uses (``resolve_precision("auto")``),
+    """Time the group level's back-projection in float32 (the baseline) against the
+    autocast precision the group level uses (``resolve_precision("auto")``),
     on the first ``--speed`` training subjects, ``--repeats`` times each in turn; print the
     medians, their ratio, and how far the maps and loadings agree."""
     import torch
@@ -155,7 +155,9 @@ def speed(args) -> int:
 def evaluate(args):
     import nibabel as nib
 
-    from brainage_xai.explain import rois
+    from brainage_xai.bids.derivatives import roi_names
+    from brainage_xai.explain.rois import DEFAULT_THRESHOLD
+    from brainage_xai.imaging.geometry import resolution_ceiling
     from brainage_xai.imaging.templates import get_template
     from brainage_xai.utils.io import read_tsv
 
@@ -190,7 +192,7 @@ def evaluate(args):
     fit = [float(np.corrcoef(S[:, r], dec["U1"][:, r])[0, 1]) for r in range(S.shape[1])]
     if args.save:
         np.savez_compressed(args.save, **{k: v.astype(np.float32) for k, v in maps.items()})
-    ceilings = np.array([rois.resolution_ceiling(m, geo, brain) for m in masks])
+    ceilings = np.array([resolution_ceiling(m, geo, brain) for m in masks])
     rng = np.random.default_rng(args.seed)
     rows = {"region": [f"{n} ({t})" for n, t in zip(table["name"], table["trajectory"])]}
     medians = {}
@@ -213,15 +215,13 @@ def evaluate(args):
         summary[f"decoy best, {kind} (below perm95?)"] = f"{decoy[kind][0]:.2f} ({'yes' if decoy[kind][1] else 'no'})"
     if args.occlusion:
         # u3: the run's own occlusion test; the others: each map thresholded as
-        # rois.roi_masks does (DEFAULT_THRESHOLD of its peak), same test subjects.
-        from brainage_xai.utils.io import read_tsv as _read
-
-        occ = {"u3": _read(group / "occlusion.tsv")}
+        # explain.rois.roi_masks does (DEFAULT_THRESHOLD of its peak), same test subjects.
+        occ = {"u3": read_tsv(group / "occlusion.tsv")}
         for kind in args.occlusion_kinds.split(","):
             m = maps[kind] * brain
             peak = m.reshape(len(m), -1).max(1)[:, None, None, None]
-            masks_k = (m >= rois.DEFAULT_THRESHOLD * peak) & (m > 0)
-            occ[kind] = _occlude_planted(inputs, list(masks_k), [f"RoI {r + 1}" for r in range(len(m))],
+            masks_k = (m >= DEFAULT_THRESHOLD * peak) & (m > 0)
+            occ[kind] = _occlude_planted(inputs, list(masks_k), roi_names(len(m)),
                                          brain, resolution, args.occlusion, args.seed)
         for kind, t in occ.items():
             gains = ", ".join(f"{g:.2f}{'*' if a else ''}" for g, a in zip(t["mae_increase"], t["above_null"]))

@@ -58,9 +58,11 @@ def _activations(out: Path, model, x, dev, layer: str | None):
     """The run's stored activation tensor ``(n, c, v)`` (memory-mapped), or recomputed."""
     import torch
 
+    from brainage_xai.bids.derivatives import GroupOutputs
     from brainage_xai.model.activations import iter_activations, load_activation_tensor
 
-    found = sorted((out / ".work" / "group" / "activations").glob("layer-*_activations.json"))
+    _, pattern = GroupOutputs(out / "group", out / ".work" / "group").activations("*")
+    found = sorted(pattern.parent.glob(pattern.name))
     for path in found:
         act = load_activation_tensor(path)
         if layer is None or act.layer == layer:
@@ -90,11 +92,19 @@ def main(argv=None) -> int:
     import torch
     from bench_explanations import _inputs, _nulls
 
+    from brainage_xai.bids.derivatives import GroupOutputs
     from brainage_xai.explain import occlusion, rois
+    from brainage_xai.imaging.geometry import resolution_ceiling, spatial_correlation
     from brainage_xai.imaging.templates import get_template
-    from brainage_xai.model.activations import gradient_rms
+    from brainage_xai.model.activations import feature_geometry, gradient_rms
     from brainage_xai.model.training import resolve_precision
-    from brainage_xai.selection import deviation_splits, fit_final, run_selection
+    from brainage_xai.selection import (
+        SelectionFiles,
+        Splits,
+        deviation_splits,
+        fit_final,
+        run_selection,
+    )
     from brainage_xai.utils.io import read_tsv
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -156,9 +166,9 @@ def main(argv=None) -> int:
     if args.save_ensemble:
         _save_ensemble(members, Path(args.save_ensemble))
     rows = {s: np.flatnonzero(which == s) for s in ("train", "val", "test")}
-    ages = {s: y[r] for s, r in rows.items()}
-    geo = rois.feature_geometry(model, model.activation_module_name(layer), x.shape[1:])
-    ceiling = np.array([rois.resolution_ceiling(mk, geo, brain) for mk in masks])
+    ages = Splits.from_dict({s: y[r] for s, r in rows.items()})
+    geo = feature_geometry(model, model.activation_module_name(layer), x.shape[1:])
+    ceiling = np.array([resolution_ceiling(mk, geo, brain) for mk in masks])
     target = meta["targets"][0]
 
     def network_mae(member_list):
@@ -191,11 +201,10 @@ def main(argv=None) -> int:
 
     def score(label, rank, T, l1=0.0):
         t0 = time.perf_counter()
-        fit = fit_final(T["train"], T["val"], T["test"], ages["train"], ages["val"], ages["test"],
-                        rank, l1)
+        fit = fit_final(Splits.from_dict(T), ages, rank, l1)
         u3 = np.asarray(fit.result.factors[2])
         up = rois.roi_maps(u3, geo, brain)
-        best = np.array([max(rois.spatial_correlation(u, mk, brain) for u in up) for mk in masks])
+        best = np.array([max(spatial_correlation(u, mk, brain) for u in up) for mk in masks])
         null = _nulls(u3, geo, masks, brain, rng, args.permutations)["permute"]
         median = float(np.median((best / ceiling)[planted]))
         decoy = bool(np.any(best[~planted] > null[~planted]))
@@ -215,9 +224,13 @@ def main(argv=None) -> int:
     if args.selection:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            out = run_selection(pooled["train"], pooled["val"], pooled["test"], ages["train"], ages["val"],
-                                ages["test"], tmp, rank_grid=list(range(lo, hi + 1)), n_jobs=-1,
-                                quiet=True)
+            paths = GroupOutputs(Path(tmp), Path(tmp) / "work")
+            files = SelectionFiles(
+                scree=paths.scree, rank_sweep=paths.rank_sweep, lambda_sweep=paths.lambda_sweep,
+                selection=paths.selection, decomposition=paths.decomposition,
+                decomposition_json=paths.decomposition_json, loadings=paths.loadings)
+            out = run_selection(Splits.from_dict(pooled), ages, files, rank_grid=list(range(lo, hi + 1)),
+                                n_jobs=-1, quiet=True)
             rank = (out["ranks"]["R1"], out["ranks"]["R2"])
             print(f"automatic selection on the ensemble's tensor: ranks {rank}, λ {out['lambda']['lambda']:.3g} "
                   f"({time.perf_counter() - t0:.0f} s)")
@@ -241,7 +254,7 @@ def main(argv=None) -> int:
             predict, x[rows["test"]], y[rows["test"]], rois.roi_masks(comp), x[rows["train"]].mean(axis=0),
             brain, n_random=args.occlusion, seed=0, zooms=(resolution,) * 3)
         up = rois.roi_maps(last, geo, brain)
-        matched = {int(np.argmax([rois.spatial_correlation(u, mk, brain) for u in up])) for mk, k
+        matched = {int(np.argmax([spatial_correlation(u, mk, brain) for u in up])) for mk, k
                    in zip(masks, planted) if k}
         print(f"\nocclusion of the last ensemble fit's RoIs with the ensemble's predictor "
               f"({args.occlusion} blobs each, {time.perf_counter() - t0:.0f} s):")

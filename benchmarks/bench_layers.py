@@ -16,8 +16,8 @@ A diagnostic for issue 6 on the simulated cohort, from an existing run's trained
   least-squares decomposition fits the strongest responses first;
 - for the baseline (``activations``, the paper's tensor) and ``deviations`` (each
   subject's deviation from the training mean, each channel in units of its spread,
-  ``--tensor deviations``; ``deviations-unscaled`` leaves the channels as they are, as
-  before the scaling was added; ``relevance``, the deviations weighted by the network's
+  ``--tensor deviations``; ``deviations-unscaled`` leaves the channels in their own
+  units; ``relevance``, the deviations weighted by the network's
   output gradient, ``--tensor relevance``; ``relevance-full`` the same with the weight's
   power 1 instead of 0.5: each deviation's expected contribution), at each rank (``R`` for R1 = R2, or ``R1xR2``) and
   λ (``--lambdas``, default 0; in the units of the group run's own sweep, which
@@ -29,7 +29,7 @@ A diagnostic for issue 6 on the simulated cohort, from an existing run's trained
 
 ``--seeds`` refits each cell with several random states and ``--svd-power-iter`` with
 other numbers of subspace iterations in the SVD start (default: the package's,
-``SVD_POWER_ITER``; 0 is the start before stop 13), printing the training error: whether
+``SVD_POWER_ITER``; 0: none, the plain randomised start), printing the training error: whether
 the fit, and so the RoIs, depend on the seed (docs/decomposition.md, "Initialisation").
 
 Run::
@@ -57,12 +57,14 @@ def main(argv=None) -> int:
     from bench_explanations import _inputs
 
     from brainage_xai.decomposition import _solver
-    from brainage_xai.explain import rois
     from brainage_xai.explain.loadings import RELATED_R2, fit_trajectory
+    from brainage_xai.explain.rois import columns_to_feature_maps, roi_maps
+    from brainage_xai.imaging.geometry import resolution_ceiling, spatial_correlation, upsample
     from brainage_xai.imaging.templates import get_template
-    from brainage_xai.model.activations import gradient_rms, iter_activations
+    from brainage_xai.model.activations import feature_geometry, gradient_rms, iter_activations
     from brainage_xai.selection import (
         RELEVANCE_POWER,
+        Splits,
         channel_scale,
         deviation_tensor,
         fit_final,
@@ -123,25 +125,26 @@ def main(argv=None) -> int:
         f"{n[:10]} {xvar[m].mean() / xvar[brain].mean():.1f}" for n, m in zip(names, masks)))
     for layer in layers:
         A = np.concatenate(list(iter_activations(model, X, layer, batch_size=16, device=dev)))
-        geo = rois.feature_geometry(model, model.activation_module_name(layer), x.shape[1:])
+        geo = feature_geometry(model, model.activation_module_name(layer), x.shape[1:])
         A = A.reshape(A.shape[0], A.shape[1], -1).astype(np.float32)
-        ceiling = [rois.resolution_ceiling(m, geo, brain) for m in masks]
+        ceiling = [resolution_ceiling(m, geo, brain) for m in masks]
         Z = (A - A.mean(0)) / (A.std(0) + 1e-9)
         cells = []
         for name, mask, ceil in zip(names, masks, ceiling):
             e = (traj[name] - traj[f"{name}_trajectory"]).to_numpy(float)
             e = (e - e.mean()) / e.std()
             r2 = ((np.einsum("n,ncv->cv", e, Z) / len(e)) ** 2).max(axis=0)
-            up = rois.upsample(rois.columns_to_feature_maps(r2[:, None], geo.feature_shape), geo)[0] * brain
-            cells.append(f"{name[:10]} {rois.spatial_correlation(up, mask, brain):.2f}/{ceil:.2f}")
+            up = upsample(columns_to_feature_maps(r2[:, None], geo.feature_shape), geo)[0] * brain
+            cells.append(f"{name[:10]} {spatial_correlation(up, mask, brain):.2f}/{ceil:.2f}")
         grid = "x".join(map(str, geo.feature_shape))
         print(f"\n{layer} ({A.shape[1]} channels, {grid}, {geo.stride[0] * resolution:g} mm)")
         print("  signal (corr / ceiling): " + "  ".join(cells))
         var = A.var(axis=0).sum(axis=0)
-        up = rois.upsample(rois.columns_to_feature_maps(var[:, None], geo.feature_shape), geo)[0]
+        up = upsample(columns_to_feature_maps(var[:, None], geo.feature_shape), geo)[0]
         print("  variance (/ brain):      " + "  ".join(
             f"{n[:10]} {up[m].mean() / up[brain].mean():.1f}" for n, m in zip(names, masks)))
         centre = A[which == "train"].mean(axis=0)
+        ages = Splits.from_dict({s: age[which == s] for s in ("train", "val", "test")})
         grad = None  # the training subjects' output gradient, once per layer
         for tensor in tensors:
             T = {s: np.ascontiguousarray(A[which == s]) for s in ("train", "val", "test")}
@@ -159,14 +162,12 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 _solver.SVD_POWER_ITER = default_power if power is None else power
                 try:
-                    fit = fit_final(T["train"], T["val"], T["test"], age[which == "train"],
-                                    age[which == "val"], age[which == "test"], (R1, R2), lam,
-                                    random_state=seed)
+                    fit = fit_final(Splits.from_dict(T), ages, (R1, R2), lam, random_state=seed)
                 finally:
                     _solver.SVD_POWER_ITER = default_power
                 u3 = np.asarray(fit.result.factors[2])
-                up = rois.roi_maps(u3, geo, brain)
-                corr = np.array([[rois.spatial_correlation(u, m, brain) for u in up] for m in masks])
+                up = roi_maps(u3, geo, brain)
+                corr = np.array([[spatial_correlation(u, m, brain) for u in up] for m in masks])
                 best = corr.max(axis=1)
                 ratio = np.median([b / c for b, c, k in zip(best, ceiling, planted) if k])
                 mae = fit.metrics["test"]["linear_model_on_decomposition"]["mae"]

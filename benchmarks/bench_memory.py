@@ -2,7 +2,8 @@
 
 Reads the activation tensor a group run left in its work directory
 (``OUTPUT/.work/group/activations/*.npy``, memory-mapped), builds the tensor the group
-level decomposes (``--tensor``: split by split, as ``group.stage_selection`` does) and
+level decomposes (``--tensor``: split by split, as the selection stage,
+``workflows.group.selection``, does) and
 runs :func:`brainage_xai.selection.run_selection` on it, sampling every 0.2 s the
 resident memory of this process (all of it, and its anonymous part: the file-backed rest
 is the memory-mapped tensor and the libraries, which the kernel can drop) and the
@@ -15,8 +16,8 @@ here mean nothing.
 
 Run::
 
-    brainage-xai-demo /tmp/demo          # or any group run at the demo's settings
-    python benchmarks/bench_memory.py --output /tmp/demo/results [--tensor deviations] \\
+    brainage-xai-demo DEMO               # or any group run at the demo's settings
+    python benchmarks/bench_memory.py --output DEMO/results [--tensor deviations] \\
         [--rank-grid 2:12] [--n-jobs -1]
 """
 
@@ -70,12 +71,15 @@ def main(argv=None) -> int:
         p.error("needs Linux /proc to read the resident memory")
     lo, hi = (int(v) for v in args.rank_grid.split(":"))
 
+    from brainage_xai.bids.derivatives import GroupOutputs
     from brainage_xai.model.activations import load_activation_tensor
-    from brainage_xai.selection import deviation_splits, workflow
+    from brainage_xai.selection import SelectionFiles, Splits, deviation_splits, workflow
 
-    found = sorted(Path(args.output).glob(".work/group/activations/*.npy"))
+    output = Path(args.output)
+    pattern, _ = GroupOutputs(output / "group", output / ".work" / "group").activations("*")
+    found = sorted(pattern.parent.glob(pattern.name))
     if not found:
-        p.error(f"no activation tensor under {args.output}/.work/group/activations; run the group level first")
+        p.error(f"no activation tensor under {pattern.parent}; run the group level first")
 
     peaks: dict[str, list[int]] = {}
     step = ["imports"]
@@ -117,10 +121,16 @@ def main(argv=None) -> int:
     size = sum(a.nbytes for a in A.values())
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        out = GroupOutputs(Path(tmp) / "group", Path(tmp) / "work")
+        files = SelectionFiles(
+            scree=out.scree, rank_sweep=out.rank_sweep, lambda_sweep=out.lambda_sweep,
+            selection=out.selection, decomposition=out.decomposition,
+            decomposition_json=out.decomposition_json, loadings=out.loadings,
+            rank_sweep_cache=out.rank_sweep_cache,
+        )
         workflow.run_selection(
-            A["train"], A["val"], A["test"], y["train"], y["val"], y["test"], Path(tmp) / "group",
+            Splits.from_dict(A), Splits.from_dict(y), files,
             rank_grid=list(range(lo, hi + 1)), quiet=True, n_jobs=args.n_jobs,
-            work_dir=Path(tmp) / "work",
         )
     enter("done")
     time.sleep(0.5)

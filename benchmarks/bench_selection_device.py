@@ -2,8 +2,8 @@
 
 The group level on ``--device cuda`` moves the split tensors to the GPU and runs the rank
 sweep, the λ sweep and the final fit there, one fit at a time
-(:func:`brainage_xai.selection.run_selection`, ``device``). The baseline is what it did
-before and still does on the CPU: numpy, with joblib workers on every core.
+(:func:`brainage_xai.selection.run_selection`, ``device``). The baseline is what it does
+on the CPU: numpy, with joblib workers on every core.
 
 This takes the decomposed layer's activations of an existing group run (its work
 folder; nothing is retrained), builds the deviation tensor as the group level does
@@ -34,12 +34,14 @@ import pandas as pd
 
 def load_run(bids: Path, output: Path):
     """``(A, y)``: the deviation tensors and standardised ages per split of a group run."""
+    from brainage_xai.bids.derivatives import GroupOutputs
     from brainage_xai.model.activations import load_activation_tensor
     from brainage_xai.selection import deviation_splits
 
-    found = sorted((output / ".work" / "group" / "activations").glob("layer-*_activations.json"))
+    _, pattern = GroupOutputs(output / "group", output / ".work" / "group").activations("*")
+    found = sorted(pattern.parent.glob(pattern.name))
     if not found:
-        raise SystemExit(f"no activation tensor under {output}/.work/group/activations: run the group level first")
+        raise SystemExit(f"no activation tensor under {pattern.parent}: run the group level first")
     act = load_activation_tensor(found[0])
     rows = {s: act.rows(s) for s in ("train", "val", "test")}
     A, _, _ = deviation_splits(act.array, rows)
@@ -51,13 +53,20 @@ def load_run(bids: Path, output: Path):
 
 
 def run_once(A, y, grid, device, n_jobs, quiet):
-    from brainage_xai.selection import run_selection
+    from brainage_xai.bids.derivatives import GroupOutputs
+    from brainage_xai.selection import SelectionFiles, Splits, run_selection
     from brainage_xai.selection.scree import as_numpy
 
     with tempfile.TemporaryDirectory() as tmp:
+        names = GroupOutputs(Path(tmp) / "group", Path(tmp) / "work")
+        files = SelectionFiles(
+            scree=names.scree, rank_sweep=names.rank_sweep, lambda_sweep=names.lambda_sweep,
+            selection=names.selection, decomposition=names.decomposition,
+            decomposition_json=names.decomposition_json, loadings=names.loadings,
+        )
         t0 = time.perf_counter()
         out = run_selection(
-            A["train"], A["val"], A["test"], y["train"], y["val"], y["test"], Path(tmp) / "group",
+            Splits.from_dict(A), Splits.from_dict(y), files,
             rank_grid=grid, n_jobs=n_jobs, quiet=quiet, device=device,
         )
         if device is not None and str(device).startswith("cuda"):

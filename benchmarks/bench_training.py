@@ -11,9 +11,10 @@
 Usage::
 
     python benchmarks/bench_training.py [--subjects 200] [--resolution 4] [--epochs N]
-        [--dir /tmp/brainage-bench] [--skip-accuracy] [--skip-throughput] [--n-cpus N]
+        [--dir DIR] [--skip-accuracy] [--skip-throughput] [--n-cpus N]
 
-The cohort and its participant-level outputs are cached in ``--dir``; the group outputs
+The cohort and its participant-level outputs are cached in ``--dir`` (default:
+``brainage-bench`` in the system's temporary folder); the group outputs
 are rewritten on every run.
 """
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="default: the group level's")
     parser.add_argument("--n-cpus", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=20.0, help="timing per throughput configuration")
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/brainage-bench"))
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "brainage-bench")
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args(argv)

@@ -49,7 +49,8 @@ mkdir -p "$out"
 : > "$out.times"
 "$py" -c 'import torch, brainage_xai; print("brainage-xai", brainage_xai.__version__, "torch", torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")'
 [ -e "$bids/participants.tsv" ] ||
-    step simulate "$py" -m brainage_xai.simulate "$bids" --resolution "$resolution" --n-subjects "$n" --seed 0 --quiet
+    step simulate "$py" -c 'import sys; from brainage_xai.simulate import main; sys.exit(main())' \
+        "$bids" --resolution "$resolution" --n-subjects "$n" --seed 0 --quiet
 [ -n "$(ls "$res"/sub-*.html 2>/dev/null)" ] || step participant participants
 rc=0
 step group "$py" -m brainage_xai "$bids" "$res" group "${common[@]}" \
