@@ -86,3 +86,37 @@ def test_occlusion_checks_its_inputs(cohort):
             np.concatenate([np.zeros_like(masks), masks]), cohort["fill"], cohort["brain"])
     assert not table.loc[0, "above_null"] and np.isnan(table.loc[0, "mae_increase"])
     assert table.loc[1, "above_null"] and set(null["roi"]) == {"RoI 2"}
+
+
+def test_networks_share_the_rois_and_the_blobs_of_similar_volume(cohort, rng, tmp_path):
+    # two RoIs of 64 voxels share one null; a 27-voxel RoI gets its own; both networks
+    # are tested on the same blobs, and a network that ignores the inputs relies on nothing
+    small = np.zeros(SHAPE, bool)
+    small[8:11, 2:5, 2:5] = True
+    masks = np.stack([cohort["region"], cohort["decoy"], small])
+    assert occlusion.volume_bins([64, 64, 27]) == [(27, [2]), (64, [0, 1])]
+    assert occlusion.volume_bins([64, 70, 0]) == [(67, [0, 1])]
+    flat = {"ridge": cohort["predict"], "constant": lambda b: np.full(len(b), 50.0)}
+    table, null = occlusion.occlusion_test(flat, cohort["x_test"], cohort["y_test"], masks,
+                                           cohort["fill"], cohort["brain"], seed=3)
+    assert list(table.columns[:2]) == ["network", "roi"] and len(table) == 6
+    ridge = table[table["network"] == "ridge"].set_index("roi")
+    assert ridge.loc["RoI 1", "above_null"] and not ridge.loc["RoI 2", "above_null"]
+    assert list(ridge["null_voxels"]) == [64, 64, 27]
+    assert not table.loc[table["network"] == "constant", "above_null"].any()
+    shared = null[(null["network"] == "ridge") & null["roi"].isin(["RoI 1", "RoI 2"])]
+    np.testing.assert_array_equal(shared[shared["roi"] == "RoI 1"]["mae_increase"],
+                                  shared[shared["roi"] == "RoI 2"]["mae_increase"])
+    assert len(null) == 2 * 3 * 20
+
+
+def test_every_roi_empty_still_gives_readable_tables(cohort, tmp_path):
+    from brainage_xai.utils.io import read_tsv, write_tsv
+
+    with pytest.warns(UserWarning, match="empty"):
+        table, null = occlusion.occlusion_test(
+            cohort["predict"], cohort["x_test"], cohort["y_test"], np.zeros((2, *SHAPE), bool),
+            cohort["fill"], cohort["brain"])
+    assert len(table) == 2 and not table["above_null"].any() and null.empty
+    write_tsv(tmp_path / "null.tsv", null)
+    assert list(read_tsv(tmp_path / "null.tsv").columns) == ["roi", "draw", "mae_increase"]

@@ -2,10 +2,11 @@
 
 For each RoI, the input maps inside it (the upsampled RoI thresholded at a fraction of its
 peak) are replaced by the training mean map, and the network's test MAE is measured
-again. The increase is compared with that of random compact blobs of the same volume
-inside the brain (at least 20 draws per RoI): an RoI the network relies on must hurt
-more than the 95th percentile of the random blobs. This works on any cohort, real or
-simulated, because it needs only the network and the test set.
+again. The increase is compared with that of random compact blobs of about the same
+volume inside the brain (at least 20 draws, shared by RoIs of similar volume and by every
+network tested): an RoI the network relies on must hurt more than the 95th percentile of
+the random blobs. This works on any cohort, real or simulated, because it needs only the
+network and the test set.
 """
 
 from __future__ import annotations
@@ -83,16 +84,44 @@ def _mae(predict, x, y):
     return float(np.mean(np.abs(predict(x) - y)))
 
 
-def occlusion_test(predict: Callable, inputs: np.ndarray, y_true, roi_masks: np.ndarray,
+#: RoIs whose thresholded volumes are within this factor of each other share one null:
+#: the same random blobs (of their geometric-mean volume) for all of them and for every
+#: network, so that the test costs ``RoIs + bins x draws`` passes per network instead of
+#: ``RoIs x (draws + 1)``.
+VOLUME_RATIO = 1.25
+
+TABLE_COLUMNS = ["roi", "voxels", "volume_mm3", "null_voxels", "mae_baseline", "mae_occluded",
+                 "mae_increase", "null_mean", "null_p95", "p_value", "above_null"]
+NULL_COLUMNS = ["roi", "draw", "mae_increase"]
+
+
+def volume_bins(voxels, ratio: float = VOLUME_RATIO) -> list[tuple[int, list[int]]]:
+    """Group RoIs by volume: ``[(blob voxels, [RoI indices]), ...]`` (empty RoIs left out).
+
+    Sorted by volume, an RoI joins the current bin while its volume is within ``ratio``
+    of the bin's smallest; the bin's blobs have the geometric mean of its volumes.
+    """
+    order = [i for i in np.argsort(voxels, kind="stable") if voxels[i] > 0]
+    bins: list[list[int]] = []
+    for i in order:
+        if bins and voxels[i] <= ratio * voxels[bins[-1][0]]:
+            bins[-1].append(i)
+        else:
+            bins.append([i])
+    return [(int(round(np.exp(np.mean(np.log([voxels[i] for i in b]))))), b) for b in bins]
+
+
+def occlusion_test(predict, inputs: np.ndarray, y_true, roi_masks: np.ndarray,
                    fill: np.ndarray, brain_mask: np.ndarray, *, n_random: int = MIN_DRAWS,
                    seed: int = 0, zooms=(1.0, 1.0, 1.0), roi_names=None,
-                   progress: bool = False):
-    """Occlude each RoI and random same-volume blobs; compare the test MAE increases.
+                   progress: bool = False, volume_ratio: float = VOLUME_RATIO):
+    """Occlude each RoI and random blobs of its volume; compare the test MAE increases.
 
     Parameters
     ----------
-    predict : callable
-        ``predict((n, X, Y, Z)) -> (n,)`` in target units (see :func:`torch_predictor`).
+    predict : callable or dict of str to callable
+        ``predict((n, X, Y, Z)) -> (n,)`` in target units (see :func:`torch_predictor`);
+        several networks as ``{name: predict}``, each tested on the same RoIs and blobs.
     inputs : ndarray, shape (n, X, Y, Z)
         Test-set input maps.
     y_true : array-like, shape (n,)
@@ -103,22 +132,31 @@ def occlusion_test(predict: Callable, inputs: np.ndarray, y_true, roi_masks: np.
     brain_mask : ndarray of bool, shape (X, Y, Z)
         Where random blobs may lie.
     n_random : int
-        Random blobs per RoI (at least 20).
+        Random blobs per volume bin (at least 20).
     zooms : tuple of float
         Voxel size, so blobs are round in mm.
     progress : bool
-        Show a progress bar over the RoIs (each is ``n_random + 1`` passes over the
-        test set).
+        Show a progress bar over the passes.
+    volume_ratio : float
+        RoIs within this factor of volume share one null (:func:`volume_bins`); 1 gives
+        each volume its own.
 
     Returns
     -------
     table : pandas.DataFrame
-        One row per RoI: ``roi``, ``voxels``, ``mae_baseline``, ``mae_occluded``,
-        ``mae_increase``, ``null_mean``, ``null_p95``, ``p_value`` (share of random blobs,
-        with the RoI counted in, that hurt at least as much), ``above_null``.
+        One row per RoI (and network, with a ``network`` column first when ``predict``
+        is a dict): ``roi``, ``voxels``, ``volume_mm3``, ``null_voxels`` (the volume of
+        its blobs), ``mae_baseline``, ``mae_occluded``, ``mae_increase``, ``null_mean``,
+        ``null_p95``, ``p_value`` (share of random blobs, with the RoI counted in, that
+        hurt at least as much), ``above_null``.
     null : pandas.DataFrame
-        ``roi``, ``draw``, ``mae_increase`` of every random blob.
+        ``roi``, ``draw``, ``mae_increase`` of the blobs each RoI was compared with (the
+        shared draws repeated per RoI), with ``network`` as in ``table``.
     """
+    import sys
+
+    from tqdm.auto import tqdm
+
     x = np.asarray(inputs, dtype=np.float32)
     y = np.asarray(y_true, dtype=float)
     masks = np.asarray(roi_masks, dtype=bool)
@@ -133,51 +171,54 @@ def occlusion_test(predict: Callable, inputs: np.ndarray, y_true, roi_masks: np.
             f"{x.shape[1:]}"
         )
     names = roi_names or default_names(len(masks))
+    several = isinstance(predict, dict)
+    predictors = predict if several else {None: predict}
+    fill = np.asarray(fill, dtype=np.float32)
+    voxels = [int(m.sum()) for m in masks]
+    for name, n_vox in zip(names, voxels):
+        if n_vox == 0:  # an all-zero column of U3 (a dead component): nothing to occlude
+            warnings.warn(f"{name} is empty after thresholding; not occluded", stacklevel=2)
+    bins = volume_bins(voxels, volume_ratio)
     rng = np.random.default_rng(seed)
     coords = np.argwhere(brain)
-    fill = np.asarray(fill, dtype=np.float32)
+    blobs = [[random_blob(brain, size, rng, zooms, _coords=coords) for _ in range(n_random)]
+             for size, _ in bins]
+    bin_of = {i: b for b, (_, members) in enumerate(bins) for i in members}
 
-    def occluded_mae(mask):
-        xo = np.where(mask[None], fill[None], x)
-        return _mae(predict, xo, y)
+    def occluded_mae(predict_one, mask):
+        return _mae(predict_one, np.where(mask[None], fill[None], x), y)
 
-    import sys
-
-    from tqdm.auto import tqdm
-
-    base = _mae(predict, x, y)
+    passes = len(predictors) * (1 + sum(v > 0 for v in voxels) + n_random * len(bins))
+    bar = tqdm(total=passes, desc="occlusion test", unit="pass", disable=not progress, file=sys.stderr)
     rows, null_rows = [], []
-    bar = tqdm(list(zip(names, masks)), desc="occlusion test", unit="RoI",
-               disable=not progress, file=sys.stderr)
-    for name, mask in bar:
-        n_vox = int(mask.sum())
-        if n_vox == 0:
-            # an all-zero column of U3 (a dead component): nothing to occlude
-            warnings.warn(f"{name} is empty after thresholding; not occluded", stacklevel=2)
-            rows.append({"roi": name, "voxels": 0, "volume_mm3": 0.0, "mae_baseline": base,
-                         "mae_occluded": np.nan, "mae_increase": np.nan, "null_mean": np.nan,
-                         "null_p95": np.nan, "p_value": np.nan, "above_null": False})
-            continue
-        increase = occluded_mae(mask) - base
-        null = []
-        for draw in range(n_random):
-            blob = random_blob(brain, n_vox, rng, zooms, _coords=coords)
-            null.append(occluded_mae(blob) - base)
-            null_rows.append({"roi": name, "draw": draw, "mae_increase": null[-1]})
-        null = np.asarray(null)
-        p95 = float(np.percentile(null, 95))
-        rows.append({
-            "roi": name,
-            "voxels": n_vox,
-            "volume_mm3": n_vox * float(np.prod(zooms)),
-            "mae_baseline": base,
-            "mae_occluded": base + increase,
-            "mae_increase": increase,
-            "null_mean": float(null.mean()),
-            "null_p95": p95,
-            "p_value": float((1 + np.sum(null >= increase)) / (1 + null.size)),
-            "above_null": bool(increase > p95),
-        })
-    return pd.DataFrame(rows), pd.DataFrame(null_rows)
-
-
+    for network, predict_one in predictors.items():
+        lead = {} if network is None else {"network": network}
+        base = _mae(predict_one, x, y)
+        bar.update()
+        nulls = []
+        for b in range(len(bins)):
+            nulls.append(np.array([occluded_mae(predict_one, blob) - base for blob in blobs[b]]))
+            bar.update(n_random)
+        for r, (name, mask) in enumerate(zip(names, masks)):
+            if voxels[r] == 0:
+                rows.append({**lead, "roi": name, "voxels": 0, "volume_mm3": 0.0, "null_voxels": 0,
+                             "mae_baseline": base, "mae_occluded": np.nan, "mae_increase": np.nan,
+                             "null_mean": np.nan, "null_p95": np.nan, "p_value": np.nan,
+                             "above_null": False})
+                continue
+            increase = occluded_mae(predict_one, mask) - base
+            bar.update()
+            null = nulls[bin_of[r]]
+            p95 = float(np.percentile(null, 95))
+            rows.append({
+                **lead, "roi": name, "voxels": voxels[r], "volume_mm3": voxels[r] * float(np.prod(zooms)),
+                "null_voxels": bins[bin_of[r]][0], "mae_baseline": base, "mae_occluded": base + increase,
+                "mae_increase": increase, "null_mean": float(null.mean()), "null_p95": p95,
+                "p_value": float((1 + np.sum(null >= increase)) / (1 + null.size)),
+                "above_null": bool(increase > p95),
+            })
+            null_rows += [{**lead, "roi": name, "draw": d, "mae_increase": float(v)} for d, v in enumerate(null)]
+    bar.close()
+    lead_cols = [] if not several else ["network"]
+    return (pd.DataFrame(rows, columns=lead_cols + TABLE_COLUMNS),
+            pd.DataFrame(null_rows, columns=lead_cols + NULL_COLUMNS))
