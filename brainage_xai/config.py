@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAP_PRESETS = ("volume", "stiffness")
+#: What the group level explains: the consensus over networks and resamples (the default,
+#: beyond the paper), or the paper's method on one network.
+METHODS = ("consensus", "paper")
+TENSORS = ("activations", "deviations", "relevance")
+CONSTRAINTS = ("nonneg", "paper")
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 
 
@@ -39,8 +44,10 @@ class Config:
     skip_bids_validation: bool = False
     allow_resample: bool = False  # resample maps whose grid is MNI but not the model's
     model: Path | None = None
-    layer: str | None = None
-    tensor: str = "activations"  # or "deviations", "relevance": what the decomposition is fitted to
+    method: str = "consensus"  # or "paper": one network, as the method's paper did
+    layer: str | None = None  # None: chosen on validation subjects (consensus); the last (paper)
+    tensor: str | None = None  # "activations", "deviations", "relevance"; None: as the method says
+    constraints: str | None = None  # "nonneg" or "paper"; None: as the method says
     ranks: tuple[int, int] | None = None
     l1: float | None = None  # --lambda
     rank_grid: list[int] | None = None
@@ -48,7 +55,8 @@ class Config:
     dask_scheduler: str | None = None  # address of a Dask scheduler for the sweeps
     tune: int = 0
     epochs: int | None = None
-    ensemble: int = 1  # networks trained (seeds random_seed, +1, ...) and explained together
+    ensemble: int | None = None  # networks (seeds random_seed, +1, ...); None: sized to the device
+    resamples: int = 4  # fits per network in the consensus: all training subjects, then bootstraps
     backprojection: bool = True  # back-project each RoI's loading to the input (--no-backprojection)
     # Network widths/depths per block; None: the paper's (8..128 channels, 3-4-6-4-3 units).
     widths: list[int] | None = None

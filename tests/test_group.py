@@ -30,6 +30,8 @@ COMMON = ["--resolution", "4", "--skip-bids-validation", "--quiet", "--n-cpus", 
 NETWORK = ["--widths", *map(str, WIDTHS), "--depths", *map(str, DEPTHS)]
 RANK_GRID = [2, 3, 4]
 PREFIX = "space-MNI152NLin2009cAsym_res-4"
+#: One network, one fit, the last layer's activations: the single-fit path most tests check.
+SINGLE = ["--ensemble", "1", "--resamples", "1", "--layer", "block3", "--tensor", "activations"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,10 +41,11 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-def group(bids, out, *extra):
-    """Run the group level with the narrow test network; returns the Config."""
+def group(bids, out, *extra, consensus=False):
+    """Run the group level with the narrow test network (one network, one fit, unless
+    ``consensus``); returns the Config."""
     config = parse_args([str(bids), str(out), "group", *COMMON, "--epochs", "3", *NETWORK,
-                         "--rank-grid", "2:4", *extra])
+                         "--rank-grid", "2:4", *(SINGLE if not consensus else []), *extra])
     assert config.widths == WIDTHS and config.depths == DEPTHS
     assert run(config) == 0
     return config
@@ -118,7 +121,7 @@ def test_rerun_skips_every_stage(first_run):
     g, work = first_run["group"], first_run["config"].work
     before = _outputs(g, work)
     stamps = sorted(p.stem for p in (work / "group" / "stamps").glob("*.json"))
-    assert stamps == sorted(["predictions", "activations", "selection", "explanations", "report"])
+    assert stamps == sorted(["predictions", "layer", "activations", "selection", "explanations", "report"])
     assert len(before) > 40
     group(first_run["bids"], first_run["out"])
     assert _outputs(g, work) == before
@@ -485,7 +488,8 @@ def test_ranks_beyond_the_layer_are_refused_before_training(first_run, tmp_path,
     shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))
     # block1 of the test network has 4 channels: 8 in the deviations tensor, 4 in the activations
     cases = [(["--layer", "block1", "--tensor", "deviations", "--rank-grid", "2:9"], "--rank-grid: R2 up to 9", "has 8"),
-             (["--layer", "block1", "--ranks", "3", "5"], "--ranks: R2 up to 5", "activations tensor of block1 has 4")]
+             (["--layer", "block1", "--tensor", "activations", "--ranks", "3", "5"], "--ranks: R2 up to 5",
+              "activations tensor of block1 has 4")]
     for extra, first, second in cases:
         code = main([str(first_run["bids"]), str(out), "group", *COMMON, *NETWORK, "--epochs", "3", *extra])
         assert code == EX_USAGE
@@ -495,16 +499,18 @@ def test_ranks_beyond_the_layer_are_refused_before_training(first_run, tmp_path,
         assert not list(out.glob(".work/group/train-*"))
 
 
-def test_ensemble_trains_k_networks_and_explains_their_mean(first_run, tmp_path, capsys):
-    # --ensemble 2: two networks on one split, seeds 0 and 1; the first is the network a
-    # single run trains; the tensor holds both networks' channels; the head metric (last
-    # layer) applies the ensemble's head; the report says what was explained.
+def test_consensus_over_networks_and_resamples(first_run, tmp_path, capsys):
+    # The default method: K networks (seeds 0, 1), each decomposed on B resamples of the
+    # training subjects; the first network is the one a single run trains; the ranks are
+    # chosen on it; the RoIs are the consensus, with their stability and the networks
+    # that rely on them; the report shows how the networks agree.
     from brainage_xai.model.network import EnsembleNet
     from brainage_xai.model.training import predict_batches
 
     out = tmp_path / "out"
     shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))
-    group(first_run["bids"], out, "--ensemble", "2", "--ranks", "2", "2", "--lambda", "0")
+    args = ("--ensemble", "2", "--resamples", "2", "--layer", "block3", "--ranks", "2", "2", "--lambda", "0")
+    group(first_run["bids"], out, *args, consensus=True)
     g = out / "group"
     ens, meta = load_model(g / "model.safetensors")
     single, _ = load_model(first_run["group"] / "model.safetensors")
@@ -524,15 +530,40 @@ def test_ensemble_trains_k_networks_and_explains_their_mean(first_run, tmp_path,
     np.testing.assert_allclose(preds["predicted_age"].to_numpy(), (each[0] + each[1]) / 2, rtol=1e-4)
     act = load_activation_tensor(out / ".work" / "group" / "activations" / "layer-block3_activations.json")
     assert act.array.shape[1] == 2 * WIDTHS[-1] and act.module == "members.0.final"
-    test = json.loads((g / "metrics.json").read_text())["decomposition"]["metrics"]["age"]["test"]
-    assert np.isfinite(test["network_head_on_reconstruction"]["mae"])
-    assert read_tsv(g / "occlusion.tsv").shape[0] == 2
+    # the selection chose on the first network's channels (deviations: 2 x its channels)
+    with np.load(g / "decomposition.npz") as npz:
+        assert npz["U2"].shape[0] == 2 * WIDTHS[-1]
+    # the consensus: 2 x 2 fits, every fit's components listed with the RoI they matched
+    about = json.loads((g / "consensus.json").read_text())
+    assert about["networks"] == 2 and about["resamples"] == 2 and about["fits"] == 4
+    fits = read_tsv(g / "consensus_fits.tsv")
+    assert len(fits) == 4 * 2 and set(fits["network"]) == {0, 1} and set(fits["resample"]) == {0, 1}
+    rois = read_tsv(g / "rois.tsv")
+    q = len(rois)
+    assert q >= 1 and set(rois["name"]) == set(about["rois"])
+    assert rois["stability"].between(0.5, 1.0).all()  # two fits at least
+    assert (rois["robust"].astype(str).eq("True") == (rois["stability"] >= 0.7)).all()
+    assert rois["networks_relying"].between(0, 2).all() and (rois["networks"] == 2).all()
+    assert {"stability", "networks_relying"} <= set(json.loads((g / "rois.json").read_text()))
+    comps = nib.load(str(g / f"{PREFIX}_desc-rois_components.nii.gz"))
+    assert comps.shape[-1] == q
+    with np.load(g / "consensus.npz") as npz:
+        assert npz["U3"].shape[1] == q and npz["W"].shape == (2 * 2 * WIDTHS[-1], q)
+        assert npz["own_0"].shape == npz["own_1"].shape == (act.array.shape[2], 2)
+    loadings = read_tsv(g / "loadings.tsv")  # the selection's; the explanations use the consensus'
+    fits_age = read_tsv(g / "loadings_vs_age.tsv")
+    assert len(fits_age) == q and len(loadings) == len(preds)
+    # each network's occlusion test on the same RoIs
+    occ = read_tsv(g / "occlusion.tsv")
+    assert set(occ["network"]) == {"network 1", "network 2"} and len(occ) == 2 * q
+    assert (g / "figures" / "desc-consensus_plot.png").read_bytes()[:4] == b"\x89PNG"
     page = (g / "report.html").read_text()
-    assert "ensemble of 2, trained here: best epochs" in page
-    assert "an ensemble of 2 such networks trained on the same subjects" in page
+    assert "consensus of 2 networks x 2 resamples" in page and "networks&#39; RoIs matched to the consensus" in page
+    assert "Of the " + str(q) + " RoIs" in page and "networks relying" in page
+    assert "ICASSO" in page
     # A re-run reloads the ensemble from its file and redoes nothing.
     before = {p: p.stat().st_mtime_ns for p in g.rglob("*") if p.is_file()}
-    group(first_run["bids"], out, "--ensemble", "2", "--ranks", "2", "2", "--lambda", "0")
+    group(first_run["bids"], out, *args, consensus=True)
     assert {p: p.stat().st_mtime_ns for p in g.rglob("*") if p.is_file()} == before
     log = sorted((out / "logs").glob("brainage-xai_group_*.log"))[-1].read_text()
     assert "model: up to date" in log and "training:" not in log
@@ -541,3 +572,32 @@ def test_ensemble_trains_k_networks_and_explains_their_mean(first_run, tmp_path,
         parse_args([str(first_run["bids"]), str(out), "group", "--ensemble", "2", "--model", str(g)])
     assert exc.value.code == 2
     assert "--ensemble trains networks and --model gives a trained one" in capsys.readouterr().err
+
+
+def test_method_paper_runs_the_papers_setting(first_run, tmp_path, capsys):
+    # --method paper: one network, the last layer's activations, eq. 2's constraints (U1
+    # and U2 free), the ranks by the knee and scree rules alone, no consensus.
+    out = tmp_path / "out"
+    shutil.copytree(first_run["out"], out, ignore=shutil.ignore_patterns("group", ".work"))
+    config = parse_args([str(first_run["bids"]), str(out), "group", *COMMON, "--epochs", "3", *NETWORK,
+                         "--rank-grid", "2:4", "--method", "paper"])
+    assert config.method == "paper" and config.layer is None and config.tensor is None
+    assert run(config) == 0
+    g = out / "group"
+    about = json.loads((g / "decomposition.json").read_text())
+    assert about["method"] == "paper" and about["constraints"] == "paper" and about["networks"] == 1
+    assert about["layer"] == "block3" and about["tensor"] == "activations"
+    choice = read_tsv(g / "layer_choice.tsv")
+    assert list(choice["status"]) == ["the paper's: the last layer"]
+    rule = json.loads((g / "selection.json").read_text())["ranks"]
+    assert "validation MAE" not in rule["rule"]  # the knee and scree rules only
+    assert not (g / "consensus.json").exists() and "stability" not in read_tsv(g / "rois.tsv")
+    # one network of seed 0: the single-fit run's network
+    np.testing.assert_allclose(read_tsv(g / "predictions.tsv")["predicted_age"],
+                               read_tsv(first_run["group"] / "predictions.tsv")["predicted_age"], atol=1e-4)
+    page = (g / "report.html").read_text()
+    assert "the paper&#39;s: one network, its last layer&#39;s activations" in page
+    assert "As in the original method" in page
+    with pytest.raises(SystemExit) as exc:
+        parse_args([str(first_run["bids"]), str(out), "group", "--method", "paper", "--ensemble", "2"])
+    assert exc.value.code == 2 and "--method paper explains one network" in capsys.readouterr().err

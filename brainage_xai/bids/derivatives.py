@@ -295,12 +295,18 @@ class GroupOutputs:
     backprojected = _File(".nii.gz", image=("backprojected", "components"))
     occlusion = _File("occlusion.tsv")
     occlusion_null = _File("occlusion_null.tsv")
+    # the layer choice and the consensus
+    layer_choice = _File("layer_choice.tsv")
+    consensus = _File("consensus.npz")
+    consensus_json = _File("consensus.json")
+    consensus_fits = _File("consensus_fits.tsv")
     # figures and the report
     figures = _File("figures")
     scree_figure = _File("figures/scree.png")
     rank_sweep_figure = _File("figures/rank_sweep.png")
     lambda_sweep_figure = _File("figures/lambda_sweep.png")
     occlusion_figure = _File("figures/desc-occlusion_plot.svg")
+    consensus_figure = _File("figures/desc-consensus_plot.png")
     report = _File("report.html")
     # the work folder
     stamps = _File("stamps", work=True)

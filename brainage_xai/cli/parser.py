@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from .._version import __version__
-from ..config import DEVICES_HELP, MAP_PRESETS, Config
+from ..config import CONSTRAINTS, DEVICES_HELP, MAP_PRESETS, METHODS, TENSORS, Config
 from ..errors import UsageError
 from ..imaging.templates import check_resolution
 
@@ -162,18 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("group level")
     g.add_argument("--model", type=Path, metavar="PATH", help="trained model (safetensors); skips training")
     g.add_argument(
-        "--layer", metavar="NAME",
-        help="layer whose activations are decomposed: block1..block5, or auto (the deepest "
-        "whose feature voxels are at most 4 mm apart: block1 at 4 mm, block2 at 2 mm). "
-        "Default: the last (the paper's)",
+        "--method", choices=METHODS, default="consensus",
+        help="consensus: K networks, each decomposed on resamples of the training subjects, and "
+        "the RoIs that come back (with their stability); paper: one network, its last layer's "
+        "activations, the paper's constraints and rank rule (docs/method.md)",
     )
     g.add_argument(
-        "--tensor", choices=("activations", "deviations", "relevance"), default="activations",
+        "--layer", metavar="NAME",
+        help="layer whose activations are decomposed: block1..block5, or auto (the deepest "
+        "whose feature voxels are at most 4 mm apart). Default: with --method consensus the "
+        "finest layer whose decomposition predicts the target about as well as the network "
+        "does on validation subjects; with --method paper the last",
+    )
+    g.add_argument(
+        "--tensor", choices=TENSORS,
         help="what is decomposed: the activations (the paper's); each subject's deviation "
         "from the training mean, split into positive and negative parts (finds where subjects "
         "differ rather than where activations are large); or those deviations weighted by how "
-        "much the prediction depends on each channel and voxel (also leaves out what varies "
-        "but the network ignores; docs/decomposition.md)",
+        "much the prediction depends on each channel and voxel (docs/decomposition.md). "
+        "Default: chosen with the layer (consensus); the activations (paper)",
+    )
+    g.add_argument(
+        "--constraints", choices=CONSTRAINTS,
+        help="nonneg: every factor non-negative; paper: the paper's eq. 2 (subject and channel "
+        "factors free). Default: paper with --method paper, else nonneg",
     )
     g.add_argument("--ranks", nargs=2, type=_positive_int, metavar=("R1", "R2"), help="decomposition ranks; skips the rank sweep")
     g.add_argument("--lambda", dest="l1", type=_non_negative_float, metavar="L", help="l1 penalty on the spatial factor; skips the lambda sweep")
@@ -182,10 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tune", type=_non_negative_int, default=0, metavar="N", help="TPE trials of hyperparameter tuning (0: none)")
     g.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs")
     g.add_argument(
-        "--ensemble", type=_positive_int, default=1, metavar="K",
-        help="train K networks on the same split (seeds --random-seed, +1, ...) and explain "
-        "their mean prediction: the decomposed activations are all K networks' channels side "
-        "by side (default 1; docs/model.md)",
+        "--ensemble", type=_positive_int, metavar="K",
+        help="networks trained on the same split (seeds --random-seed, +1, ...); they predict "
+        "with their mean and the consensus is formed over them. Default: 3 on a CPU, 5 on a "
+        "GPU; 1 with --method paper",
+    )
+    g.add_argument(
+        "--resamples", type=_positive_int, default=4, metavar="B",
+        help="decompositions per network in the consensus: all training subjects, then B-1 "
+        "bootstrap resamples of them",
     )
     g.add_argument(
         "--no-backprojection", dest="backprojection", action="store_false",
@@ -279,7 +296,9 @@ def parse_args(argv=None) -> Config:
         if not model.exists():
             parser.error(f"--model {opts.model} does not exist")
 
-    if opts.ensemble > 1 and opts.model is not None:
+    if opts.method == "paper" and (opts.ensemble or 1) > 1:
+        parser.error("--method paper explains one network; --ensemble asks for more")
+    if (opts.ensemble or 1) > 1 and opts.model is not None:
         parser.error("--ensemble trains networks and --model gives a trained one (an ensemble "
                      "too when it was trained with --ensemble); pass one of them")
     if (opts.widths is None) != (opts.depths is None) or (
@@ -308,8 +327,10 @@ def parse_args(argv=None) -> Config:
         "skip_bids_validation": opts.skip_bids_validation,
         "allow_resample": opts.allow_resample,
         "model": model,
+        "method": opts.method,
         "layer": opts.layer,
         "tensor": opts.tensor,
+        "constraints": opts.constraints,
         "ranks": tuple(opts.ranks) if opts.ranks else None,
         "l1": opts.l1,
         "rank_grid": opts.rank_grid,
@@ -318,6 +339,7 @@ def parse_args(argv=None) -> Config:
         "tune": opts.tune,
         "epochs": opts.epochs,
         "ensemble": opts.ensemble,
+        "resamples": opts.resamples,
         "backprojection": opts.backprojection,
         "widths": opts.widths,
         "depths": opts.depths,

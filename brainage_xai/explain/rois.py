@@ -229,3 +229,15 @@ RELATION_SIDECAR = {
                        "of the component is the target. Otherwise it is a component of other "
                        "variation, which the linear model may still use as a correction"},
 }
+
+#: Columns of ``rois.tsv`` when the RoIs are a consensus (:mod:`brainage_xai.explain.consensus`).
+CONSENSUS_SIDECAR = {
+    "stability": {"Description": "share of the decompositions (networks x resamples of the training "
+                  "subjects) that contain the RoI, matched one-to-one by spatial correlation"},
+    "spread": {"Description": "median spatial correlation of the matched components with the RoI"},
+    "robust": {"Description": "stability is at least brainage_xai.explain.consensus.ROBUST_STABILITY (0.7)"},
+    "networks_with_roi": {"Description": "networks with at least one decomposition that contains the RoI"},
+    "networks_relying": {"Description": "networks whose test MAE rises above the 95th percentile of "
+                         "random blobs of the RoI's volume when the RoI is occluded (occlusion.tsv)"},
+    "networks": {"Description": "networks in the consensus"},
+}

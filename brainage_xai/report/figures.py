@@ -357,3 +357,39 @@ def save_figure(fig, path) -> Path:
         fig.savefig(tmp, format=path.suffix.lstrip("."), bbox_inches="tight")
     _plt().close(fig)
     return path
+
+
+def plot_consensus(cells, networks: list[str], path) -> Path:
+    """The consensus RoIs (first column) beside each network's own RoI matched to them.
+
+    Parameters
+    ----------
+    cells : list of rows
+        Per consensus RoI: ``(projection, title)`` for the consensus and then for each
+        network, a 2D image (a maximum-intensity projection) or ``None`` where the
+        network's own decomposition has no component matched to the RoI.
+    networks : list of str
+        Column headings after "consensus".
+    path : path
+        PNG to write.
+    """
+    from matplotlib.figure import Figure
+
+    n_rows, n_cols = len(cells), len(networks) + 1
+    fig = Figure(figsize=(1.7 * n_cols, 1.9 * max(n_rows, 1)))
+    axes = fig.subplots(max(n_rows, 1), n_cols, squeeze=False)
+    for i, row in enumerate(cells):
+        for j, (image, title) in enumerate(row):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if image is not None:
+                ax.imshow(np.rot90(image), cmap="hot", interpolation="nearest")
+            else:
+                ax.set_facecolor("0.92")
+            ax.set_title(title, fontsize=7)
+            if i == 0:
+                ax.set_xlabel("consensus" if j == 0 else networks[j - 1], fontsize=8)
+                ax.xaxis.set_label_position("top")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -74,7 +74,7 @@ from .methods import CITATIONS, DEFAULT_METHODS, methods_text
 
 #: The figures the template shows (keys of ``page["figures"]``).
 FIGURES = ("predictions", "scree", "rank_sweep", "lambda_sweep", "combined", "loadings",
-           "gradcam", "occlusion")
+           "gradcam", "occlusion", "consensus")
 
 
 _VERSION_PACKAGES = (
@@ -194,9 +194,57 @@ def roi_findings(rois_table=None, occlusion_table=None, *, target: str = "age",
     return pd.DataFrame(rows)
 
 
+#: What each consensus RoI is, from its stability, its relation to the target and the
+#: share of the networks that rely on it (more than half: relied on).
+CONSENSUS_READINGS = {
+    "robust": "robust, follows {target}, and the networks rely on it",
+    "not needed": "robust and follows {target}, but the networks rely on it no more than on random blobs",
+    "other": "robust, but mostly other variation",
+    "unstable": "unstable: it comes back in too few decompositions",
+}
+#: Stability from which a consensus RoI is robust (as written with rois.tsv's ``robust``).
+ROBUST = 0.7
+
+
+def consensus_findings(rois_table: pd.DataFrame, *, target: str = "age") -> pd.DataFrame:
+    """One row per consensus RoI: where it is, how stable, how much of it is the target, how
+    many networks rely on it, and what that makes it (:data:`CONSENSUS_READINGS`)."""
+    rows = []
+    for _, roi in pd.DataFrame(rois_table).iterrows():
+        stability = float(roi["stability"])
+        related = _true(roi.get("target_related"))
+        share = float(roi["networks_relying"]) / max(float(roi["networks"]), 1.0)
+        if stability < ROBUST:
+            key = "unstable"
+        elif not related:
+            key = "other"
+        else:
+            key = "robust" if share > 0.5 else "not needed"
+        back = {} if "input_region" not in roi else {
+            "loading comes from": "n/a" if pd.isna(roi["input_region"]) else str(roi["input_region"])}
+        rows.append({
+            "RoI": str(roi["name"]),
+            "region": "n/a" if pd.isna(roi.get("region")) else str(roi["region"]),
+            **back,
+            "stability": f"{100 * stability:.0f} %",
+            f"{target} share": "n/a" if pd.isna(roi.get("cv_r2")) else f"{100 * float(roi['cv_r2']):.0f} %",
+            "networks relying": f"{int(roi['networks_relying'])} of {int(roi['networks'])}",
+            "reading": CONSENSUS_READINGS[key].format(target=target),
+        })
+    return pd.DataFrame(rows)
+
+
 #: How :func:`findings_sentence` says each reading of a group of ``{k}`` RoIs, in its
 #: order: (one, several).
 CLAUSES = {
+    CONSENSUS_READINGS["robust"]: ("{k} is robust, follows {target}, and the networks rely on it",
+                                   "{k} are robust, follow {target}, and the networks rely on them"),
+    CONSENSUS_READINGS["not needed"]: (
+        "{k} is robust and follows {target}, but the networks rely on it no more than on random blobs",
+        "{k} are robust and follow {target}, but the networks rely on them no more than on random blobs"),
+    CONSENSUS_READINGS["other"]: ("{k} is robust but mostly other variation",
+                                  "{k} are robust but mostly other variation"),
+    CONSENSUS_READINGS["unstable"]: ("{k} is unstable", "{k} are unstable"),
     READINGS[(True, True)]: ("{k} follows {target} and the network relies on it",
                              "{k} follow {target} and the network relies on them"),
     READINGS[(True, False)]: ("{k} follows {target}, but the network relies on it no more than on random blobs",
@@ -224,9 +272,14 @@ def findings_sentence(findings: pd.DataFrame | None, target: str = "age") -> str
         return None
     clauses = {reading.format(target=target): forms for reading, forms in CLAUSES.items()}
     combined = [r.format(target=target) for r in READINGS.values()]
-    # Both readings ran when the occlusion test did and some reading combines the two.
-    both_ran = ("occlusion" in findings and bool((findings["occlusion"] != "n/a").any())
-                and bool(findings["reading"].isin(combined).any()))
+    # Both readings ran when the occlusion test did and some reading combines the two; for
+    # a consensus, the robust RoIs that follow the target and are relied on come first.
+    if "stability" in findings:
+        combined = [CONSENSUS_READINGS["robust"].format(target=target)]
+        both_ran = True
+    else:
+        both_ran = ("occlusion" in findings and bool((findings["occlusion"] != "n/a").any())
+                    and bool(findings["reading"].isin(combined).any()))
     parts = []
     for reading in dict.fromkeys([*clauses, *findings["reading"]]):
         names = findings.loc[findings["reading"] == reading, "RoI"].tolist()
@@ -282,10 +335,22 @@ def summary_rows(config, out: GroupOutputs, input_shape, template_name: str) -> 
         model = f"ensemble of {n_members}, {model}"
     test = metrics["decomposition"]["metrics"][targets[0]]["test"]
     tensor = about.get("tensor", config.tensor)
+    method = about.get("method", config.method)
+    consensus = _read_json(out.consensus_json) if out.consensus_json.is_file() else None
+    if consensus is not None:
+        robust = sum(r["stability"] >= ROBUST for r in consensus["rois"].values())
+        method_row = (f"consensus of {consensus['networks']} networks x {consensus['resamples']} resamples "
+                      f"of the training subjects ({consensus['fits']} decompositions): "
+                      f"{len(consensus['rois'])} RoIs, {robust} robust")
+    elif method == "paper":
+        method_row = "the paper's: one network, its last layer's activations, eq. 2's constraints"
+    else:
+        method_row = "one decomposition of one network"
     channels = int(about["channels"])
     grid = " × ".join(map(str, about["grid_shape"]))
     n_subjects = int(counts.sum())
     return {
+        "Method": method_row,
         "Dataset": str(config.bids_dir),
         "Map": config.map,
         "Target": ", ".join(targets),
@@ -299,21 +364,42 @@ def summary_rows(config, out: GroupOutputs, input_shape, template_name: str) -> 
             "deviations from the training mean activation, positive and negative parts "
             f"({2 * channels} channels)"
             + (", weighted by the network's output gradient" if tensor == "relevance" else "")),
-        "Ranks": f"R1 = {choice['ranks']['R1']}, R2 = {choice['ranks']['R2']} ({choice['ranks'].get('rule')})",
+        "Ranks": f"R1 = {choice['ranks']['R1']}, R2 = {choice['ranks']['R2']} ({choice['ranks'].get('rule')})"
+        + (" (chosen on the first network)" if consensus is not None else ""),
         "l1 penalty (lambda)": f"{choice['lambda']['lambda']:.4g} ({choice['lambda'].get('rule')})",
         "Test MAE": "; ".join(f"{PREDICTORS[k]} {v['mae']:.2f}" for k, v in test.items()),
     }
 
 
-def metrics_rows(metrics: dict) -> pd.DataFrame:
-    """Predictor × target × split rows of MAE and MSE (``metrics.json``'s decomposition part)."""
+def metrics_rows(metrics: dict, consensus: dict | None = None) -> pd.DataFrame:
+    """Predictor × target × split rows of MAE and MSE (``metrics.json``'s decomposition part,
+    and the consensus's linear model when there is one)."""
     rows = []
+    if consensus is not None:
+        target = next(iter(metrics["decomposition"]["metrics"]))
+        for split in ("test", "val"):
+            m = consensus["metrics"][split]["linear_model_on_consensus"]
+            rows.append({"predictor": "linear model on the consensus RoIs", "target": target, "split": split,
+                         "MAE": m["mae"], "MSE": np.nan})
     for target, splits in metrics["decomposition"]["metrics"].items():
         for split in ("test", "val"):
             for name, m in splits.get(split, {}).items():
                 rows.append({"predictor": PREDICTORS[name], "target": target, "split": split,
                              "MAE": m["mae"], "MSE": m["mse"]})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def carries_prediction(metrics: dict, consensus: dict | None = None, margin: float = 0.2) -> tuple[bool, float, float]:
+    """Whether the explained decomposition's linear model reaches the network's test MAE
+    within ``margin``: ``(carries, linear model MAE, network MAE)``."""
+    if consensus is not None:
+        test = consensus["metrics"]["test"]
+        lin, net = test["linear_model_on_consensus"]["mae"], test["network"]["mae"]
+    else:
+        target = next(iter(metrics["decomposition"]["metrics"]))
+        test = metrics["decomposition"]["metrics"][target]["test"]
+        lin, net = test["linear_model_on_decomposition"]["mae"], test["network"]["mae"]
+    return bool(lin <= (1 + margin) * net), float(lin), float(net)
 
 
 def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
@@ -346,16 +432,28 @@ def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
     choice = _read_json(out.selection)
     n_members = int(meta.get("architecture", {}).get("ensemble", 1))
     decomposition = _read_json(out.decomposition_json)
+    consensus = _read_json(out.consensus_json) if out.consensus_json.is_file() else None
+    metrics = _read_json(out.metrics)
+    carries, lin, net = carries_prediction(metrics, consensus)
+    unit = "years" if target == "age" else f"{target} units"
     optional = {
         "backprojected_img": nib.load(str(out.backprojected)) if out.backprojected.is_file() else None,
+        "layer_choice": read_tsv(out.layer_choice) if out.layer_choice.is_file() else None,
+        "consensus": consensus,
+        "warning": None if carries else (
+            f"The RoIs do not carry the network's prediction: a linear model on their loadings "
+            f"predicts {target} with a test MAE of {lin:.2f} {unit}, against {net:.2f} for the "
+            f"network. They describe variation in the layer's activations, not what the network "
+            f"bases its prediction on; read them as such."),
     }
     return {
         **optional,
         "title": f"brainage-xai group report: {config.map} map, {', '.join(targets)}",
         "summary": summary_rows(config, out, input_shape, template_name),
         "methods": methods_text(target=target, tensor=decomposition.get("tensor", config.tensor),
-                                n_members=n_members, backprojection=optional["backprojected_img"] is not None),
-        "metrics": metrics_rows(_read_json(out.metrics)),
+                                n_members=n_members, backprojection=optional["backprojected_img"] is not None,
+                                method=decomposition.get("method", config.method), consensus=consensus),
+        "metrics": metrics_rows(metrics, consensus),
         "predictions": predictions,
         "target": target,
         "target_unit": "years" if target == "age" else f"{target} units",
@@ -366,6 +464,7 @@ def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
             "lambda_sweep": out.lambda_sweep_figure if config.l1 is None else None,
             "loadings": out.loadings_figure(target),
             "occlusion": out.occlusion_figure,
+            "consensus": out.consensus_figure if consensus is not None else None,
         },
         "ranks": (int(choice["ranks"]["R1"]), int(choice["ranks"]["R2"])),
         "rank_reason": f"Rule: {choice['ranks'].get('rule')}.",
@@ -401,6 +500,13 @@ def build_page(context: dict) -> dict:
     }
     figs = {name: file_uri(path) for name, path in (context.get("figures") or {}).items()
             if path is not None and Path(path).is_file()}
+    page["warning"] = context.get("warning")
+    page["layer_choice"] = _records(context.get("layer_choice"))
+    consensus = context.get("consensus")
+    page["consensus"] = None if consensus is None else {
+        "networks": consensus["networks"], "resamples": consensus["resamples"], "fits": consensus["fits"],
+        "threshold": consensus["match_threshold"], "robust": consensus["robust_stability"],
+    }
     page["ranks"] = context.get("ranks")
     page["rank_reason"] = context.get("rank_reason")
     page["lambda"] = context.get("lambda")
@@ -455,8 +561,11 @@ def build_page(context: dict) -> dict:
     occ = context.get("occlusion")
     unit = context.get("target_unit", "years" if target == "age" else "target units")
     page["occlusion_table"] = None if occ is None else _records(occ[0])
-    findings = roi_findings(context.get("rois_table"), None if occ is None else occ[0], target=target,
-                            unit=unit)
+    rois_table = context.get("rois_table")
+    if rois_table is not None and "stability" in rois_table:
+        findings = consensus_findings(rois_table, target=target)
+    else:
+        findings = roi_findings(rois_table, None if occ is None else occ[0], target=target, unit=unit)
     page["findings"] = _records(findings)
     page["findings_sentence"] = findings_sentence(findings, target)
     # every figure the template names, so that a run without one (e.g. --ranks given:

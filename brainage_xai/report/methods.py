@@ -68,16 +68,6 @@ RELEVANCE_METHODS = (
 )
 
 
-#: Added to the methods when the network is an ensemble (``--ensemble K``); ``{k}`` is K.
-ENSEMBLE_METHODS = (
-    " The network was an ensemble of {k} such networks trained on the same subjects from "
-    "different random initialisations, predicting with the mean of their outputs; the "
-    "decomposed activations were all {k} networks' channels of the layer side by side, so "
-    "that the regions of interest and the loadings are shared by the ensemble, and GradCAM "
-    "and the occlusion test used the ensemble's prediction."
-)
-
-
 CITATIONS = [
     "He K, Zhang X, Ren S, Sun J (2016). Identity mappings in deep residual networks. ECCV.",
     "Kossaifi J, Panagakis Y, Anandkumar A, Pantic M (2016). TensorLy: Tensor learning in "
@@ -96,16 +86,50 @@ CITATIONS = [
     "library for PyTorch. arXiv:2009.07896.",
     "Abraham A et al. (2014). Machine learning for neuroimaging with scikit-learn "
     "(nilearn). Front Neuroinform 8:14.",
+    "Brunet JP, Tamayo P, Golub TR, Mesirov JP (2004). Metagenes and molecular pattern "
+    "discovery using matrix factorization. PNAS 101(12).",
+    "Himberg J, Hyvärinen A, Esposito F (2004). Validating the independent components of "
+    "neuroimaging time series via clustering and visualization. NeuroImage 22(3).",
 ]
 
 
 
-def methods_text(*, target: str, tensor: str, n_members: int = 1, backprojection: bool = True) -> str:
+#: Added when the RoIs are the consensus over networks and resamples.
+CONSENSUS_METHODS = (
+    " {k} networks were trained from different random initialisations on the same subjects "
+    "(predicting with the mean of their outputs). The chosen layer of each network was "
+    "decomposed at the chosen ranks and penalty on all training subjects and on {b_minus} "
+    "bootstrap resamples of them ({fits} decompositions); their spatial components were "
+    "clustered by spatial correlation (average linkage, threshold {threshold}) and matched "
+    "one-to-one to the cluster centres in each decomposition (Hungarian algorithm), as in "
+    "consensus NMF (Brunet et al., 2004) and ICASSO (Himberg et al., 2004). Each consensus "
+    "RoI is the mean of its matched components; its stability is the share of the "
+    "decompositions that contain it (robust from {robust}). The subjects' loadings on the "
+    "consensus RoIs were fitted on all networks' tensors with the consensus spatial factor "
+    "fixed, and each network's occlusion test asked whether that network relies on each RoI."
+)
+#: Added with ``--method paper``.
+PAPER_METHODS = (
+    " As in the original method, one network's last convolutional layer was decomposed with "
+    "the constraints of its eq. 2 (subject and channel factors unconstrained), the ranks "
+    "chosen by the knee of the held-out reconstruction error and the scree plots."
+)
+
+
+def methods_text(*, target: str, tensor: str, n_members: int = 1, backprojection: bool = True,
+                 method: str = "consensus", consensus: dict | None = None) -> str:
     """The group report's methods paragraph for what ran."""
+    if consensus is not None:
+        ensemble = CONSENSUS_METHODS.format(
+            k=consensus["networks"], b_minus=consensus["resamples"] - 1, fits=consensus["fits"],
+            threshold=consensus["match_threshold"], robust=consensus["robust_stability"])
+    else:
+        ensemble = ""
     return (DEFAULT_METHODS.format(target=target)
+            + (PAPER_METHODS if method == "paper" else "")
             + (DEVIATIONS_METHODS if tensor in ("deviations", "relevance") else "")
             + (RELEVANCE_METHODS if tensor == "relevance" else "")
-            + (ENSEMBLE_METHODS.format(k=n_members) if n_members > 1 else "")
+            + ensemble
             + (BACKPROJECTION_METHODS if backprojection else ""))
 
 

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
-TENSORS = ("activations", "deviations", "relevance")
+from ..config import TENSORS
+
 #: Exponent of the relevance weight (:func:`relevance_weight`).
 RELEVANCE_POWER = 0.5
 

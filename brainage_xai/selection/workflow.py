@@ -179,6 +179,7 @@ def run_selection(
     constraints: str = "nonneg",
     device=None,
     about: dict | None = None,
+    rank_rule: str = "prediction",
 ) -> dict:
     """Run the whole selection stage and write its outputs into ``group_dir``.
 
@@ -211,6 +212,11 @@ def run_selection(
         They stay on the host if the GPU lacks the memory, or with ``dask_scheduler``.
     about : dict, optional
         What was decomposed (layer, tensor, grid), recorded in ``decomposition.json``.
+    rank_rule : {"prediction", "paper"}
+        ``prediction``: :func:`~brainage_xai.selection.choose_ranks` with the linear model's
+        validation MAE (R1 raised until the RoIs predict the target, R2 by prediction);
+        ``paper``: the knee and scree rules on the reconstruction error alone, as the
+        paper chose its ranks.
 
     Returns
     -------
@@ -236,7 +242,10 @@ def run_selection(
             random_state=random_state, quiet=quiet, constraints=constraints,
             cache_dir=files.rank_sweep_cache, y_train=y.train, y_val=y.val,
         )
-        choice = choose_ranks(sweep, scree)
+        if rank_rule == "paper":
+            choice = choose_ranks(sweep.drop(columns=["val_mae"], errors="ignore"), scree)
+        else:
+            choice = choose_ranks(sweep, scree)
     write_tsv(files.scree, scree, sidecar=SCREE_SIDECAR)
     rank = (choice["R1"], choice["R2"])
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from nibabel.affines import voxel_sizes
 
 from ...model.activations import (
-    check_layer,
     iter_activations,
     load_activation_tensor,
     read_participant_activations,
@@ -24,7 +22,7 @@ BATCH = 8
 
 def stage_activations(ctx: GroupContext) -> None:
     """Store ``A`` (reusing participant-level activation NIfTIs made by the same model)."""
-    layer = check_layer(ctx.model, ctx.config.layer, float(voxel_sizes(ctx.input_affine).max()))
+    layer = ctx.layer
     key = ctx.key(model=ctx.model_sha, layer=layer, inputs=ctx.inputs_sha, split=ctx.split_sha)
     paths = ctx.out.activations(layer)
     if not ctx.is_done("activations", key, paths):

@@ -19,7 +19,9 @@ from ...bids.derivatives import roi_names, sidecar_path
 from ...errors import DataError
 from ...explain import backprojection as bp
 from ...explain import gradcam, loadings, occlusion
+from ...explain.consensus import ROBUST_STABILITY
 from ...explain.rois import (
+    CONSENSUS_SIDECAR,
     RELATION_SIDECAR,
     ROIS_SIDECAR,
     atlas_overlap,
@@ -32,6 +34,7 @@ from ...model.activations import feature_geometry, layer_modules
 from ...model.training import resolve_precision
 from ...report.figures import plot_loadings, plot_occlusion, save_figure
 from ...utils.io import save_nifti, write_json, write_tsv
+from .layer import member
 from .runner import GroupContext
 
 LOGGER = logging.getLogger("brainage_xai.group")
@@ -60,13 +63,19 @@ def template_grid(ctx: GroupContext):
     return nib.Nifti1Image(np.zeros(ctx.input_shape, np.float32), ctx.input_affine), None, None
 
 
+def decomposition(ctx: GroupContext) -> dict:
+    """What is explained: the consensus when one was formed, else the selection's fit."""
+    return ctx.consensus or ctx.selection
+
+
 def roi_loadings(ctx: GroupContext) -> pd.DataFrame:
     """``participant_id``, ``split``, the first target and one column per RoI (U1), in the
     activation tensor's subject order."""
     target = ctx.targets.columns[0]
-    u1 = np.zeros((len(ctx.activations.subjects), ctx.selection["ranks"][0]))
+    source = decomposition(ctx)
+    u1 = np.zeros((len(ctx.activations.subjects), source["U3"].shape[1]))
     for split, r in ctx.split_rows().items():
-        u1[r] = ctx.selection["U1"][split]
+        u1[r] = source["U1"][split]
     table = ctx.predictions.set_index("participant_id").loc[["sub-" + s for s in ctx.activations.subjects]]
     out = pd.DataFrame({
         "participant_id": table.index.to_numpy(), "split": table["split"].to_numpy(),
@@ -88,23 +97,55 @@ def outputs(ctx: GroupContext) -> list:
 
 
 def explanations_key(ctx: GroupContext) -> str:
-    return ctx.key(selection=ctx.selection_key, template=ctx.template.source, blobs=N_RANDOM_BLOBS,
+    return ctx.key(selection=ctx.selection_key, consensus=ctx.consensus_key if ctx.consensus else None,
+                   template=ctx.template.source, blobs=N_RANDOM_BLOBS, volume_ratio=occlusion.VOLUME_RATIO,
                    backprojection=int(ctx.config.backprojection), outputs=EXPLANATIONS_OUTPUTS)
+
+
+def predictors(ctx: GroupContext, mean, std) -> dict | object:
+    """The networks the occlusion test asks: each network of the consensus, or the one model."""
+    def wrap(net):
+        return occlusion.torch_predictor(
+            net, device=ctx.device, batch_size=PREDICT_BATCH, scale=float(std[0]), shift=float(mean[0]),
+            # the training's precision: bf16 is many times faster on CPUs with AMX and on GPUs
+            dtype=resolve_precision("auto", ctx.device),
+        )  # fmt: skip
+
+    if ctx.consensus and ctx.n_networks > 1:
+        return {f"network {k + 1}": wrap(member(ctx.model, k)) for k in range(ctx.n_networks)}
+    return wrap(ctx.model)
+
+
+def consensus_columns(ctx: GroupContext, names, occ_table: pd.DataFrame) -> pd.DataFrame:
+    """``rois.tsv``'s columns of the consensus: stability, spread, and the networks that
+    contain each RoI and that rely on it (occlusion)."""
+    cons = ctx.consensus
+    relied = (occ_table.groupby("roi")["above_null"].sum() if "network" in occ_table
+              else occ_table.set_index("roi")["above_null"].astype(int))
+    return pd.DataFrame({
+        "name": names,
+        "stability": np.round(cons["stability"], 4),
+        "spread": np.round(cons["spread"], 4),
+        "robust": cons["stability"] >= ROBUST_STABILITY,
+        "networks_with_roi": [len(cons["networks"][n]["networks"]) for n in names],
+        "networks_relying": [int(relied.get(n, 0)) for n in names],
+        "networks": ctx.n_networks,
+    })
 
 
 def _back_projection(ctx: GroupContext, template_img, mask, rois_img, atlas_img, labels):
     """Each RoI's loading back-projected to the input (:mod:`brainage_xai.explain.backprojection`)."""
     rows = ctx.split_rows().train
-    tensor = ctx.config.tensor
     parts = {}
-    if tensor != "activations":  # what the selection built the tensor with
-        with np.load(ctx.out.tensor_parameters) as npz:
+    if ctx.tensor != "activations":  # what the tensor was built with
+        source = ctx.out.selection_work / "consensus_parameters.npz" if ctx.consensus else ctx.out.tensor_parameters
+        with np.load(source) as npz:
             parts = {k: npz[k] for k in npz.files}
-    U2, D, U3 = (ctx.selection[k] for k in ("U2", "D", "U3"))
+    U2, D, U3 = (decomposition(ctx)[k] for k in ("U2", "D", "U3"))
     LOGGER.info("explanations: back-projecting %d RoIs over %d training subjects", U3.shape[1], len(rows))
     result = bp.back_project(
         ctx.model, ctx.standardised_inputs()[rows], ctx.activations.layer, U2, D, U3,
-        tensor=tensor, centre=parts.get("centre"), scale=parts.get("scale"),
+        tensor=ctx.tensor, centre=parts.get("centre"), scale=parts.get("scale"),
         weight=parts.get("weight"), device=ctx.device, progress=not ctx.config.quiet,
         # the training's precision, as the occlusion test: bf16 is 2.8 times faster on
         # CPUs with AMX and gives the same maps (correlation >= 0.998)
@@ -130,7 +171,8 @@ def stage_explanations(ctx: GroupContext) -> None:
     model, layer = ctx.model, ctx.activations.layer
     x = ctx.standardised_inputs().numpy()[:, 0]
     table = roi_loadings(ctx)
-    names = roi_names(ctx.selection["ranks"][0])
+    source = decomposition(ctx)
+    names = roi_names(source["U3"].shape[1])
     mean, std = ctx.target_scale()
     geometry = feature_geometry(model, model.activation_module(layer), x.shape[1:])
     if mask is None:
@@ -140,13 +182,13 @@ def stage_explanations(ctx: GroupContext) -> None:
     labels = dict(zip(atlas_names["index"].astype(int), atlas_names["name"].astype(str)))
 
     # where the RoIs are
-    rois_img = roi_components(ctx.selection["U3"], geometry, template_img, mask=mask)
+    rois_img = roi_components(source["U3"], geometry, template_img, mask=mask)
     dseg_img, dseg_table = combined_dseg(rois_img)
     rois_table = atlas_overlap(rois_img, atlas_img, labels)
     # how much of each RoI is the target: per-RoI coefficients in target units per unit
     # loading (the selection's are on the standardised target)
     fits = loadings.describe_loadings(table, table[target], roi_columns=names,
-                                      coefficients=ctx.selection["roi_coefficients"][:, 0] * std[0],
+                                      coefficients=source["roi_coefficients"][:, 0] * std[0],
                                       target=target, seed=config.random_seed)
     rois_table["cv_r2"] = fits["cv_r2"].to_numpy()
     rois_table["target_related"] = fits["cv_r2"].to_numpy() >= loadings.RELATED_R2
@@ -160,11 +202,7 @@ def stage_explanations(ctx: GroupContext) -> None:
     test, train = split == "test", split == "train"
     if not test.any() or not train.any():
         raise DataError("the occlusion test needs subjects in the 'train' and 'test' splits")
-    predict = occlusion.torch_predictor(
-        model, device=ctx.device, batch_size=PREDICT_BATCH, scale=float(std[0]), shift=float(mean[0]),
-        # the training's precision: bf16 is many times faster on CPUs with AMX and on GPUs
-        dtype=resolve_precision("auto", ctx.device),
-    )  # fmt: skip
+    predict = predictors(ctx, mean, std)
     zooms = tuple(float(z) for z in template_img.header.get_zooms()[:3])
     occ_table, null = occlusion.occlusion_test(
         predict, x[test], table[target].to_numpy()[test], roi_masks(rois_img), x[train].mean(axis=0),
@@ -172,6 +210,9 @@ def stage_explanations(ctx: GroupContext) -> None:
     )  # fmt: skip
     # where each RoI's loading comes from in the input
     sidecar = {**ROIS_SIDECAR, **RELATION_SIDECAR}
+    if ctx.consensus:
+        rois_table = rois_table.merge(consensus_columns(ctx, names, occ_table), on="name", how="left")
+        sidecar.update(CONSENSUS_SIDECAR)
     if config.backprojection:
         bp_img, bp_table = _back_projection(ctx, template_img, mask, rois_img, atlas_img, labels)
         rois_table = rois_table.merge(bp_table, on="name", how="left")

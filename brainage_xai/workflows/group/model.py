@@ -19,7 +19,7 @@ from ...model.training import predict_batches
 from ...report.figures import plot_predictions
 from ...selection.rank_sweep import check_ranks
 from ...utils.io import atomic_path, read_tsv, write_json, write_tsv
-from .runner import GroupContext
+from .runner import GroupContext, default_tensor
 
 LOGGER = logging.getLogger("brainage_xai.group")
 
@@ -50,8 +50,11 @@ def _check_ranks_fit(ctx: GroupContext, model) -> None:
     had been trained (minutes on a CPU).
     """
     config = ctx.config
+    if config.layer is None and ctx.method == "consensus":
+        return  # the layer stage chooses among the layers whose tensor holds these ranks
     layer = check_layer(model, config.layer, float(voxel_sizes(ctx.input_affine).max()))
-    channels = model.layer_channels(layer) * (1 if config.tensor == "activations" else 2)
+    tensor = config.tensor or default_tensor(ctx)
+    channels = model.layer_channels(layer) // ctx.n_networks * (1 if tensor == "activations" else 2)
     voxels = int(np.prod(model.feature_shape(ctx.input_shape, layer)))
     if config.ranks is not None:
         (r1, r2), option = (int(r) for r in config.ranks), "--ranks"
@@ -62,7 +65,7 @@ def _check_ranks_fit(ctx: GroupContext, model) -> None:
         return
     try:
         check_ranks((len(ctx.rows("train")), channels, voxels), r1, r2,
-                    tensor=f"the {config.tensor} tensor of {layer}")
+                    tensor=f"the {tensor} tensor of {layer}")
     except UsageError as exc:
         raise UsageError(f"{option}: {exc}") from None
 
@@ -95,10 +98,14 @@ def stage_model(ctx: GroupContext) -> None:
     config = ctx.config
     if config.model is not None:
         _use_given_model(ctx)
+        ctx.n_networks = int(ctx.model_meta.get("architecture", {}).get("ensemble", 1))
+        if ctx.method == "paper" and ctx.n_networks > 1:
+            raise UsageError(f"--method paper explains one network; --model {config.model} holds "
+                             f"{ctx.n_networks}")
         _check_ranks_fit(ctx, ctx.model)
         return
     settings = ensemble.settings(config.epochs, config.random_seed)
-    arch = ensemble.architecture(ctx.targets.shape[1], config.widths, config.depths, config.ensemble)
+    arch = ensemble.architecture(ctx.targets.shape[1], config.widths, config.depths, ctx.n_networks)
     _check_ranks_fit(ctx, build_network(arch))
     key = ctx.key(
         inputs=ctx.inputs_sha, split=ctx.split_sha, targets=ctx.targets_sha,

@@ -63,6 +63,11 @@ class GroupContext:
     config: object
     out: GroupOutputs
     device: torch.device
+    method: str = "consensus"
+    n_networks: int = 1
+    constraints: str = "nonneg"
+    layer: str | None = None  # resolved by the layer stage
+    tensor: str | None = None
     subjects: list = field(default_factory=list)
     paths: list = field(default_factory=list)
     targets: pd.DataFrame | None = None
@@ -78,7 +83,10 @@ class GroupContext:
     metrics: dict = field(default_factory=dict)
     activations: object = None
     selection: dict = field(default_factory=dict)
+    consensus: dict = field(default_factory=dict)
+    layer_key: str = ""
     selection_key: str = ""
+    consensus_key: str = ""
     explanations_key: str = ""
     _maps: np.ndarray | None = None
     _template: object = None
@@ -170,8 +178,17 @@ class GroupContext:
 Stage = Callable[[GroupContext], None]
 
 
+def default_tensor(ctx: GroupContext) -> str:
+    """The tensor decomposed when ``--tensor`` is not given and the layer is."""
+    return "activations" if ctx.method == "paper" else "deviations"
+
+
+#: Networks of the consensus unless ``--ensemble`` says otherwise, by device.
+NETWORKS = {"cpu": 3, "cuda": 5}
+
+
 def make_context(config) -> GroupContext:
-    """A fresh :class:`GroupContext` for ``config`` (threads and device set up)."""
+    """A fresh :class:`GroupContext` for ``config`` (threads, device and method set up)."""
     from ...imaging.templates import TEMPLATE_NAME
     from ...model.training import resolve_device
 
@@ -179,7 +196,12 @@ def make_context(config) -> GroupContext:
         torch.set_num_threads(int(config.n_cpus))
     group_dir, work_dir = analysis_dirs(config)
     out = GroupOutputs(group_dir, work_dir, space=TEMPLATE_NAME, resolution=config.resolution)
-    return GroupContext(config=config, out=out, device=resolve_device(config.device))
+    device = resolve_device(config.device)
+    paper = config.method == "paper"
+    networks = config.ensemble or (1 if paper else NETWORKS.get(device.type, NETWORKS["cpu"]))
+    return GroupContext(config=config, out=out, device=device, method=config.method,
+                        n_networks=int(networks),
+                        constraints=config.constraints or ("paper" if paper else "nonneg"))
 
 
 def run_stages(ctx: GroupContext, stages) -> int:

@@ -22,6 +22,7 @@ from ...selection import (
 )
 from ...utils import env
 from ...utils.io import atomic_path, write_json
+from .layer import member
 from .runner import GroupContext
 
 LOGGER = logging.getLogger("brainage_xai.group")
@@ -35,9 +36,16 @@ def selection_key(ctx: GroupContext) -> str:
     c = ctx.config
     return ctx.key(
         model=ctx.model_sha, layer=ctx.activations.layer, inputs=ctx.inputs_sha,
-        split=ctx.split_sha, targets=ctx.targets_sha, tensor=c.tensor, ranks=c.ranks, l1=c.l1,
-        rank_grid=c.rank_grid, lambda_grid=c.lambda_grid, seed=c.random_seed,
+        split=ctx.split_sha, targets=ctx.targets_sha, tensor=ctx.tensor, ranks=c.ranks, l1=c.l1,
+        rank_grid=c.rank_grid, lambda_grid=c.lambda_grid, seed=c.random_seed, method=ctx.method,
+        constraints=ctx.constraints, networks=ctx.n_networks,
     )  # fmt: skip
+
+
+def member_channels(ctx: GroupContext, k: int = 0) -> slice:
+    """The channels of network ``k`` in the activation tensor (all networks side by side)."""
+    c = ctx.activations.array.shape[1] // ctx.n_networks
+    return slice(k * c, (k + 1) * c)
 
 
 def _files(ctx: GroupContext) -> SelectionFiles:
@@ -108,13 +116,15 @@ def _check_memory(shape, tensor: str, layer: str) -> None:
         )
 
 
-def _gradient(ctx: GroupContext, train_rows) -> np.ndarray:
-    """The training subjects' output gradient at the decomposed layer, ``(c, v)`` (``--tensor relevance``)."""
+def network_gradient(ctx: GroupContext, train_rows, k: int | None = None) -> np.ndarray:
+    """The training subjects' output gradient at the decomposed layer, ``(c, v)``
+    (``--tensor relevance``): of the model, or of its network ``k``."""
     x = ctx.standardised_inputs()[np.asarray(train_rows)]
+    net = ctx.model if k is None else member(ctx.model, k)
     # The first target's output: the one the report explains.
     LOGGER.info("selection: output gradient (%s) at %s over %d training subjects",
                 ctx.targets.columns[0], ctx.activations.layer, len(x))
-    g = gradient_rms(ctx.model, x, ctx.activations.layer, device=ctx.device, target=0)
+    g = gradient_rms(net, x, ctx.activations.layer, device=ctx.device, target=0)
     return g.reshape(g.shape[0], -1)
 
 
@@ -134,7 +144,7 @@ def stage_selection(ctx: GroupContext) -> None:
     key = ctx.selection_key = selection_key(ctx)
     outputs = [out.scree, out.selection, out.decomposition, out.decomposition_json, out.loadings,
                out.selection_metrics]
-    if config.tensor != "activations":
+    if ctx.tensor != "activations":
         outputs.append(out.tensor_parameters)
     if ctx.is_done("selection", key, outputs):
         ctx.selection = load_selection(ctx)
@@ -151,12 +161,18 @@ def stage_selection(ctx: GroupContext) -> None:
     # Standardised as the network's training target, so that the network's head and the
     # linear model speak the same units; metrics.json converts back.
     y = rows.map(lambda r: (true[r] - mean) / std)
-    # The head reads the pooled output of the last layer; an earlier layer's channels are not its input.
-    head = head_from_torch(ctx.model.head.cpu()) if act.layer == ctx.model.default_layer else None
-    _check_memory(act.array.shape, config.tensor, act.layer)
-    gradient = _gradient(ctx, rows.train) if config.tensor == "relevance" else None
-    A, parameters, head_on_tensor = prepare_tensor(act.array, rows, config.tensor,
-                                                   gradient_rms=gradient, head=head)
+    # The head reads the pooled output of the last layer; an earlier layer's channels are not
+    # its input. With several networks the ranks and λ are chosen on the first one's
+    # channels, and the consensus stage decomposes every network.
+    several = ctx.n_networks > 1
+    array = act.array[:, member_channels(ctx)] if several else act.array
+    last = act.layer == ctx.model.default_layer and not several
+    head = head_from_torch(ctx.model.head.cpu()) if last else None
+    _check_memory(array.shape, ctx.tensor, act.layer)
+    gradient = None
+    if ctx.tensor == "relevance":
+        gradient = network_gradient(ctx, rows.train, 0 if several else None)
+    A, parameters, head_on_tensor = prepare_tensor(array, rows, ctx.tensor, gradient_rms=gradient, head=head)
     if head is not None and head_on_tensor is None:
         # The weight varies over voxels, so the voxel average of the reconstruction
         # no longer gives the head's input: that comparison is left out.
@@ -166,7 +182,7 @@ def stage_selection(ctx: GroupContext) -> None:
         # without reading the training activations or taking the gradient again.
         with atomic_path(out.tensor_parameters) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **parameters)
-    LOGGER.info("selection: %s tensor %s per split %s", config.tensor, A.train.shape[1:],
+    LOGGER.info("selection: %s tensor %s per split %s", ctx.tensor, A.train.shape[1:],
                 {s: len(r) for s, r in rows.items()})
     result = run_selection(
         A, y, _files(ctx),
@@ -175,9 +191,11 @@ def stage_selection(ctx: GroupContext) -> None:
         participant_ids=rows.map(lambda r: [ids[i] for i in r]).to_dict(),
         target_names=list(ctx.targets.columns), n_jobs=config.n_cpus or -1,
         dask_scheduler=config.dask_scheduler, random_state=config.random_seed, quiet=config.quiet,
-        device=ctx.device if ctx.device.type == "cuda" else None,
-        about={"layer": act.layer, "tensor": config.tensor, "grid_shape": list(act.grid_shape),
-               "channels": int(act.array.shape[1])},
+        device=ctx.device if ctx.device.type == "cuda" else None, constraints=ctx.constraints,
+        rank_rule="paper" if ctx.method == "paper" else "prediction",
+        about={"layer": act.layer, "tensor": ctx.tensor, "grid_shape": list(act.grid_shape),
+               "channels": int(array.shape[1]), "method": ctx.method, "networks": ctx.n_networks,
+               "constraints": ctx.constraints},
     )  # fmt: skip
     _draw(ctx, result)
     # The tensors (1.8 GB at the demo's block1) can sit in reference cycles left by the
@@ -189,7 +207,7 @@ def stage_selection(ctx: GroupContext) -> None:
     decomposition = target_metrics(result["final"], rows.map(lambda r: true[r]), mean, std,
                                    list(ctx.targets.columns), key)
     decomposition["standardised"] = standardised
-    decomposition["tensor"] = config.tensor
+    decomposition["tensor"] = ctx.tensor
     write_json(out.selection_metrics, decomposition)
     merge_metrics(ctx, decomposition, fresh=True)
     ctx.selection = load_selection(ctx)
