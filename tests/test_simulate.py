@@ -251,3 +251,28 @@ def test_dataset_of_an_older_model_is_not_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(simulate, "GM_NOISE_SD", 0.05)
     with pytest.raises(OutputError, match=r"\(model differ\)"):
         simulate_cohort(out, n_subjects=2, resolution=8, seed=1, quiet=True)
+
+
+def test_site_effects_give_sites_their_own_ages_and_smoothness(tmp_path):
+    from brainage_xai.simulate import draw_participants
+
+    table = draw_participants(300, seed=1, site_effects=True)
+    means = table.groupby("site_index")["age"].mean().to_numpy()
+    assert means[0] + 15 < means[1] < means[2] - 10  # the sites differ in age distribution
+    plain = draw_participants(300, seed=1)
+    assert np.ptp(plain.groupby("site_index")["age"].mean().to_numpy()) < 10
+    # the same subjects' maps: smoother at the later sites (less voxel-to-voxel variation)
+    out = simulate_cohort(tmp_path / "sites", n_subjects=6, resolution=8, seed=2, quiet=True,
+                          site_effects=True, n_jobs=1)
+    params = json.loads((out / "sourcedata" / "simulation" / "simulation.json").read_text())["parameters"]
+    assert params["site_effects"] is True
+    rows = read_tsv(out / "participants.tsv")
+    roughness = {}
+    for _, row in rows.iterrows():
+        path = next((out / "derivatives" / "simulated" / row["participant_id"] / "anat").glob("*_probseg.nii.gz"))
+        data = np.asarray(nib.load(str(path)).dataobj, dtype=float)
+        inside = data > 0.05
+        roughness.setdefault(int(row["site"][4:]), []).append(np.abs(np.diff(data, axis=0))[inside[1:]].mean())
+    sites = sorted(roughness)
+    assert len(sites) >= 2
+    assert np.mean(roughness[sites[0]]) > np.mean(roughness[sites[-1]])

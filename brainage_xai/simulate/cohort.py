@@ -116,6 +116,13 @@ STIFFNESS_NOISE_SD = 0.15  # kPa
 T1_NOISE_SD = 0.02  # relative to the scanner gain
 REGION_SMOOTH_MM = 2.0  # soft edges of the planted change
 MAX_SITES = 8
+#: With ``site_effects``: site k's maps are smoothed with a Gaussian of FWHM k times this
+#: (scanners and processing pipelines differ in effective resolution), ...
+SITE_SMOOTHING_FWHM_MM = 3.0
+#: ... and site k's ages centre on the k-th of evenly spread points of the age range,
+#: with this spread (a share of the range): the sites differ in age distribution, as
+#: multi-site cohorts do, so that site and age are confounded.
+SITE_AGE_SPREAD = 0.3
 #: The template's GM probability is scaled by this before the effects, so that the
 #: largest planted increase (+30 %) does not saturate at 1 where the template is near 1
 #: (cerebellum, deep grey): clipping would erase exactly the signal that was planted.
@@ -134,7 +141,7 @@ def model_fingerprint() -> str:
         PLANTED, REFERENCE_AGES, SITE_GM_STEP, SITE_STIFFNESS_STEP, SITE_T1_GAIN_STEP,
         sorted(SEX_GM_SCALE.items()), STIFFNESS_EFFECT_SCALE, DEFORMATION_SD_MM,
         DEFORMATION_BASIS, INDIVIDUAL_SD, INDIVIDUAL_BASIS, GM_NOISE_SD, STIFFNESS_NOISE_SD,
-        T1_NOISE_SD, REGION_SMOOTH_MM, GM_BASE_SCALE,
+        T1_NOISE_SD, REGION_SMOOTH_MM, GM_BASE_SCALE, SITE_SMOOTHING_FWHM_MM, SITE_AGE_SPREAD,
     )
     return hashlib.sha256(repr(constants).encode()).hexdigest()[:12]
 
@@ -174,7 +181,7 @@ def subject_labels(n_subjects: int) -> list[str]:
     return [f"{i + 1:0{width}d}" for i in range(n_subjects)]
 
 
-def draw_participants(n_subjects=200, seed=0, age_range=(5.0, 81.0), n_sites=3):
+def draw_participants(n_subjects=200, seed=0, age_range=(5.0, 81.0), n_sites=3, site_effects=False):
     """Draw the cohort-level variables: ages, sexes, sites and regional effects.
 
     Needs no images, so tests and benchmarks can study the design on large cohorts.
@@ -187,6 +194,11 @@ def draw_participants(n_subjects=200, seed=0, age_range=(5.0, 81.0), n_sites=3):
         Ages are stratified: one subject in each of ``n_subjects`` equal bins of the
         range, uniform within its bin, so even a small cohort spans the range.
     n_sites : int
+    site_effects : bool
+        Sites that differ in age distribution (site ``k``'s ages around the ``k``-th of
+        evenly spread points of the range, :data:`SITE_AGE_SPREAD`) and in smoothness
+        (:data:`SITE_SMOOTHING_FWHM_MM`); otherwise sites are assigned independently of
+        age and differ in intensity only.
 
     Returns
     -------
@@ -203,8 +215,17 @@ def draw_participants(n_subjects=200, seed=0, age_range=(5.0, 81.0), n_sites=3):
     age = lo + (hi - lo) * (bins + rng.uniform(size=n_subjects)) / n_subjects
     age = np.round(age, 1)
     sex = np.where(rng.uniform(size=n_subjects) < 0.5, "F", "M")
-    # Sites assigned independently of age (balanced counts), so site is a pure nuisance.
-    site_index = rng.permutation(np.arange(n_subjects) % n_sites)
+    if site_effects and n_sites > 1:
+        # Each subject's site drawn with weights that favour the sites whose age centre is
+        # near the subject's age.
+        centres = (np.arange(n_sites) + 0.5) / n_sites
+        where = (age - lo) / max(hi - lo, 1e-9)
+        weights = np.exp(-0.5 * ((where[:, None] - centres[None]) / SITE_AGE_SPREAD) ** 2)
+        weights /= weights.sum(axis=1, keepdims=True)
+        site_index = np.array([rng.choice(n_sites, p=w) for w in weights])
+    else:
+        # Sites assigned independently of age (balanced counts), so site is a pure nuisance.
+        site_index = rng.permutation(np.arange(n_subjects) % n_sites)
     table = pd.DataFrame(
         {
             "participant_id": [f"sub-{s}" for s in subject_labels(n_subjects)],
@@ -327,7 +348,7 @@ def _smooth_field(rng, bases, sd, support, n_components=1, constant=True):
     return out
 
 
-def _subject_images(layout: _Layout, row, seed: int, index: int) -> dict[str, np.ndarray]:
+def _subject_images(layout: _Layout, row, seed: int, index: int, site_effects: bool = False) -> dict[str, np.ndarray]:
     """Synthesise one subject's GM probability, stiffness and T1w arrays."""
     from scipy import ndimage
 
@@ -360,6 +381,9 @@ def _subject_images(layout: _Layout, row, seed: int, index: int) -> dict[str, np
     n_vox = int(brain.sum())
 
     gm = warp(gm) * (1.0 - SITE_GM_STEP * site) * SEX_GM_SCALE[row["sex"]]
+    if site_effects and site > 0:  # the site's effective resolution
+        sigma = site * SITE_SMOOTHING_FWHM_MM / (2.0 * np.sqrt(2.0 * np.log(2.0))) / layout.resolution
+        gm = ndimage.gaussian_filter(gm, sigma)
     gm[brain] += rng.normal(0.0, GM_NOISE_SD, n_vox).astype(np.float32)
     gm = volume(np.where(brain, np.clip(gm, 0.0, 1.0), 0.0))
 

@@ -64,12 +64,12 @@ def _generated_by():
     return [{"Name": GENERATOR, "Version": __version__, "CodeURL": CODE_URL}]
 
 
-def _write_subject(out: Path, layout: _Layout, row, seed: int, index: int) -> None:
+def _write_subject(out: Path, layout: _Layout, row, seed: int, index: int, site_effects: bool = False) -> None:
     from ..utils.io import save_nifti, write_json
 
     label = row["participant_id"][4:]
     paths = _paths(out, label, layout.resolution)
-    images = _subject_images(layout, row, seed, index)
+    images = _subject_images(layout, row, seed, index, site_effects)
     res = layout.resolution
     raw_rel = f"sub-{label}/anat/sub-{label}_T1w.nii.gz"
     resolution_desc = {
@@ -262,7 +262,8 @@ def _usable_cpus() -> int:
 
 
 def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
-                    age_range=(5.0, 81.0), n_sites=3, quiet=False, *, n_jobs=None) -> Path:
+                    age_range=(5.0, 81.0), n_sites=3, quiet=False, *, n_jobs=None,
+                    site_effects: bool = False) -> Path:
     """Write a synthetic BIDS cohort with planted, complementary age effects.
 
     Parameters
@@ -277,6 +278,9 @@ def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
     seed : int, default 0
     age_range : (float, float), default (5, 81)
     n_sites : int, default 3
+    site_effects : bool, default False
+        Sites that differ in age distribution and image smoothness, as well as intensity
+        (:func:`~brainage_xai.simulate.draw_participants`).
     quiet : bool, default False
         No progress bar.
     n_jobs : int, optional
@@ -308,6 +312,8 @@ def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
         "age_range": list(age_range), "n_sites": n_sites, "version": __version__,
         "model": model_fingerprint(),
     }
+    if site_effects:  # absent otherwise, so that earlier datasets keep their parameters
+        params["site_effects"] = True
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
@@ -322,7 +328,7 @@ def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
             )
         if not _ours(out):
             raise OutputError(f"{out} holds other files; give an empty or new folder")
-    table = draw_participants(n_subjects, seed, age_range, n_sites)
+    table = draw_participants(n_subjects, seed, age_range, n_sites, site_effects=site_effects)
     layout = _layout(resolution)
     _write_dataset_files(out, table, params)
     _write_truth_image(out, layout)
@@ -334,7 +340,7 @@ def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
             n_jobs = min(4, _usable_cpus())
         if n_jobs == 1:
             for i, row in enumerate(rows):
-                _write_subject(out, layout, row, seed, i)
+                _write_subject(out, layout, row, seed, i, site_effects)
                 progress.update()
         else:
             from concurrent.futures import ThreadPoolExecutor
@@ -342,7 +348,7 @@ def simulate_cohort(out_dir, n_subjects=200, resolution=2, seed=0,
             # Threads: scipy, zlib and numpy release the GIL for the heavy parts, and the
             # shared per-resolution arrays are not copied.
             with ThreadPoolExecutor(max_workers=max(1, int(n_jobs))) as pool:
-                futures = [pool.submit(_write_subject, out, layout, row, seed, i)
+                futures = [pool.submit(_write_subject, out, layout, row, seed, i, site_effects)
                            for i, row in enumerate(rows)]
                 for fut in futures:
                     fut.result()
@@ -369,6 +375,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--age-range", type=float, nargs=2, default=(5.0, 81.0), metavar=("LOW", "HIGH"),
                    help="ages in years (default 5 81)")
     p.add_argument("--n-sites", type=int, default=3, metavar="K", help="number of sites (default 3)")
+    p.add_argument("--site-effects", action="store_true",
+                   help="sites that differ in age distribution and image smoothness too, not only "
+                   "in intensity (as multi-site cohorts do)")
     p.add_argument("--n-jobs", type=int, default=None, metavar="J",
                    help="subjects written in parallel (default: usable CPUs, at most 4)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -383,7 +392,7 @@ def main(argv=None) -> int:
         out = simulate_cohort(
             args.out_dir, n_subjects=args.n_subjects, resolution=args.resolution,
             seed=args.seed, age_range=tuple(args.age_range), n_sites=args.n_sites,
-            quiet=args.quiet, n_jobs=args.n_jobs,
+            quiet=args.quiet, n_jobs=args.n_jobs, site_effects=args.site_effects,
         )
     except BrainAgeXAIError as exc:
         print(f"{GENERATOR}: error: {exc}", file=sys.stderr)
