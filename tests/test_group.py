@@ -550,9 +550,13 @@ def test_consensus_over_networks_and_resamples(first_run, tmp_path, capsys):
     with np.load(g / "consensus.npz") as npz:
         assert npz["U3"].shape[1] == q and npz["W"].shape == (2 * 2 * WIDTHS[-1], q)
         assert npz["own_0"].shape == npz["own_1"].shape == (act.array.shape[2], 2)
-    loadings = read_tsv(g / "loadings.tsv")  # the selection's; the explanations use the consensus'
+    # the consensus' loadings (the selection's loadings.tsv is the first network's fit)
+    loadings = read_tsv(g / "consensus_loadings.tsv")
+    assert list(loadings.columns) == ["participant_id", "split", *[f"RoI {r + 1}" for r in range(q)], "predicted_age"]
     fits_age = read_tsv(g / "loadings_vs_age.tsv")
     assert len(fits_age) == q and len(loadings) == len(preds)
+    with np.load(g / "consensus.npz") as npz:
+        assert npz["own_loadings_0"].shape == (len(preds), 2)
     # each network's occlusion test on the same RoIs
     occ = read_tsv(g / "occlusion.tsv")
     assert set(occ["network"]) == {"network 1", "network 2"} and len(occ) == 2 * q

@@ -300,6 +300,7 @@ class GroupOutputs:
     consensus = _File("consensus.npz")
     consensus_json = _File("consensus.json")
     consensus_fits = _File("consensus_fits.tsv")
+    consensus_loadings = _File("consensus_loadings.tsv")
     # figures and the report
     figures = _File("figures")
     scree_figure = _File("figures/scree.png")

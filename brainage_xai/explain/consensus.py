@@ -222,6 +222,7 @@ class ConsensusResult:
     channels: list  # per network, the rows of ``fixed.W`` that are its channel profiles
     errors: dict = field(default_factory=dict)
     own: dict = field(default_factory=dict)  # network -> its full-data fit's U3
+    own_loadings: dict = field(default_factory=dict)  # network -> Splits of that fit's U1
 
 
 def consensus_decomposition(tensors: Callable[[int], Splits], n_networks: int, rank, *,
@@ -259,7 +260,7 @@ def consensus_decomposition(tensors: Callable[[int], Splits], n_networks: int, r
     ConsensusResult
     """
     rank = (int(rank[0]), int(rank[1]))
-    fits, own = [], {}
+    fits, own, own_loadings = [], {}, {}
     for k in range(n_networks):
         A = tensors(k)
         n_train = A.train.shape[0]
@@ -271,6 +272,9 @@ def consensus_decomposition(tensors: Callable[[int], Splits], n_networks: int, r
             fits.append(Fit(k, b, U3))
             if b == 0:
                 own[k] = U3
+                own_loadings[k] = Splits(np.asarray(res.factors[0], dtype=np.float64),
+                                         np.asarray(res.transform(A.val), dtype=np.float64),
+                                         np.asarray(res.transform(A.test), dtype=np.float64))
             if progress is not None:
                 progress(f"network {k + 1}/{n_networks}, resample {b + 1}/{n_resamples}")
         del A
@@ -299,7 +303,7 @@ def consensus_decomposition(tensors: Callable[[int], Splits], n_networks: int, r
         model = float(np.sum((U1.T @ U1) * (fixed.W.T @ fixed.W) * fixed.gram))
         errors[split] = float(np.sqrt(max(norms2[split] - 2 * inner + model, 0.0) / norms2[split]))
     return ConsensusResult(consensus=consensus, loadings=loadings, fixed=fixed, channels=channels,
-                           errors=errors, own=own)
+                           errors=errors, own=own, own_loadings=own_loadings)
 
 
 def linear_model(loadings: Splits, y: Splits):

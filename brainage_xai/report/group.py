@@ -367,7 +367,10 @@ def summary_rows(config, out: GroupOutputs, input_shape, template_name: str) -> 
         "Ranks": f"R1 = {choice['ranks']['R1']}, R2 = {choice['ranks']['R2']} ({choice['ranks'].get('rule')})"
         + (" (chosen on the first network)" if consensus is not None else ""),
         "l1 penalty (lambda)": f"{choice['lambda']['lambda']:.4g} ({choice['lambda'].get('rule')})",
-        "Test MAE": "; ".join(f"{PREDICTORS[k]} {v['mae']:.2f}" for k, v in test.items()),
+        "Test MAE": (f"network {consensus['metrics']['test']['network']['mae']:.2f}; linear model on the "
+                     f"consensus RoIs {consensus['metrics']['test']['linear_model_on_consensus']['mae']:.2f}; "
+                     f"training-mean predictor {consensus['metrics']['test']['mean_predictor']['mae']:.2f}")
+        if consensus is not None else "; ".join(f"{PREDICTORS[k]} {v['mae']:.2f}" for k, v in test.items()),
     }
 
 
@@ -375,7 +378,11 @@ def metrics_rows(metrics: dict, consensus: dict | None = None) -> pd.DataFrame:
     """Predictor × target × split rows of MAE and MSE (``metrics.json``'s decomposition part,
     and the consensus's linear model when there is one)."""
     rows = []
+    renamed = {}
     if consensus is not None:
+        # the selection's decomposition is then the first network's, used to choose the ranks
+        renamed = {"linear_model_on_decomposition": "linear model on the first network's decomposition",
+                   "network_head_on_reconstruction": "first network's head on its reconstruction"}
         target = next(iter(metrics["decomposition"]["metrics"]))
         for split in ("test", "val"):
             m = consensus["metrics"][split]["linear_model_on_consensus"]
@@ -384,8 +391,8 @@ def metrics_rows(metrics: dict, consensus: dict | None = None) -> pd.DataFrame:
     for target, splits in metrics["decomposition"]["metrics"].items():
         for split in ("test", "val"):
             for name, m in splits.get(split, {}).items():
-                rows.append({"predictor": PREDICTORS[name], "target": target, "split": split,
-                             "MAE": m["mae"], "MSE": m["mse"]})  # fmt: skip
+                rows.append({"predictor": renamed.get(name, PREDICTORS[name]), "target": target,
+                             "split": split, "MAE": m["mae"], "MSE": m["mse"]})  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -427,7 +434,7 @@ def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
     targets = list(meta.get("targets") or config.target)
     target = targets[0]
     predictions = read_tsv(out.predictions)
-    loadings = read_tsv(out.loadings)
+    loadings = read_tsv(out.consensus_loadings if out.consensus_json.is_file() else out.loadings)
     loadings = loadings.merge(predictions[["participant_id", target]], on="participant_id", how="left")
     choice = _read_json(out.selection)
     n_members = int(meta.get("architecture", {}).get("ensemble", 1))

@@ -14,6 +14,7 @@ import json
 import logging
 
 import numpy as np
+import pandas as pd
 
 from ...bids.derivatives import prediction_columns, roi_names
 from ...explain.consensus import (
@@ -54,8 +55,8 @@ def consensus_key(ctx: GroupContext) -> str:
 
 def outputs(ctx: GroupContext) -> list:
     out = ctx.out
-    return [out.consensus, out.consensus_json, out.consensus_fits, out.consensus_figure,
-            out.selection_work / "consensus_parameters.npz"]
+    return [out.consensus, out.consensus_json, out.consensus_fits, out.consensus_loadings,
+            out.consensus_figure, out.selection_work / "consensus_parameters.npz"]
 
 
 def _ensemble_layout(parts: list[np.ndarray], tensor: str) -> np.ndarray:
@@ -168,6 +169,11 @@ def stage_consensus(ctx: GroupContext) -> None:
         }
     W = _ensemble_layout([result.fixed.W[ch] for ch in result.channels], ctx.tensor)
     own = {f"own_{k}": u for k, u in result.own.items()}
+    for k, splits in result.own_loadings.items():  # in the activation tensor's subject order
+        u1 = np.zeros((len(act.subjects), splits.train.shape[1]))
+        for split, r in rows.items():
+            u1[r] = splits[split]
+        own[f"own_loadings_{k}"] = u1
     with atomic_path(out.consensus) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, U3=cons.U3, U1=result.loadings.train, U1_val=result.loadings.val,
                             U1_test=result.loadings.test, W=W, stability=cons.stability,
@@ -182,6 +188,20 @@ def stage_consensus(ctx: GroupContext) -> None:
             np.savez(fh)
     write_tsv(out.consensus_fits, cons.matches, sidecar=FITS_SIDECAR)
     names = roi_names(cons.U3.shape[1])
+    target = ctx.targets.columns[0]
+    table = pd.DataFrame({"participant_id": ids, "split": list(act.split)})
+    column = f"predicted_{target}"
+    for name in [*names, column]:
+        table[name] = 0.0
+    for split, r in rows.items():
+        table.loc[r, names] = result.loadings[split]
+        table.loc[r, column] = pred[split][:, 0] * std[0] + mean[0]
+    write_tsv(out.consensus_loadings, table, sidecar={
+        "participant_id": {"Description": "Participant"}, "split": {"Description": "Data split"},
+        **{n: {"Description": f"Loading of the consensus {n} (fitted with the consensus spatial "
+                              "factor fixed, on all networks)"} for n in names},
+        column: {"Description": f"{target} predicted by the linear model on the consensus loadings"},
+    })
     write_json(out.consensus_json, {
         "Description": "Consensus RoIs: the spatial components of every network's decompositions "
         "on resamples of the training subjects, clustered by spatial correlation and matched "
