@@ -417,6 +417,16 @@ def test_lambda_choice_minimises_validation_mae(lambda_table):
     assert len(read_tsv(out)) == 9
 
 
+def test_lambda_that_leaves_no_roi_is_not_chosen(lambda_table):
+    table, _ = lambda_table
+    empty = table.copy()
+    empty.loc[empty.index[-1], ["val_mae", "n_active_rois"]] = [empty["val_mae"].min() / 2, 0]
+    assert choose_lambda(empty)["lambda"] == choose_lambda(table)["lambda"]
+    # only empty fits: the choice is still made (the report then says what it means)
+    everything_empty = table.assign(n_active_rois=0)
+    assert choose_lambda(everything_empty)["lambda"] == choose_lambda(table)["lambda"]
+
+
 def test_lambda_sweep_resumes_and_given_grid(lambda_table, cohort, monkeypatch):
     table, out = lambda_table
     A, y = cohort

@@ -268,9 +268,15 @@ def run_lambda_sweep(
 
 
 def choose_lambda(table: pd.DataFrame) -> dict:
-    """The λ with the smallest validation MAE (ties: the larger λ, i.e. the sparser RoIs)."""
+    """The λ with the smallest validation MAE (ties: the larger λ, i.e. the sparser RoIs).
+
+    A λ that leaves no RoI (every column of the spatial factor zero) is not a candidate:
+    its linear model is the mean, and it explains nothing.
+    """
     if table.empty:
         raise ValueError("the λ sweep table is empty; nothing to choose from")
+    if "n_active_rois" in table and (table["n_active_rois"] > 0).any():
+        table = table[table["n_active_rois"] > 0]
     best = table["val_mae"].min()
     tied = table.loc[np.isclose(table["val_mae"], best, rtol=1e-12, atol=0)]
     row = tied.sort_values("lambda").iloc[-1]
