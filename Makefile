@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_output
 PYTEST_ARGS ?=
 
-.PHONY: help venv install tools test demo lint clean
+.PHONY: help venv install test demo lint clean
 
 help:
 	@echo "make demo   - set up a virtual environment, install, run the demo on the synthetic cohort"
@@ -26,21 +26,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 venv: $(BIN)/python
 install: $(VENV)/.installed
 
-# The npm bids-validator 1.x (the validator fMRIPrep uses), local to the checkout.
-.tools/node_modules/.bin/bids-validator:
-	mkdir -p .tools
-	npm install --silent --no-audit --no-fund --prefix .tools bids-validator@1
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-tools: .tools/node_modules/.bin/bids-validator
-
-test: install tools
-	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
-
-demo: install tools
-	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/brainage-xai-demo $(DEMO_DIR)
+demo: install
+	$(BIN)/brainage-xai-demo $(DEMO_DIR)
 
 lint: install
 	$(BIN)/ruff check brainage_xai tests benchmarks
 
 clean:
-	rm -rf $(VENV) .tools build *.egg-info
+	rm -rf $(VENV) build *.egg-info

@@ -138,10 +138,7 @@ def test_logs_and_config_written(sim_bids, tmp_path):
     assert "sub-003" in text and "registration check passed" in text
 
 
-def test_bids_validation_runs_and_passes(sim_bids, tmp_path):
-    from brainage_xai.bids import find_validator
-
-    assert find_validator() is not None, "bids-validator missing: run `make tools`"
+def test_bids_validation_runs_and_passes(sim_bids, tmp_path, bids_validator):
     out = tmp_path / "out"
     code = main([str(sim_bids), str(out), "participant", "--participant-label", "004",
                  "--resolution", "4", "--quiet"])
