@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAP_PRESETS = ("volume", "stiffness")
-DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+DEVICES_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 
 
 @dataclass

@@ -21,6 +21,51 @@ def test_version_and_help(capsys):
         assert option in out
 
 
+ADVANCED = ("--widths", "--depths", "--dask-scheduler")
+
+
+def test_help_shows_what_users_need_and_help_all_the_rest(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ADVANCED:
+        assert option not in out
+    assert "--help-all" in out
+    # no default printed for a flag, none printed twice
+    assert "(default: True)" not in out and "(default: 0)" not in out.split("--verbose")[1]
+    assert "(default 1" not in out and out.count("(default: 1)") == 1  # --ensemble's
+    assert "-vv" not in out and "mps" not in out
+    assert main(["--help-all"]) == 0
+    full = capsys.readouterr().out
+    for option in ADVANCED:
+        assert option in full
+    assert len(full) > len(out)
+
+
+def test_advanced_options_are_accepted_while_hidden(sim_bids, tmp_path):
+    cfg = parse_args([str(sim_bids), str(tmp_path / "out"), "group",
+                      "--widths", "4", "6", "--depths", "1", "1"])
+    assert cfg.widths == [4, 6] and cfg.depths == [1, 1]
+
+
+@pytest.mark.parametrize("option, module, extra", [
+    (["--tune", "3"], "optuna", "tune"),
+    (["--dask-scheduler", "tcp://127.0.0.1:8786"], "dask", "dask"),
+])
+def test_option_without_its_extra_is_one_line_exit_2(sim_bids, tmp_path, capsys, monkeypatch,
+                                                    option, module, extra):
+    import sys
+
+    # A None entry in sys.modules makes the import fail as if the package were absent.
+    for name in (module, f"{module}.distributed"):
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "out"
+    assert main([str(sim_bids), str(out), "group", *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("brainage-xai: error: "), err
+    assert f"pip install 'brainage-xai[{extra}]'" in err[0] and module in err[0]
+    assert not out.exists()
+
+
 def test_python_dash_m(tmp_path):
     """``python -m brainage_xai`` is the same command, and says its name, without warnings."""
     import subprocess
@@ -84,7 +129,8 @@ def test_defaults(sim_bids, tmp_path):
     (["{bids}", "{out}", "participant", "-w", "{bids}/work"], "inside BIDS_DIR"),
     (["{bids}", "{out}", "participant", "--participant-label", "0/../1"], "not a BIDS label"),
     (["{bids}", "{out}", "participant", "--participant-label", "sub-"], "not a BIDS label"),
-    (["{bids}", "{out}", "participant", "--device", "gpu"], "auto, cpu, cuda"),
+    (["{bids}", "{out}", "participant", "--device", "gpu"], "auto (CUDA when present), cpu, cuda"),
+    (["{bids}", "{out}", "participant", "--device", "mps"], "cuda or cuda:N"),
     (["{bids}", "{out}", "participant", "--resolution", "2.5"], "whole number"),
     (["{bids}", "{out}", "participant", "--map", "thickness"], "invalid choice"),
     (["{bids}", "{out}", "participant", "--n-cpus", "0"], "positive integer"),

@@ -19,7 +19,7 @@ from ..errors import UsageError
 from ..imaging.templates import check_resolution
 
 _LABEL = re.compile(r"[0-9A-Za-z]+")
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 def _integer(minimum: int, expected: str):
@@ -91,16 +91,42 @@ def _rank_grid(value: str) -> list[int]:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one worth reading."""
+    """Shows a default only where there is one worth reading (not for flags)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        if (
+            action.nargs == 0
+            or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+            or "%(default)" in (action.help or "")
+        ):
             return action.help
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``brainage-xai`` argument parser."""
+class _HelpAll(argparse.Action):
+    """``--help-all``: the help with the advanced options, then exit."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        build_parser(show_all=True).print_help()
+        parser.exit()
+
+
+def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
+    """The ``brainage-xai`` argument parser.
+
+    Parameters
+    ----------
+    show_all : bool
+        List the advanced options (for tests and development) in the help too; they
+        are accepted either way. ``--help-all`` prints that help.
+    """
+
+    def advanced(text: str) -> str:
+        return text if show_all else argparse.SUPPRESS
+
     parser = argparse.ArgumentParser(
         prog="brainage-xai",
         description=(
@@ -120,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         "analysis_level", choices=["participant", "group"], help="which level to run"
     )
     parser.add_argument("--version", action="version", version=f"brainage-xai {__version__}")
+    parser.add_argument(
+        "--help-all", action=_HelpAll,
+        help="show this help with the advanced options (for tests and development) too",
+    )
 
     g = parser.add_argument_group("selecting the data")
     g.add_argument(
@@ -179,29 +209,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda", dest="l1", type=_non_negative_float, metavar="L", help="l1 penalty on the spatial factor; skips the lambda sweep")
     g.add_argument("--rank-grid", type=_rank_grid, metavar="LO:HI", help="ranks of the sweep (e.g. 2:20)")
     g.add_argument("--lambda-grid", nargs="+", type=_non_negative_float, metavar="L", help="lambdas of the sweep")
-    g.add_argument("--tune", type=_non_negative_int, default=0, metavar="N", help="TPE trials of hyperparameter tuning (0: none)")
+    g.add_argument("--tune", type=_non_negative_int, default=0, metavar="N", help="TPE trials of hyperparameter tuning (0: none; needs brainage-xai[tune])")
     g.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs")
     g.add_argument(
         "--ensemble", type=_positive_int, default=1, metavar="K",
         help="train K networks on the same split (seeds --random-seed, +1, ...) and explain "
         "their mean prediction: the decomposed activations are all K networks' channels side "
-        "by side (default 1; docs/model.md)",
+        "by side (docs/model.md)",
     )
     g.add_argument(
         "--no-backprojection", dest="backprojection", action="store_false",
         help="do not back-project each RoI's loading to the input (one backward pass per RoI "
         "and training subject; docs/report.md)",
     )
-    g.add_argument("--dask-scheduler", metavar="ADDR", help="dask scheduler address for the sweeps")
+    g.add_argument(
+        "--dask-scheduler", metavar="ADDR",
+        help=advanced("advanced: run the rank sweep's fits on the Dask cluster at this "
+                      "scheduler address (needs brainage-xai[dask])"),
+    )
     g.add_argument(
         "--widths", nargs="+", type=_positive_int, metavar="C",
-        help="advanced: channels of each block of the network (default: the paper's 8 16 32 64 128); "
-        "a narrower network trains faster on small machines and in tests",
+        help=advanced("advanced: channels of each block of the network (default: the paper's "
+                      "8 16 32 64 128); a narrower network trains faster, for tests, not for results"),
     )  # fmt: skip
     g.add_argument(
         "--depths", nargs="+", type=_positive_int, metavar="U",
-        help="advanced: residual units of each block (default: the paper's 3 4 6 4 3); "
-        "as many values as --widths",
+        help=advanced("advanced: residual units of each block (default: the paper's 3 4 6 4 3); "
+                      "as many values as --widths"),
     )  # fmt: skip
 
     g = parser.add_argument_group("resources and reproducibility")
@@ -211,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-seed", type=_non_negative_int, default=0, metavar="N", help="seed of splits, initialisation and training")
 
     g = parser.add_argument_group("messages")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv for debug)")
+    g.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="debug messages on the console too (the log in OUTPUT_DIR/logs always has them)",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     return parser
 

@@ -13,10 +13,29 @@ import logging
 import sys
 from pathlib import Path
 
-from ..errors import EX_FAILURE, BrainAgeXAIError, OutputError
+from ..errors import EX_FAILURE, BrainAgeXAIError, OutputError, UsageError
 from ..utils.env import writable
 
 LOGGER = logging.getLogger("brainage_xai")
+
+
+def check_extras(config) -> None:
+    """Refuse an option whose optional extra is not installed (exit 2, nothing written)."""
+    import importlib
+
+    needs = []
+    if config.tune:
+        needs.append(("optuna", "tune", f"--tune {config.tune}"))
+    if config.dask_scheduler is not None:
+        needs.append(("dask.distributed", "dask", "--dask-scheduler"))
+    for module, extra, option in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise UsageError(
+                f"{option} needs the optional package {module.split('.')[0]}, which is not "
+                f"installed: pip install 'brainage-xai[{extra}]'"
+            ) from None
 
 
 def check_output_dir(path: Path) -> None:
@@ -84,6 +103,7 @@ def run(config) -> int:
     """Run one level with a parsed configuration; returns the exit code."""
     from ..utils.env import configure_runtime
 
+    check_extras(config)
     check_output_dir(config.output_dir)
     if config.work_dir is not None:
         check_output_dir(config.work_dir)
