@@ -125,7 +125,13 @@ def test_defaults(sim_bids, tmp_path):
     (["{bids}", "{out}", "both"], "invalid choice"),
     (["{bids}/nowhere", "{out}", "participant"], "does not exist"),
     (["{bids}", "{bids}", "participant"], "inside"),
-    (["{bids}", "{bids}/derivatives/out", "participant"], "inside"),
+    (["{bids}", "{bids}/derivatives", "participant"], "BIDS_DIR/derivatives/<name>"),
+    (["{bids}", "{bids}/derivatives/out/deeper", "participant"], "inside"),
+    (["{bids}", "{bids}/sub-001/out", "participant"], "inside"),
+    (["{bids}", "{bids}/derivatives/simulated", "participant"], "brainage-xai-simulate"),
+    (["{bids}", "{bids}/derivatives/simulated", "participant", "--derivatives",
+      "maps={bids}/derivatives/simulated"], "--derivatives input maps"),
+    (["{bids}", "{bids}/derivatives/out", "participant", "-w", "{bids}/work"], "inside BIDS_DIR"),
     (["{bids}", "{out}", "participant", "-w", "{bids}/work"], "inside BIDS_DIR"),
     (["{bids}", "{out}", "participant", "--participant-label", "0/../1"], "not a BIDS label"),
     (["{bids}", "{out}", "participant", "--participant-label", "sub-"], "not a BIDS label"),
@@ -154,9 +160,18 @@ def test_usage_errors_exit_2(sim_bids, tmp_path, capsys, args, message):
 
 def test_symlinked_output_inside_bids_dir_is_refused(sim_bids, tmp_path, capsys):
     link = tmp_path / "link"
-    link.symlink_to(sim_bids / "derivatives", target_is_directory=True)
+    link.symlink_to(sim_bids / "sourcedata", target_is_directory=True)
     assert main([str(sim_bids), str(link / "out"), "participant"]) == 2
     assert "inside" in capsys.readouterr().err
+
+
+def test_output_in_bids_dir_derivatives_is_accepted(sim_bids, tmp_path):
+    out = sim_bids / "derivatives" / "brainage-xai"
+    cfg = parse_args([str(sim_bids), str(out), "participant", "-w", str(out / "work")])
+    assert cfg.output_dir == out and cfg.work_dir == out / "work"
+    link = tmp_path / "link"  # also through a symbolic link
+    link.symlink_to(sim_bids / "derivatives", target_is_directory=True)
+    assert parse_args([str(sim_bids), str(link / "brainage-xai"), "participant"]).output_dir
 
 
 def test_unknown_label_is_usage_error(sim_bids, tmp_path, capsys):

@@ -129,6 +129,38 @@ def test_explicit_derivatives_and_filter_file(sim_bids, tmp_path):
     assert desc["DatasetLinks"]["sim"].endswith("derivatives/simulated")
 
 
+def _tree(root, skip=None):
+    """Every file's size and modification time, every folder's name (a new entry in
+    ``derivatives/`` changes that folder's time)."""
+    return {
+        str(p.relative_to(root)): "dir" if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if skip is None or not (p == skip or skip in p.parents)
+    }
+
+
+def test_output_in_bids_dir_derivatives(sim_bids_copy, bids_validator):
+    """``BIDS_DIR/derivatives/<name>`` is the usual place: accepted, not indexed as an
+    input, and the rest of BIDS_DIR stays as it was."""
+    out = sim_bids_copy / "derivatives" / "brainage-xai"
+    before = _tree(sim_bids_copy)
+    args = ["participant", "--participant-label", "001", "--resolution", "4", "--quiet"]
+    assert main([str(sim_bids_copy), str(out), *args]) == 0  # validated, too
+    assert preproc_path(out, "001", "volume", 4).is_file()
+    assert _tree(sim_bids_copy, skip=out) == before
+    # the second run neither indexes the first one's maps as inputs nor fails on them
+    from brainage_xai.bids import build_layout, default_derivatives
+
+    assert list(default_derivatives(sim_bids_copy, exclude=[out])) == ["simulated"]
+    assert "brainage-xai" in default_derivatives(sim_bids_copy)
+    layout = build_layout(sim_bids_copy, exclude=[out])
+    assert not [f for f in layout.get(scope="all") if str(out) in f.path]
+    assert main([str(sim_bids_copy), str(out), *args[:2], "001", "002", *args[3:]]) == 0
+    assert _tree(sim_bids_copy, skip=out) == before
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["GeneratedBy"][0]["Name"] == "brainage-xai"
+
+
 @pytest.mark.slow
 def test_concurrent_jobs_share_one_output_dir(sim_bids, tmp_path):
     """Two participant jobs (as a SLURM array) write into one OUTPUT_DIR at once."""

@@ -1,9 +1,10 @@
 """The command-line parser (BIDS-App conventions, as fMRIPrep and MRIQC).
 
-The parser only parses and checks the call: paths exist, OUTPUT_DIR is not inside
-BIDS_DIR, labels are stripped of ``sub-`` and well formed, the filter file is JSON. A
-wrong call fails through ``parser.error`` (exit 2). Checks that need the dataset (are the
-labels in it?) and all the work happen in :mod:`brainage_xai.cli.run`.
+The parser only parses and checks the call: paths exist, OUTPUT_DIR is outside BIDS_DIR
+or a dataset of its own in ``BIDS_DIR/derivatives/``, labels are stripped of ``sub-``
+and well formed, the filter file is JSON. A wrong call fails through ``parser.error``
+(exit 2). Checks that need the dataset (are the labels in it?) and all the work happen
+in :mod:`brainage_xai.cli.run`.
 """
 
 from __future__ import annotations
@@ -257,6 +258,44 @@ def _is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+def _generated_by(dataset: Path) -> str | None:
+    """``GeneratedBy[0].Name`` of a derivatives dataset ("" when it names none)."""
+    try:
+        desc = json.loads((dataset / "dataset_description.json").read_text(encoding="utf-8"))
+        return str(((desc.get("GeneratedBy") or [{}])[0] or {}).get("Name", ""))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError, TypeError, IndexError):
+        return ""
+
+
+def _output_place_error(output_dir: Path, bids_real: Path, derivatives: dict) -> str | None:
+    """Why OUTPUT_DIR may not be where it is; ``None`` when it may.
+
+    It may be outside BIDS_DIR, or a dataset of its own directly in
+    ``BIDS_DIR/derivatives/`` that is not an input: not a ``--derivatives`` dataset and
+    not another pipeline's.
+    """
+    real = output_dir.resolve()
+    if not _is_within(real, bids_real):
+        return None
+    if real.parent != bids_real / "derivatives":
+        return (
+            f"OUTPUT_DIR {output_dir} is BIDS_DIR or inside it; BIDS_DIR is never written to: "
+            "choose a folder outside it, or BIDS_DIR/derivatives/<name>"
+        )
+    for name, path in derivatives.items():
+        if _is_within(real, path.resolve()) or _is_within(path.resolve(), real):
+            return f"OUTPUT_DIR {output_dir} is the --derivatives input {name}; choose another name"
+    maker = _generated_by(real)
+    if maker is not None and maker != "brainage-xai":
+        return (
+            f"OUTPUT_DIR {output_dir} holds the derivatives of {maker or 'another pipeline'}, "
+            "which brainage-xai does not write into; choose another name"
+        )
+    return None
+
+
 def parse_args(argv=None) -> Config:
     """Parse and check a command line; return the run's :class:`~brainage_xai.config.Config`.
 
@@ -270,14 +309,7 @@ def parse_args(argv=None) -> Config:
         parser.error(f"BIDS_DIR {opts.bids_dir} does not exist or is not a folder")
     bids_real = bids_dir.resolve()
     output_dir = opts.output_dir.expanduser().absolute()
-    if _is_within(output_dir.resolve(), bids_real):
-        parser.error(
-            f"OUTPUT_DIR {opts.output_dir} is BIDS_DIR or inside it; BIDS_DIR is never written "
-            "to: choose a folder outside it"
-        )
     work_dir = opts.work_dir.expanduser().absolute() if opts.work_dir else None
-    if work_dir is not None and _is_within(work_dir.resolve(), bids_real):
-        parser.error(f"--work-dir {opts.work_dir} is inside BIDS_DIR; choose a folder outside it")
 
     labels = None
     if opts.participant_label:
@@ -296,6 +328,17 @@ def parse_args(argv=None) -> Config:
         if not path.is_dir():
             parser.error(f"--derivatives {name}={path} does not exist or is not a folder")
         derivatives[name] = path
+
+    problem = _output_place_error(output_dir, bids_real, derivatives)
+    if problem:
+        parser.error(problem)
+    if work_dir is not None and _is_within(work_dir.resolve(), bids_real) and not _is_within(
+        work_dir.resolve(), output_dir.resolve()
+    ):
+        parser.error(
+            f"--work-dir {opts.work_dir} is inside BIDS_DIR; choose a folder outside it "
+            "(or inside OUTPUT_DIR)"
+        )
 
     bids_filters = None
     filter_file = None

@@ -215,7 +215,7 @@ def run(config) -> int:
     from ..bids import build_layout, find_maps, load_targets, select_subjects
     from ..imaging.templates import get_template
 
-    layout = build_layout(config.bids_dir, config.derivatives or None)
+    layout = build_layout(config.bids_dir, config.derivatives or None, exclude=[config.output_dir])
     subjects = select_subjects(layout, config.participant_label)
     if config.model is None:
         # The group level will need the targets: a missing column or an n/a fails here,
