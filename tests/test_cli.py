@@ -229,3 +229,67 @@ def logging_captures_warnings() -> bool:
     import warnings
 
     return warnings.showwarning.__module__ == "logging"
+
+
+def _written_config(sim_bids, out, *options):
+    cfg = parse_args([str(sim_bids), str(out), "group", *options])
+    out.mkdir(parents=True)
+    return cfg, cfg.write_toml()
+
+
+def test_config_file_gives_back_every_setting(sim_bids, tmp_path):
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"desc": None}))
+    cfg, toml = _written_config(
+        sim_bids, tmp_path / "out",
+        "--participant-label", "001", "002", "--derivatives", f"sim={sim_bids / 'derivatives' / 'simulated'}",
+        "--bids-filter-file", str(filt), "--map", "stiffness", "--target", "age", "--resolution", "4",
+        "-w", str(tmp_path / "work"), "--n-cpus", "2", "--device", "cpu", "--random-seed", "7",
+        "--skip-bids-validation", "--allow-resample", "--layer", "block4", "--tensor", "deviations",
+        "--ranks", "5", "3", "--lambda", "0.1", "--rank-grid", "2:6", "--lambda-grid", "0", "0.015",
+        "--tune", "2", "--epochs", "3", "--ensemble", "2", "--no-backprojection",
+        "--widths", "4", "6", "--depths", "1", "1", "-vv", "--quiet",
+    )
+    again = parse_args([str(sim_bids), str(tmp_path / "out2"), "group", "--config-file", str(toml)])
+    first, second = cfg.to_dict(), again.to_dict()
+    for key in ("run_uuid", "output_dir"):
+        assert first.pop(key) != second.pop(key)
+    assert first == second
+    assert again.bids_filters == {"desc": None} and again.backprojection is False
+
+
+def test_command_line_overrides_the_config_file(sim_bids, tmp_path):
+    _, toml = _written_config(sim_bids, tmp_path / "out", "--participant-label", "001",
+                              "--target", "age", "--random-seed", "7", "--ranks", "3", "2")
+    cfg = parse_args([str(sim_bids), str(tmp_path / "out2"), "participant", "--config-file", str(toml),
+                      "--participant-label", "003", "--target", "sex", "--ranks", "4", "4"])
+    assert cfg.participant_label == ["003"] and cfg.target == ["sex"] and cfg.ranks == (4, 4)
+    assert cfg.random_seed == 7 and cfg.analysis_level == "participant"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("[run]\n", "[run]\nbogus = 1\n"), "unknown setting 'bogus'"),
+    (lambda t: t.replace("random_seed = 7", "random_seed = -1"), "--random-seed: expected an integer >= 0"),
+    (lambda t: t.replace("random_seed = 7", 'random_seed = "x"'), "--random-seed: expected an integer >= 0"),
+    (lambda t: t.replace("quiet = false", "quiet = 3"), "quiet = 3 is not a valid setting"),
+    (lambda t: t.replace("[run", "[nothing"), "no [run] table"),
+    (lambda t: t + "[[[", "cannot be read"),
+])
+def test_bad_config_file_is_a_usage_error(sim_bids, tmp_path, capsys, edit, message):
+    _, toml = _written_config(sim_bids, tmp_path / "out", "--random-seed", "7")
+    toml.write_text(edit(toml.read_text()))
+    assert main([str(sim_bids), str(tmp_path / "out2"), "group", "--config-file", str(toml)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_config_file_refuses_a_changed_filter_file(sim_bids, tmp_path, capsys):
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"desc": "modulated"}))
+    _, toml = _written_config(sim_bids, tmp_path / "out", "--bids-filter-file", str(filt))
+    filt.write_text(json.dumps({"desc": "other"}))
+    assert main([str(sim_bids), str(tmp_path / "out2"), "group", "--config-file", str(toml)]) == 2
+    assert "has changed since the run" in capsys.readouterr().err
+    cfg = parse_args([str(sim_bids), str(tmp_path / "out2"), "group", "--config-file", str(toml),
+                      "--bids-filter-file", str(filt)])
+    assert cfg.bids_filters == {"desc": "other"}

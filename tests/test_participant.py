@@ -161,6 +161,34 @@ def test_output_in_bids_dir_derivatives(sim_bids_copy, bids_validator):
     assert desc["GeneratedBy"][0]["Name"] == "brainage-xai"
 
 
+def test_config_file_repeats_the_run(sim_bids, tmp_path):
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"volume": {"res": "4"}}))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([str(sim_bids), str(first), "participant", "--participant-label", "012", "013",
+                 "--derivatives", f"sim={sim_bids / 'derivatives' / 'simulated'}",
+                 "--bids-filter-file", str(filt), "--random-seed", "3", *ARGS]) == 0
+    (config,) = (first / "logs").glob("config-*.toml")
+    assert main([str(sim_bids), str(second), "participant", "--config-file", str(config)]) == 0
+
+    def files(root):
+        return {
+            str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and "logs" not in p.relative_to(root).parts
+        }
+
+    made = files(first)
+    assert len([k for k in made if k.endswith("desc-preproc_probseg.nii.gz")]) == 2
+    assert files(second) == made  # byte for byte, figures included
+    from brainage_xai.config import read_toml
+
+    (again,) = (second / "logs").glob("config-*.toml")
+    settings = [{k: v for k, v in read_toml(p).items() if k not in ("output_dir", "run_uuid")}
+                for p in (config, again)]
+    assert settings[0] == settings[1]
+
+
 @pytest.mark.slow
 def test_concurrent_jobs_share_one_output_dir(sim_bids, tmp_path):
     """Two participant jobs (as a SLURM array) write into one OUTPUT_DIR at once."""

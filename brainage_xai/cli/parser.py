@@ -244,6 +244,11 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--n-cpus", "--nprocs", dest="n_cpus", type=_positive_int, metavar="N", help="CPUs to use")
     g.add_argument("--device", type=_device, default="auto", help=DEVICES_HELP)
     g.add_argument("--random-seed", type=_non_negative_int, default=0, metavar="N", help="seed of splits, initialisation and training")
+    g.add_argument(
+        "--config-file", type=Path, metavar="FILE",
+        help="repeat an earlier run: its OUTPUT_DIR/logs/config-<run>.toml; options given "
+        "here override its settings",
+    )
 
     g = parser.add_argument_group("messages")
     g.add_argument(
@@ -296,13 +301,79 @@ def _output_place_error(output_dir: Path, bids_real: Path, derivatives: dict) ->
     return None
 
 
+#: Settings of a configuration file that are not options (positional, or derived).
+_NOT_OPTIONS = ("bids_dir", "output_dir", "analysis_level", "run_uuid", "bids_filters")
+
+
+def _given_options(argv: list[str]) -> set[str]:
+    """The destinations of the options the command line itself gives."""
+    probe = build_parser()
+    for action in probe._actions:
+        if action.option_strings:
+            action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv))) - set(_NOT_OPTIONS)
+
+
+def _saved_argv(parser, path: Path, saved: dict, given: set[str]) -> list[str]:
+    """A configuration file's settings as command-line options, except those ``given``.
+
+    Going through the command line, a saved value is checked as a typed one would be.
+    """
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    argv: list[str] = []
+    for key, value in saved.items():
+        if key in _NOT_OPTIONS or key in given:
+            continue
+        action = actions.get(key)
+        if action is None or key in ("help", "version", "config_file"):
+            parser.error(f"--config-file {path}: unknown setting {key!r}")
+        option = next(o for o in action.option_strings if o.startswith("--"))
+        if action.nargs == 0:  # a flag or a counter
+            if action.const is None and isinstance(value, int) and not isinstance(value, bool):
+                argv += [option] * max(0, value)
+            elif isinstance(value, bool) and action.const is not None:
+                argv += [option] if value == action.const else []
+            else:
+                parser.error(f"--config-file {path}: {key} = {value!r} is not a valid setting")
+        elif isinstance(value, dict):
+            argv += [option, *(f"{k}={v}" for k, v in value.items())] if value else []
+        elif isinstance(value, list) and action.nargs is None:  # --rank-grid N,N,...
+            argv.append(f"{option}={','.join(map(str, value))}")
+        elif isinstance(value, list):
+            argv += [option, *map(str, value)]
+        elif isinstance(value, bool):
+            parser.error(f"--config-file {path}: {key} = {value!r} is not a valid setting")
+        else:
+            argv.append(f"{option}={value}")
+    return argv
+
+
 def parse_args(argv=None) -> Config:
     """Parse and check a command line; return the run's :class:`~brainage_xai.config.Config`.
 
-    Errors in the call exit with status 2 through ``parser.error``.
+    With ``--config-file``, the settings it holds (:meth:`Config.write_toml`) are used
+    where the command line gives no option of its own. Errors in the call exit with
+    status 2 through ``parser.error``.
     """
+    import sys
+
+    from ..config import read_toml
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    saved: dict = {}
+    given: set[str] = set()
     opts = parser.parse_args(argv)
+    if opts.config_file is not None:
+        path = opts.config_file.expanduser().absolute()
+        try:
+            saved = read_toml(path)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--config-file {opts.config_file} cannot be read: {exc}")
+        given = _given_options(argv)
+        # After the command line: each saved option starts with its option string, so
+        # none is taken as a value of the command line's last option, and the reverse.
+        opts = parser.parse_args(argv + _saved_argv(parser, path, saved, given))
 
     bids_dir = opts.bids_dir.expanduser().absolute()
     if not bids_dir.is_dir():
@@ -352,6 +423,11 @@ def parse_args(argv=None) -> Config:
             parser.error(f"--bids-filter-file {opts.bids_filter_file} is not valid JSON: {exc}")
         if not isinstance(bids_filters, dict):
             parser.error(f"--bids-filter-file {opts.bids_filter_file} must hold a JSON object")
+        if "bids_filters" in saved and "bids_filter_file" not in given and bids_filters != saved["bids_filters"]:
+            parser.error(
+                f"--bids-filter-file {filter_file} has changed since the run of --config-file "
+                f"{opts.config_file}; pass --bids-filter-file to use it as it is now"
+            )
 
     model = None
     if opts.model is not None:
