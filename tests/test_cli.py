@@ -293,3 +293,20 @@ def test_config_file_refuses_a_changed_filter_file(sim_bids, tmp_path, capsys):
     cfg = parse_args([str(sim_bids), str(tmp_path / "out2"), "group", "--config-file", str(toml),
                       "--bids-filter-file", str(filt)])
     assert cfg.bids_filters == {"desc": "other"}
+
+
+def test_log_lines_never_break_a_progress_bar(sim_bids, tmp_path, capsys):
+    import re
+
+    args = [str(sim_bids), str(tmp_path / "out"), "participant", "--participant-label",
+            "014", "015", "--skip-bids-validation", "--resolution", "4"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "participants:" in err and "100%" in err  # the bar was drawn
+    # Each message begins a line of its own: after a newline or the bar's carriage return
+    # that tqdm writes to clear it, never after the bar's text.
+    messages = [seg for seg in re.split(r"[\r\n]", err) if "registration check passed" in seg]
+    assert len(messages) == 2
+    assert all(re.match(r"\d\d:\d\d:\d\d INFO sub-01[45]: registration", m) for m in messages), messages
+    assert main([*args, "--quiet"]) == 0  # outputs up to date: nothing to say
+    assert capsys.readouterr().err == ""
