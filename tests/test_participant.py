@@ -76,10 +76,48 @@ def test_dataset_level_files(volume_run, sim_bids):
     assert desc["DatasetType"] == "derivative"
     gen = desc["GeneratedBy"][0]
     assert gen["Name"] == "brainage-xai" and gen["Version"] and gen["CodeURL"].startswith("https://")
-    assert desc["SourceDatasets"][0]["URL"] == sim_bids.as_uri()
+    assert "Tucker" in gen["Description"]
+    # every input dataset: BIDS_DIR and the derivatives the maps came from (here the
+    # default, BIDS_DIR/derivatives/simulated), each resolvable through DatasetLinks
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:"}, {"URL": "bids:simulated:"}]
+    assert desc["DatasetLinks"] == {
+        "raw": sim_bids.as_uri(),
+        "simulated": (sim_bids / "derivatives" / "simulated").as_uri(),
+    }
+    # the raw cohort is CC0, its simulated maps declare no licence
+    assert desc["License"] == "The terms of the source datasets apply (raw: CC0; simulated: no licence declared)"
+    assert "CITATION.md" in desc["HowToAcknowledge"]
     ignore = (out / ".bidsignore").read_text().split()
-    assert "*.html" in ignore and "logs/" in ignore and "sub-*/figures/" in ignore
+    assert "*.html" in ignore and "logs" in ignore and "sub-*/figures" in ignore
     assert "proportional scaling" in (out / "CITATION.md").read_text()
+
+
+def test_output_passes_the_bids_validator(volume_run, bids_validator):
+    _, out = volume_run
+    proc = subprocess.run([bids_validator, "--format", "json", str(out)], capture_output=True,
+                          text=True, timeout=300, check=False)
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+    assert errors == [] and proc.returncode == 0
+    # what is left are hints about the dataset as a whole, none about a file
+    assert {i["code"] for i in issues} <= {"README_FILE_MISSING", "TOO_FEW_AUTHORS"}
+
+
+def test_source_datasets_carry_their_doi_version_and_licence(sim_bids, tmp_path):
+    from brainage_xai.bids.derivatives import write_dataset_description
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "dataset_description.json").write_text(json.dumps({
+        "Name": "maps", "BIDSVersion": "1.9.0", "DatasetType": "derivative", "License": "CC0",
+        "DatasetDOI": "10.18112/openneuro.ds000001.v1.0.0", "DatasetVersion": "1.0.0",
+    }))
+    desc = json.loads(write_dataset_description(tmp_path / "out", sim_bids, {"mre": maps}).read_text())
+    assert desc["SourceDatasets"][1] == {
+        "URL": "bids:mre:", "DOI": "doi:10.18112/openneuro.ds000001.v1.0.0", "Version": "1.0.0",
+    }
+    assert desc["License"] == "CC0"  # both inputs are CC0
+    assert desc["DatasetLinks"]["mre"] == maps.as_uri()
 
 
 def test_container_in_generated_by(sim_bids, tmp_path, monkeypatch):
