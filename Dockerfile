@@ -2,26 +2,22 @@
 #
 # brainage-xai BIDS-App image.
 #
-#   docker build -t brainage-xai/brainage-xai:0.1.0.dev3 .                       # CUDA-capable
-#   docker build --build-arg TORCH_VARIANT=cpu -t brainage-xai/brainage-xai:0.1.0.dev3-cpu .
+#   make docker                                      # CUDA-capable, tagged with the version
+#   make docker DOCKER_ARGS="--build-arg TORCH_VARIANT=cpu" DOCKER_TAG_SUFFIX=-cpu
 #   docker run --rm -v /data/ds:/data:ro -v /data/out:/out \
-#       brainage-xai/brainage-xai:0.1.0.dev3 /data /out participant
+#       brainage-xai/brainage-xai:<version> /data /out participant
 #
-# Three stages: the npm bids-validator, the Python environment with the TemplateFlow
-# templates (the only stage that goes online), and the slim run-time image that copies
-# both. See docs/containers.md.
+# VERSION has no default: the package's brainage_xai/_version.py is the one source of
+# the version, `make docker` passes it, and the build fails when it is missing or
+# differs from the installed package's.
+#
+# Two stages: the Python environment with the app, its BIDS validator (PyPI
+# bids-validator-deno) and the TemplateFlow templates (the only stage that goes online),
+# and the slim run-time image that copies it. See docs/containers.md.
 
 # Exact tags, so that a rebuild starts from the same system; pin by digest for a
 # byte-identical base (--build-arg PYTHON_IMAGE=python@sha256:...).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG NODE_IMAGE=node:20.18.1-bookworm-slim
-
-# ---------------------------------------------------------------- bids-validator ----
-FROM ${NODE_IMAGE} AS validator
-ARG BIDS_VALIDATOR_VERSION=1.15.0
-RUN npm install --global --no-audit --no-fund --omit=dev \
-        "bids-validator@${BIDS_VALIDATOR_VERSION}" \
-    && npm cache clean --force
 
 # ------------------------------------------------------------------------ builder ----
 FROM ${PYTHON_IMAGE} AS builder
@@ -29,11 +25,13 @@ FROM ${PYTHON_IMAGE} AS builder
 # build (about 4 GB smaller); cu126, cu128, ...: that PyTorch index.
 ARG TORCH_VARIANT=cuda
 ARG TORCH_VERSION=2.13.0
+# Optional extras of the package: tune (--tune, optuna), dask (--dask-scheduler).
+ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE /src/
 COPY docker /src/docker
 COPY brainage_xai /src/brainage_xai
 RUN sh /src/docker/install.sh /opt/venv /src
@@ -46,7 +44,7 @@ RUN /opt/venv/bin/python /src/docker/fetch_templates.py \
 
 # ------------------------------------------------------------------------ runtime ----
 FROM ${PYTHON_IMAGE} AS runtime
-ARG VERSION=0.1.0.dev3
+ARG VERSION
 ARG IMAGE_NAME=brainage-xai/brainage-xai
 ARG BUILD_DATE=unknown
 ARG VCS_REF=unknown
@@ -65,19 +63,20 @@ LABEL org.opencontainers.image.title="brainage-xai" \
       org.opencontainers.image.ref.name="${IMAGE_NAME}:${VERSION}" \
       org.brainage-xai.torch-variant="${TORCH_VARIANT}"
 
-# Node from the validator stage (same Debian release, so its libstdc++ matches).
-COPY --from=validator /usr/local/bin/node /usr/local/bin/node
-COPY --from=validator /usr/local/lib/node_modules/bids-validator /usr/local/lib/node_modules/bids-validator
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/templateflow /opt/templateflow
 
 # A non-root user. Runs as another uid (docker -u, Singularity) find this HOME
 # unwritable or absent: the app then puts its caches in the work dir (utils/env.py).
-RUN ln -s ../lib/node_modules/bids-validator/bin/bids-validator /usr/local/bin/bids-validator \
-    && useradd --create-home --home-dir /home/brainage --uid 1000 --user-group \
+# The installed package must be the version the image is labelled with.
+RUN useradd --create-home --home-dir /home/brainage --uid 1000 --user-group \
         --shell /usr/sbin/nologin brainage \
-    && bids-validator --version \
-    && /opt/venv/bin/brainage-xai --version
+    && /opt/venv/bin/bids-validator-deno --version \
+    && installed="$(/opt/venv/bin/brainage-xai --version)" \
+    && if [ "${installed}" != "brainage-xai ${VERSION}" ]; then \
+        echo "VERSION='${VERSION}' but the package says '${installed}': build with make docker" >&2; \
+        exit 1; \
+    fi
 
 # BRAINAGE_XAI_CONTAINER and DOCKER_IMAGE fill GeneratedBy.Container in
 # dataset_description.json. Cache variables (MPLCONFIGDIR, XDG_CACHE_HOME, TORCH_HOME)

@@ -6,13 +6,20 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= demo_output
 PYTEST_ARGS ?=
+# The one source of the version: the package's own.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' brainage_xai/_version.py)
+IMAGE ?= brainage-xai/brainage-xai
+DOCKER_ARGS ?=
+DOCKER_TAG_SUFFIX ?=
 
-.PHONY: help venv install tools test demo lint clean
+.PHONY: help venv install test demo lint docker singularity clean
 
 help:
 	@echo "make demo   - set up a virtual environment, install, run the demo on the synthetic cohort"
 	@echo "make test   - same set-up, then run the test suite"
 	@echo "make lint   - ruff"
+	@echo "make docker - build the Docker image $(IMAGE):$(VERSION)"
+	@echo "make singularity - build brainage-xai-$(VERSION).sif from that image (Apptainer)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,21 +33,21 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 venv: $(BIN)/python
 install: $(VENV)/.installed
 
-# The npm bids-validator 1.x (the validator fMRIPrep uses), local to the checkout.
-.tools/node_modules/.bin/bids-validator:
-	mkdir -p .tools
-	npm install --silent --no-audit --no-fund --prefix .tools bids-validator@1
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-tools: .tools/node_modules/.bin/bids-validator
-
-test: install tools
-	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
-
-demo: install tools
-	PATH="$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(BIN)/brainage-xai-demo $(DEMO_DIR)
+demo: install
+	$(BIN)/brainage-xai-demo $(DEMO_DIR)
 
 lint: install
 	$(BIN)/ruff check brainage_xai tests benchmarks
 
+docker:
+	docker build --build-arg VERSION=$(VERSION) $(DOCKER_ARGS) -t $(IMAGE):$(VERSION)$(DOCKER_TAG_SUFFIX) .
+
+# From the Docker image built by `make docker` on this machine (Bootstrap: docker-daemon).
+singularity:
+	apptainer build --build-arg VERSION=$(VERSION) brainage-xai-$(VERSION).sif singularity.def
+
 clean:
-	rm -rf $(VENV) .tools build *.egg-info
+	rm -rf $(VENV) build *.egg-info

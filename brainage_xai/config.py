@@ -2,13 +2,15 @@
 
 The command line fills a :class:`Config`; every stage reads its settings from it, and
 the run writes it to ``OUTPUT_DIR/logs/`` as TOML at start so that a run can be repeated
-exactly (as fMRIPrep's ``config.toml``). Nothing here does any science.
+exactly (as fMRIPrep's ``config.toml``): ``--config-file`` reads it back
+(:func:`read_toml`). Nothing here does any science.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ MAP_PRESETS = ("volume", "stiffness")
 METHODS = ("consensus", "paper")
 TENSORS = ("activations", "deviations", "relevance")
 CONSTRAINTS = ("nonneg", "paper")
-DEVICES_HELP = "auto, cpu, cuda or cuda:N"
+DEVICES_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
 
 
 @dataclass
@@ -77,13 +79,19 @@ class Config:
         return self.work_dir if self.work_dir is not None else self.output_dir / ".work"
 
     def to_dict(self) -> dict:
-        """A TOML-serialisable dict (paths as strings, ``None`` left out)."""
+        """A TOML-serialisable dict (paths as strings, ``None`` left out).
+
+        The filter query is kept as JSON text: its ``null`` ("entity absent") has no TOML
+        equivalent.
+        """
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:
                 continue
-            if isinstance(value, Path):
+            if f.name == "bids_filters":
+                value = json.dumps(value, sort_keys=True)
+            elif isinstance(value, Path):
                 value = str(value)
             elif isinstance(value, dict):
                 value = {k: str(v) if isinstance(v, Path) else v for k, v in value.items()}
@@ -106,3 +114,29 @@ class Config:
         doc = {"run": self.to_dict(), "environment": env}
         path = self.log_dir / f"config-{self.run_uuid}.toml"
         return write_text(path, tomli_w.dumps(doc))
+
+
+def read_toml(path) -> dict:
+    """The settings (the ``[run]`` table) of a file written by :meth:`Config.write_toml`,
+    the filter query decoded.
+
+    Raises
+    ------
+    OSError
+        The file cannot be read.
+    ValueError
+        It is not TOML, or has no ``[run]`` table.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    with open(path, "rb") as fh:
+        doc = tomllib.load(fh)
+    run = doc.get("run")
+    if not isinstance(run, dict):
+        raise ValueError("no [run] table (not a brainage-xai run configuration)")
+    if isinstance(run.get("bids_filters"), str):
+        run["bids_filters"] = json.loads(run["bids_filters"])
+    return run

@@ -15,6 +15,8 @@
 #   TORCH_INDEX_URL  the index torch comes from; default: PyPI for "cuda", else
 #                    https://download.pytorch.org/whl/$TORCH_VARIANT; set it empty to use
 #                    pip's configured index and find-links (a local wheel cache)
+#   EXTRAS           optional extras of the package, comma-separated (tune, dask);
+#                    default none
 #   PYTHON           the interpreter that creates VENV (default python3)
 set -eu
 
@@ -27,6 +29,7 @@ src=$2
 TORCH_VARIANT=${TORCH_VARIANT:-cuda}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-}
 
 case "$TORCH_VARIANT" in
     cuda) default_index="" ;;
@@ -50,9 +53,14 @@ else
     $pip install --no-deps "torch==$TORCH_VERSION"
 fi
 
-# The package, its dependencies and torch's, at the tested versions. Byte-code is
+# The package (with its BIDS validator), its dependencies and torch's, at the tested
+# versions. Byte-code is
 # compiled now: the image is read-only at run time.
-$pip install --constraint "$src/docker/constraints.txt" "$src"
+package=$src
+if [ -n "$EXTRAS" ]; then
+    package="$src[$EXTRAS]"
+fi
+$pip install --constraint "$src/docker/constraints.txt" "$package"
 $pip check
 
 "$venv/bin/brainage-xai" --version

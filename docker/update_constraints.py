@@ -56,7 +56,10 @@ def main() -> int:
     # The roots come from pyproject.toml, not from the installed package's metadata,
     # which is stale until the next `pip install -e .`.
     with open(ROOT / "pyproject.toml", "rb") as fh:
-        deps = tomllib.load(fh)["project"]["dependencies"]
+        project = tomllib.load(fh)["project"]
+    # The image's extras too (EXTRAS=tune,dask), so that they install at tested versions.
+    extras = {k: v for k, v in project.get("optional-dependencies", {}).items() if k != "test"}
+    deps = [*project["dependencies"], *(r for reqs in extras.values() for r in reqs)]
     pins, missing = closure([Requirement(d).name for d in deps])
     if missing:
         print(f"not installed here, left unpinned: {sorted(set(missing))}", file=sys.stderr)

@@ -9,7 +9,6 @@ session that nothing under the dataset changed.
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 from pathlib import Path
@@ -72,10 +71,9 @@ def sim_bids_copy(sim_bids, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def bids_validator() -> str:
-    """Path of the npm bids-validator 1.x: on PATH, or installed by ``make tools``."""
-    found = shutil.which("bids-validator")
-    local = Path(__file__).resolve().parents[1] / ".tools" / "node_modules" / ".bin" / "bids-validator"
-    if not found and local.is_file() and os.access(local, os.X_OK):
-        found = str(local)
-    assert found, "bids-validator not found: run `make tools` (npm install of bids-validator@1)"
+    """Path of the BIDS validator (``bids-validator-deno``, a dependency of the package)."""
+    from brainage_xai.bids import find_validator
+
+    found = find_validator()
+    assert found, "bids-validator-deno not found: pip install -e '.[test]' installs it"
     return found

@@ -188,10 +188,7 @@ def test_participants_tsv_problems(sim_bids_copy):
         load_targets(sim_bids_copy, ["age"])
 
 
-def test_bids_validation_failure_exit_16(sim_bids_copy, tmp_path, capsys):
-    from brainage_xai.bids import find_validator
-
-    assert find_validator() is not None, "bids-validator missing: run `make tools`"
+def test_bids_validation_failure_exit_16(sim_bids_copy, tmp_path, capsys, bids_validator):
     (sim_bids_copy / "dataset_description.json").write_text("{}")
     out = tmp_path / "out"
     code = main([str(sim_bids_copy), str(out), "participant", "--participant-label", "001",
@@ -199,22 +196,22 @@ def test_bids_validation_failure_exit_16(sim_bids_copy, tmp_path, capsys):
     assert code == 16
     line = _one_line_error(capsys)
     assert "failed BIDS validation" in line and "--skip-bids-validation" in line
+    assert "dataset_description.json" in line
     assert _nothing_for(out, "001")
 
 
-def test_validator_absent_warns_and_continues(sim_bids, tmp_path, monkeypatch, caplog):
-    import brainage_xai.bids.validation as bids_mod
+def test_validator_absent_is_one_line_exit_1(sim_bids, tmp_path, monkeypatch, capsys):
+    import sys
 
-    monkeypatch.setattr(bids_mod.shutil, "which", lambda name: None)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(bids_mod, "__file__", str(tmp_path / "pkg" / "brainage_xai" / "bids" / "validation.py"))
-    assert bids_mod.find_validator() is None
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
     out = tmp_path / "out"
     code = main([str(sim_bids), str(out), "participant", "--participant-label", "011",
                  "--resolution", "4", "--quiet"])
-    assert code == 0
-    log = next((out / "logs").glob("*.log")).read_text()
-    assert "bids-validator not found" in log
+    assert code == 1
+    line = _one_line_error(capsys)
+    assert "bids-validator-deno" in line and "--skip-bids-validation" in line
+    assert _nothing_for(out, "011")
 
 
 def test_missing_derivatives_description(sim_bids_copy, tmp_path, capsys):

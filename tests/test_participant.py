@@ -76,10 +76,48 @@ def test_dataset_level_files(volume_run, sim_bids):
     assert desc["DatasetType"] == "derivative"
     gen = desc["GeneratedBy"][0]
     assert gen["Name"] == "brainage-xai" and gen["Version"] and gen["CodeURL"].startswith("https://")
-    assert desc["SourceDatasets"][0]["URL"] == sim_bids.as_uri()
+    assert "Tucker" in gen["Description"]
+    # every input dataset: BIDS_DIR and the derivatives the maps came from (here the
+    # default, BIDS_DIR/derivatives/simulated), each resolvable through DatasetLinks
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:"}, {"URL": "bids:simulated:"}]
+    assert desc["DatasetLinks"] == {
+        "raw": sim_bids.as_uri(),
+        "simulated": (sim_bids / "derivatives" / "simulated").as_uri(),
+    }
+    # the raw cohort is CC0, its simulated maps declare no licence
+    assert desc["License"] == "The terms of the source datasets apply (raw: CC0; simulated: no licence declared)"
+    assert "CITATION.md" in desc["HowToAcknowledge"]
     ignore = (out / ".bidsignore").read_text().split()
-    assert "*.html" in ignore and "logs/" in ignore and "sub-*/figures/" in ignore
+    assert "*.html" in ignore and "logs" in ignore and "sub-*/figures" in ignore
     assert "proportional scaling" in (out / "CITATION.md").read_text()
+
+
+def test_output_passes_the_bids_validator(volume_run, bids_validator):
+    _, out = volume_run
+    proc = subprocess.run([bids_validator, "--format", "json", str(out)], capture_output=True,
+                          text=True, timeout=300, check=False)
+    issues = json.loads(proc.stdout)["issues"]["issues"]
+    errors = [(i["code"], i.get("location")) for i in issues if i["severity"] == "error"]
+    assert errors == [] and proc.returncode == 0
+    # what is left are hints about the dataset as a whole, none about a file
+    assert {i["code"] for i in issues} <= {"README_FILE_MISSING", "TOO_FEW_AUTHORS"}
+
+
+def test_source_datasets_carry_their_doi_version_and_licence(sim_bids, tmp_path):
+    from brainage_xai.bids.derivatives import write_dataset_description
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "dataset_description.json").write_text(json.dumps({
+        "Name": "maps", "BIDSVersion": "1.9.0", "DatasetType": "derivative", "License": "CC0",
+        "DatasetDOI": "10.18112/openneuro.ds000001.v1.0.0", "DatasetVersion": "1.0.0",
+    }))
+    desc = json.loads(write_dataset_description(tmp_path / "out", sim_bids, {"mre": maps}).read_text())
+    assert desc["SourceDatasets"][1] == {
+        "URL": "bids:mre:", "DOI": "doi:10.18112/openneuro.ds000001.v1.0.0", "Version": "1.0.0",
+    }
+    assert desc["License"] == "CC0"  # both inputs are CC0
+    assert desc["DatasetLinks"]["mre"] == maps.as_uri()
 
 
 def test_container_in_generated_by(sim_bids, tmp_path, monkeypatch):
@@ -127,6 +165,66 @@ def test_explicit_derivatives_and_filter_file(sim_bids, tmp_path):
     assert meta["Sources"][0].startswith("bids:sim:sub-007/anat/")
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetLinks"]["sim"].endswith("derivatives/simulated")
+
+
+def _tree(root, skip=None):
+    """Every file's size and modification time, every folder's name (a new entry in
+    ``derivatives/`` changes that folder's time)."""
+    return {
+        str(p.relative_to(root)): "dir" if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if skip is None or not (p == skip or skip in p.parents)
+    }
+
+
+def test_output_in_bids_dir_derivatives(sim_bids_copy, bids_validator):
+    """``BIDS_DIR/derivatives/<name>`` is the usual place: accepted, not indexed as an
+    input, and the rest of BIDS_DIR stays as it was."""
+    out = sim_bids_copy / "derivatives" / "brainage-xai"
+    before = _tree(sim_bids_copy)
+    args = ["participant", "--participant-label", "001", "--resolution", "4", "--quiet"]
+    assert main([str(sim_bids_copy), str(out), *args]) == 0  # validated, too
+    assert preproc_path(out, "001", "volume", 4).is_file()
+    assert _tree(sim_bids_copy, skip=out) == before
+    # the second run neither indexes the first one's maps as inputs nor fails on them
+    from brainage_xai.bids import build_layout, default_derivatives
+
+    assert list(default_derivatives(sim_bids_copy, exclude=[out])) == ["simulated"]
+    assert "brainage-xai" in default_derivatives(sim_bids_copy)
+    layout = build_layout(sim_bids_copy, exclude=[out])
+    assert not [f for f in layout.get(scope="all") if str(out) in f.path]
+    assert main([str(sim_bids_copy), str(out), *args[:2], "001", "002", *args[3:]]) == 0
+    assert _tree(sim_bids_copy, skip=out) == before
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["GeneratedBy"][0]["Name"] == "brainage-xai"
+
+
+def test_config_file_repeats_the_run(sim_bids, tmp_path):
+    filt = tmp_path / "filter.json"
+    filt.write_text(json.dumps({"volume": {"res": "4"}}))
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main([str(sim_bids), str(first), "participant", "--participant-label", "012", "013",
+                 "--derivatives", f"sim={sim_bids / 'derivatives' / 'simulated'}",
+                 "--bids-filter-file", str(filt), "--random-seed", "3", *ARGS]) == 0
+    (config,) = (first / "logs").glob("config-*.toml")
+    assert main([str(sim_bids), str(second), "participant", "--config-file", str(config)]) == 0
+
+    def files(root):
+        return {
+            str(p.relative_to(root)): p.read_bytes()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and "logs" not in p.relative_to(root).parts
+        }
+
+    made = files(first)
+    assert len([k for k in made if k.endswith("desc-preproc_probseg.nii.gz")]) == 2
+    assert files(second) == made  # byte for byte, figures included
+    from brainage_xai.config import read_toml
+
+    (again,) = (second / "logs").glob("config-*.toml")
+    settings = [{k: v for k, v in read_toml(p).items() if k not in ("output_dir", "run_uuid")}
+                for p in (config, again)]
+    assert settings[0] == settings[1]
 
 
 @pytest.mark.slow

@@ -36,15 +36,16 @@ MAP_OUTPUTS = {
 
 _LABEL = re.compile(r"[0-9A-Za-z]+")
 
-#: Files the BIDS validator does not know; listed in ``.bidsignore``.
+#: Files the BIDS validator does not know; listed in ``.bidsignore``. Folders without a
+#: trailing slash: ``bids-validator-deno`` does not match ``sub-*/figures/`` to a folder.
 BIDSIGNORE = (
     "*.html",
-    "logs/",
-    "figures/",
-    "sub-*/figures/",
-    "group/",
-    ".work/",
-    "CITATION.md",
+    "logs",
+    "figures",
+    "sub-*/figures",
+    "group",
+    ".work",
+    "CITATION.*",
 )
 
 
@@ -335,6 +336,38 @@ class GroupOutputs:
         return self.figures / f"target-{target}_desc-loadings_scatter.svg"
 
 
+def _description(root: Path) -> dict:
+    """A dataset's ``dataset_description.json`` (``{}`` when it cannot be read)."""
+    try:
+        with open(root / "dataset_description.json", encoding="utf-8") as fh:
+            desc = json.load(fh)
+    except (OSError, ValueError):
+        return {}  # the validator (or the query) reports a broken source dataset
+    return desc if isinstance(desc, dict) else {}
+
+
+def _source_entry(name: str, desc: dict) -> dict:
+    """The ``SourceDatasets`` entry of an input: its BIDS URI (resolved by
+    ``DatasetLinks``), and the DOI and version it declares."""
+    entry = {"URL": f"bids:{name}:"}
+    doi = str(desc.get("DatasetDOI") or "").strip()
+    if doi:
+        entry["DOI"] = doi if ":" in doi else f"doi:{doi}"  # bare DOIs are deprecated
+    if desc.get("DatasetVersion"):
+        entry["Version"] = str(desc["DatasetVersion"])
+    return entry
+
+
+def _license(descriptions: dict[str, dict]) -> str:
+    """The derivatives' licence: the inputs' when they agree, else what each declares."""
+    declared = {name: str(d.get("License") or "").strip() for name, d in descriptions.items()}
+    values = set(declared.values())
+    if len(values) == 1 and "" not in values:
+        return values.pop()
+    terms = "; ".join(f"{name}: {lic or 'no licence declared'}" for name, lic in declared.items())
+    return f"The terms of the source datasets apply ({terms})"
+
+
 def write_dataset_description(
     output_dir: str | os.PathLike,
     bids_dir: str | os.PathLike,
@@ -342,41 +375,48 @@ def write_dataset_description(
 ) -> Path:
     """Write OUTPUT_DIR's ``dataset_description.json`` (a BIDS-derivatives dataset).
 
-    ``GeneratedBy`` carries the name, version, code URL and, when run in one, the
-    container; ``SourceDatasets`` points at BIDS_DIR (with its DOI when it declares one);
-    ``DatasetLinks`` names BIDS_DIR ``raw`` and each ``--derivatives`` dataset by its
-    name, so that the ``bids:<name>:<path>`` URIs in sidecars resolve.
+    Parameters
+    ----------
+    output_dir, bids_dir : path-like
+    derivatives : dict of str to path, optional
+        The derivative datasets the maps were searched in, by name.
+
+    ``GeneratedBy`` carries the name, version, description, code URL and, when run in
+    one, the container. ``SourceDatasets`` lists every input, BIDS_DIR (``raw``) and each
+    derivative dataset, by its ``bids:<name>:`` URI with the DOI and version it declares;
+    ``DatasetLinks`` maps those names to their folders, so that the URIs (and the
+    ``bids:<name>:<path>`` URIs of the sidecars) resolve. ``License`` is the inputs'
+    licence when they agree, otherwise each one's terms.
     """
     bids_dir = Path(bids_dir).absolute()
-    source = {"URL": bids_dir.as_uri()}
-    src_desc = bids_dir / "dataset_description.json"
-    name = bids_dir.name
-    try:
-        with open(src_desc, encoding="utf-8") as fh:
-            src = json.load(fh)
-        if isinstance(src, dict):
-            name = src.get("Name", name)
-            if src.get("DatasetDOI"):
-                source["DOI"] = src["DatasetDOI"]
-            if src.get("BIDSVersion"):
-                source["Version"] = src.get("DatasetVersion", src["BIDSVersion"])
-    except (OSError, ValueError):
-        pass  # the validator (or the query) reports a broken source dataset
-    generated = {"Name": "brainage-xai", "Version": __version__, "CodeURL": CODE_URL}
+    inputs = {"raw": bids_dir, **{n: Path(p).absolute() for n, p in (derivatives or {}).items()}}
+    descriptions = {name: _description(root) for name, root in inputs.items()}
+    generated = {
+        "Name": "brainage-xai",
+        "Version": __version__,
+        "Description": (
+            "Brain-age prediction from MNI-space brain maps with a 3D ResNet, explained at "
+            "dataset level by a constrained non-negative Tucker decomposition of its "
+            "activations"
+        ),
+        "CodeURL": CODE_URL,
+    }
     container = container_info()
     if container:
         generated["Container"] = container
     desc = {
-        "Name": f"brainage-xai derivatives of {name}",
+        "Name": f"brainage-xai derivatives of {descriptions['raw'].get('Name', bids_dir.name)}",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [generated],
-        "SourceDatasets": [source],
-        "DatasetLinks": {
-            "raw": bids_dir.as_uri(),
-            **{name: Path(p).absolute().as_uri() for name, p in (derivatives or {}).items()},
-        },
-        "HowToAcknowledge": "Please cite brainage-xai as described in CITATION.md.",
+        "SourceDatasets": [_source_entry(name, d) for name, d in descriptions.items()],
+        "DatasetLinks": {name: root.as_uri() for name, root in inputs.items()},
+        "License": _license(descriptions),
+        "HowToAcknowledge": (
+            "Cite brainage-xai and the methods it implements as CITATION.md describes (the "
+            "methods text of the run, with its references), and acknowledge each source "
+            "dataset as it asks."
+        ),
     }
     return write_json(Path(output_dir) / "dataset_description.json", desc)
 

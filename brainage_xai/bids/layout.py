@@ -46,34 +46,41 @@ def strip_label(label: str) -> str:
 # PyBIDS
 
 
-def default_derivatives(bids_dir) -> dict[str, Path]:
-    """``BIDS_DIR/derivatives/*`` folders that are BIDS-derivatives datasets, by name."""
+def default_derivatives(bids_dir, exclude=()) -> dict[str, Path]:
+    """``BIDS_DIR/derivatives/*`` folders that are BIDS-derivatives datasets, by name.
+
+    Folders in ``exclude`` (OUTPUT_DIR, when it is one of them) are left out.
+    """
     root = Path(bids_dir) / "derivatives"
     if not root.is_dir():
         return {}
+    skip = {Path(p).resolve() for p in exclude}
     return {
         p.name: p
         for p in sorted(root.iterdir())
-        if p.is_dir() and (p / "dataset_description.json").is_file()
+        if p.is_dir() and (p / "dataset_description.json").is_file() and p.resolve() not in skip
     }
 
 
-def build_layout(bids_dir, derivatives: dict | None = None):
+def build_layout(bids_dir, derivatives: dict | None = None, exclude=()):
     """Index BIDS_DIR and its derivatives with PyBIDS (in memory; nothing is written).
 
     Parameters
     ----------
     bids_dir : path-like
-        The raw dataset.
+        The raw dataset (PyBIDS leaves its ``derivatives/`` folder out of the raw index).
     derivatives : dict of str to path, optional
         Derivative datasets by name; default ``BIDS_DIR/derivatives/*``.
+    exclude : iterable of path-like
+        Folders never indexed as derivatives: the run's own OUTPUT_DIR, which may be
+        ``BIDS_DIR/derivatives/<name>``.
     """
     from bids import BIDSLayout
     from bids.exceptions import BIDSValidationError as PyBIDSValidationError
 
     bids_dir = Path(bids_dir)
     if derivatives is None or len(derivatives) == 0:
-        derivatives = default_derivatives(bids_dir)
+        derivatives = default_derivatives(bids_dir, exclude)
     for name, path in derivatives.items():
         if not Path(path, "dataset_description.json").is_file():
             raise MissingInputError(

@@ -1,9 +1,10 @@
 """The command-line parser (BIDS-App conventions, as fMRIPrep and MRIQC).
 
-The parser only parses and checks the call: paths exist, OUTPUT_DIR is not inside
-BIDS_DIR, labels are stripped of ``sub-`` and well formed, the filter file is JSON. A
-wrong call fails through ``parser.error`` (exit 2). Checks that need the dataset (are the
-labels in it?) and all the work happen in :mod:`brainage_xai.cli.run`.
+The parser only parses and checks the call: paths exist, OUTPUT_DIR is outside BIDS_DIR
+or a dataset of its own in ``BIDS_DIR/derivatives/``, labels are stripped of ``sub-``
+and well formed, the filter file is JSON. A wrong call fails through ``parser.error``
+(exit 2). Checks that need the dataset (are the labels in it?) and all the work happen
+in :mod:`brainage_xai.cli.run`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..errors import UsageError
 from ..imaging.templates import check_resolution
 
 _LABEL = re.compile(r"[0-9A-Za-z]+")
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
 def _integer(minimum: int, expected: str):
@@ -91,16 +92,42 @@ def _rank_grid(value: str) -> list[int]:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one worth reading."""
+    """Shows a default only where there is one worth reading (not for flags)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+        if (
+            action.nargs == 0
+            or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+            or "%(default)" in (action.help or "")
+        ):
             return action.help
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``brainage-xai`` argument parser."""
+class _HelpAll(argparse.Action):
+    """``--help-all``: the help with the advanced options, then exit."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        build_parser(show_all=True).print_help()
+        parser.exit()
+
+
+def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
+    """The ``brainage-xai`` argument parser.
+
+    Parameters
+    ----------
+    show_all : bool
+        List the advanced options (for tests and development) in the help too; they
+        are accepted either way. ``--help-all`` prints that help.
+    """
+
+    def advanced(text: str) -> str:
+        return text if show_all else argparse.SUPPRESS
+
     parser = argparse.ArgumentParser(
         prog="brainage-xai",
         description=(
@@ -120,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
         "analysis_level", choices=["participant", "group"], help="which level to run"
     )
     parser.add_argument("--version", action="version", version=f"brainage-xai {__version__}")
+    parser.add_argument(
+        "--help-all", action=_HelpAll,
+        help="show this help with the advanced options (for tests and development) too",
+    )
 
     g = parser.add_argument_group("selecting the data")
     g.add_argument(
@@ -165,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", choices=METHODS, default="consensus",
         help="consensus: K networks, each decomposed on resamples of the training subjects, and "
         "the RoIs that come back (with their stability); paper: one network, its last layer's "
-        "activations, the paper's constraints and rank rule (docs/method.md)",
+        "activations, the paper's constraints and rank rule",
     )
     g.add_argument(
         "--layer", metavar="NAME",
@@ -191,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lambda", dest="l1", type=_non_negative_float, metavar="L", help="l1 penalty on the spatial factor; skips the lambda sweep")
     g.add_argument("--rank-grid", type=_rank_grid, metavar="LO:HI", help="ranks of the sweep (e.g. 2:20)")
     g.add_argument("--lambda-grid", nargs="+", type=_non_negative_float, metavar="L", help="lambdas of the sweep")
-    g.add_argument("--tune", type=_non_negative_int, default=0, metavar="N", help="TPE trials of hyperparameter tuning (0: none)")
+    g.add_argument("--tune", type=_non_negative_int, default=0, metavar="N", help="TPE trials of hyperparameter tuning (0: none; needs brainage-xai[tune])")
     g.add_argument("--epochs", type=_positive_int, metavar="N", help="training epochs")
     g.add_argument(
         "--ensemble", type=_positive_int, metavar="K",
@@ -209,16 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not back-project each RoI's loading to the input (one backward pass per RoI "
         "and training subject; docs/report.md)",
     )
-    g.add_argument("--dask-scheduler", metavar="ADDR", help="dask scheduler address for the sweeps")
+    g.add_argument(
+        "--dask-scheduler", metavar="ADDR",
+        help=advanced("advanced: run the rank sweep's fits on the Dask cluster at this "
+                      "scheduler address (needs brainage-xai[dask])"),
+    )
     g.add_argument(
         "--widths", nargs="+", type=_positive_int, metavar="C",
-        help="advanced: channels of each block of the network (default: the paper's 8 16 32 64 128); "
-        "a narrower network trains faster on small machines and in tests",
+        help=advanced("advanced: channels of each block of the network (default: the paper's "
+                      "8 16 32 64 128); a narrower network trains faster, for tests, not for results"),
     )  # fmt: skip
     g.add_argument(
         "--depths", nargs="+", type=_positive_int, metavar="U",
-        help="advanced: residual units of each block (default: the paper's 3 4 6 4 3); "
-        "as many values as --widths",
+        help=advanced("advanced: residual units of each block (default: the paper's 3 4 6 4 3); "
+                      "as many values as --widths"),
     )  # fmt: skip
 
     g = parser.add_argument_group("resources and reproducibility")
@@ -226,9 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n-cpus", "--nprocs", dest="n_cpus", type=_positive_int, metavar="N", help="CPUs to use")
     g.add_argument("--device", type=_device, default="auto", help=DEVICES_HELP)
     g.add_argument("--random-seed", type=_non_negative_int, default=0, metavar="N", help="seed of splits, initialisation and training")
+    g.add_argument(
+        "--config-file", type=Path, metavar="FILE",
+        help="repeat an earlier run: its OUTPUT_DIR/logs/config-<run>.toml; options given "
+        "here override its settings",
+    )
 
     g = parser.add_argument_group("messages")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more log messages (-vv for debug)")
+    g.add_argument(
+        "-v", "--verbose", action="count", default=0,
+        help="debug messages on the console too (the log in OUTPUT_DIR/logs always has them)",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars, warnings and errors only")
     return parser
 
@@ -237,27 +280,124 @@ def _is_within(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+def _generated_by(dataset: Path) -> str | None:
+    """``GeneratedBy[0].Name`` of a derivatives dataset ("" when it names none)."""
+    try:
+        desc = json.loads((dataset / "dataset_description.json").read_text(encoding="utf-8"))
+        return str(((desc.get("GeneratedBy") or [{}])[0] or {}).get("Name", ""))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError, TypeError, IndexError):
+        return ""
+
+
+def _output_place_error(output_dir: Path, bids_real: Path, derivatives: dict) -> str | None:
+    """Why OUTPUT_DIR may not be where it is; ``None`` when it may.
+
+    It may be outside BIDS_DIR, or a dataset of its own directly in
+    ``BIDS_DIR/derivatives/`` that is not an input: not a ``--derivatives`` dataset and
+    not another pipeline's.
+    """
+    real = output_dir.resolve()
+    if not _is_within(real, bids_real):
+        return None
+    if real.parent != bids_real / "derivatives":
+        return (
+            f"OUTPUT_DIR {output_dir} is BIDS_DIR or inside it; BIDS_DIR is never written to: "
+            "choose a folder outside it, or BIDS_DIR/derivatives/<name>"
+        )
+    for name, path in derivatives.items():
+        if _is_within(real, path.resolve()) or _is_within(path.resolve(), real):
+            return f"OUTPUT_DIR {output_dir} is the --derivatives input {name}; choose another name"
+    maker = _generated_by(real)
+    if maker is not None and maker != "brainage-xai":
+        return (
+            f"OUTPUT_DIR {output_dir} holds the derivatives of {maker or 'another pipeline'}, "
+            "which brainage-xai does not write into; choose another name"
+        )
+    return None
+
+
+#: Settings of a configuration file that are not options (positional, or derived).
+_NOT_OPTIONS = ("bids_dir", "output_dir", "analysis_level", "run_uuid", "bids_filters")
+
+
+def _given_options(argv: list[str]) -> set[str]:
+    """The destinations of the options the command line itself gives."""
+    probe = build_parser()
+    for action in probe._actions:
+        if action.option_strings:
+            action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv))) - set(_NOT_OPTIONS)
+
+
+def _saved_argv(parser, path: Path, saved: dict, given: set[str]) -> list[str]:
+    """A configuration file's settings as command-line options, except those ``given``.
+
+    Going through the command line, a saved value is checked as a typed one would be.
+    """
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    argv: list[str] = []
+    for key, value in saved.items():
+        if key in _NOT_OPTIONS or key in given:
+            continue
+        action = actions.get(key)
+        if action is None or key in ("help", "version", "config_file"):
+            parser.error(f"--config-file {path}: unknown setting {key!r}")
+        option = next(o for o in action.option_strings if o.startswith("--"))
+        if action.nargs == 0:  # a flag or a counter
+            if action.const is None and isinstance(value, int) and not isinstance(value, bool):
+                argv += [option] * max(0, value)
+            elif isinstance(value, bool) and action.const is not None:
+                argv += [option] if value == action.const else []
+            else:
+                parser.error(f"--config-file {path}: {key} = {value!r} is not a valid setting")
+        elif isinstance(value, dict):
+            argv += [option, *(f"{k}={v}" for k, v in value.items())] if value else []
+        elif isinstance(value, list) and action.nargs is None:  # --rank-grid N,N,...
+            argv.append(f"{option}={','.join(map(str, value))}")
+        elif isinstance(value, list):
+            argv += [option, *map(str, value)]
+        elif isinstance(value, bool):
+            parser.error(f"--config-file {path}: {key} = {value!r} is not a valid setting")
+        else:
+            argv.append(f"{option}={value}")
+    return argv
+
+
 def parse_args(argv=None) -> Config:
     """Parse and check a command line; return the run's :class:`~brainage_xai.config.Config`.
 
-    Errors in the call exit with status 2 through ``parser.error``.
+    With ``--config-file``, the settings it holds (:meth:`Config.write_toml`) are used
+    where the command line gives no option of its own. Errors in the call exit with
+    status 2 through ``parser.error``.
     """
+    import sys
+
+    from ..config import read_toml
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    saved: dict = {}
+    given: set[str] = set()
     opts = parser.parse_args(argv)
+    if opts.config_file is not None:
+        path = opts.config_file.expanduser().absolute()
+        try:
+            saved = read_toml(path)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--config-file {opts.config_file} cannot be read: {exc}")
+        given = _given_options(argv)
+        # After the command line: each saved option starts with its option string, so
+        # none is taken as a value of the command line's last option, and the reverse.
+        opts = parser.parse_args(argv + _saved_argv(parser, path, saved, given))
 
     bids_dir = opts.bids_dir.expanduser().absolute()
     if not bids_dir.is_dir():
         parser.error(f"BIDS_DIR {opts.bids_dir} does not exist or is not a folder")
     bids_real = bids_dir.resolve()
     output_dir = opts.output_dir.expanduser().absolute()
-    if _is_within(output_dir.resolve(), bids_real):
-        parser.error(
-            f"OUTPUT_DIR {opts.output_dir} is BIDS_DIR or inside it; BIDS_DIR is never written "
-            "to: choose a folder outside it"
-        )
     work_dir = opts.work_dir.expanduser().absolute() if opts.work_dir else None
-    if work_dir is not None and _is_within(work_dir.resolve(), bids_real):
-        parser.error(f"--work-dir {opts.work_dir} is inside BIDS_DIR; choose a folder outside it")
 
     labels = None
     if opts.participant_label:
@@ -277,6 +417,17 @@ def parse_args(argv=None) -> Config:
             parser.error(f"--derivatives {name}={path} does not exist or is not a folder")
         derivatives[name] = path
 
+    problem = _output_place_error(output_dir, bids_real, derivatives)
+    if problem:
+        parser.error(problem)
+    if work_dir is not None and _is_within(work_dir.resolve(), bids_real) and not _is_within(
+        work_dir.resolve(), output_dir.resolve()
+    ):
+        parser.error(
+            f"--work-dir {opts.work_dir} is inside BIDS_DIR; choose a folder outside it "
+            "(or inside OUTPUT_DIR)"
+        )
+
     bids_filters = None
     filter_file = None
     if opts.bids_filter_file is not None:
@@ -289,6 +440,11 @@ def parse_args(argv=None) -> Config:
             parser.error(f"--bids-filter-file {opts.bids_filter_file} is not valid JSON: {exc}")
         if not isinstance(bids_filters, dict):
             parser.error(f"--bids-filter-file {opts.bids_filter_file} must hold a JSON object")
+        if "bids_filters" in saved and "bids_filter_file" not in given and bids_filters != saved["bids_filters"]:
+            parser.error(
+                f"--bids-filter-file {filter_file} has changed since the run of --config-file "
+                f"{opts.config_file}; pass --bids-filter-file to use it as it is now"
+            )
 
     model = None
     if opts.model is not None:

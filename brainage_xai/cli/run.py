@@ -1,10 +1,11 @@
 """The ``brainage-xai`` entry point: wire a parsed configuration to the levels.
 
 No science here. ``main`` sets up writable caches, checks that OUTPUT_DIR can be written,
-starts logging (console and ``OUTPUT_DIR/logs/``), writes the run configuration as TOML,
-validates BIDS_DIR, and dispatches to the participant or group level. Errors the user can
-act on (:class:`~brainage_xai.errors.BrainAgeXAIError`) become one line on stderr and
-the documented exit code.
+starts logging (the console through tqdm, so that a message never breaks a progress bar,
+and ``OUTPUT_DIR/logs/``), writes the run configuration as TOML, validates BIDS_DIR, and
+dispatches to the participant or group level. Errors the user can act on
+(:class:`~brainage_xai.errors.BrainAgeXAIError`) become one line on stderr and the
+documented exit code.
 """
 
 from __future__ import annotations
@@ -13,10 +14,29 @@ import logging
 import sys
 from pathlib import Path
 
-from ..errors import EX_FAILURE, BrainAgeXAIError, OutputError
+from ..errors import EX_FAILURE, BrainAgeXAIError, OutputError, UsageError
 from ..utils.env import writable
 
 LOGGER = logging.getLogger("brainage_xai")
+
+
+def check_extras(config) -> None:
+    """Refuse an option whose optional extra is not installed (exit 2, nothing written)."""
+    import importlib
+
+    needs = []
+    if config.tune:
+        needs.append(("optuna", "tune", f"--tune {config.tune}"))
+    if config.dask_scheduler is not None:
+        needs.append(("dask.distributed", "dask", "--dask-scheduler"))
+    for module, extra, option in needs:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise UsageError(
+                f"{option} needs the optional package {module.split('.')[0]}, which is not "
+                f"installed: pip install 'brainage-xai[{extra}]'"
+            ) from None
 
 
 def check_output_dir(path: Path) -> None:
@@ -33,7 +53,9 @@ def setup_logging(config) -> Path:
     """Console and file logging; returns the log file path.
 
     ``--quiet`` leaves warnings only, ``-v`` adds debug messages; the file in
-    ``OUTPUT_DIR/logs/`` always has everything.
+    ``OUTPUT_DIR/logs/`` always has everything. The console handler is a plain stream
+    handler whose level is also a filter, so that :func:`console` can hand it to tqdm
+    (filters travel, levels do not).
     """
     level = logging.WARNING if config.quiet else (logging.DEBUG if config.verbose else logging.INFO)
     LOGGER.setLevel(logging.DEBUG)
@@ -41,15 +63,10 @@ def setup_logging(config) -> Path:
     for handler in list(LOGGER.handlers):
         LOGGER.removeHandler(handler)
         handler.close()
-    if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
-        console = RichHandler(show_path=False, rich_tracebacks=False)
-        console.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        console = logging.StreamHandler(sys.stderr)
-        console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     console.setLevel(level)
+    console.addFilter(lambda record: record.levelno >= level)
     LOGGER.addHandler(console)
 
     config.log_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +87,14 @@ def setup_logging(config) -> Path:
     return log_file
 
 
+def console():
+    """The console messages written through tqdm while it runs, so that a log line is
+    printed above the progress bars instead of into one."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[LOGGER, logging.getLogger("py.warnings")])
+
+
 def _close_logging() -> None:
     py_warnings = logging.getLogger("py.warnings")
     for h in list(py_warnings.handlers):
@@ -84,12 +109,18 @@ def run(config) -> int:
     """Run one level with a parsed configuration; returns the exit code."""
     from ..utils.env import configure_runtime
 
+    check_extras(config)
     check_output_dir(config.output_dir)
     if config.work_dir is not None:
         check_output_dir(config.work_dir)
     # Before matplotlib, TemplateFlow or torch are imported: they read these at import.
     configure_runtime(config.work)
     log_file = setup_logging(config)
+    with console():
+        return _run_level(config, log_file)
+
+
+def _run_level(config, log_file: Path) -> int:
     try:
         config.write_toml()
     except OSError as exc:

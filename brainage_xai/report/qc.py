@@ -63,8 +63,9 @@ def registration_figure(
         )
         display.add_contours(template.mask, levels=[0.5], colors="lime", linewidths=0.8)
         display.add_contours(map_img, levels=[level], colors="red", linewidths=0.8)
-        with atomic_path(out_path, suffix=".svg") as tmp:
-            display.savefig(str(tmp))
+        # No date and a fixed salt for the SVG's ids: the same run gives the same file.
+        with atomic_path(out_path, suffix=".svg") as tmp, matplotlib.rc_context({"svg.hashsalt": "brainage-xai"}):
+            display.savefig(str(tmp), metadata={"Date": None})
         display.close()
     plt.close(fig)
     return Path(out_path)

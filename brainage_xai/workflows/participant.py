@@ -212,10 +212,12 @@ def run(config) -> int:
     """
     from tqdm.auto import tqdm
 
-    from ..bids import build_layout, find_maps, load_targets, select_subjects
+    from ..bids import build_layout, default_derivatives, find_maps, load_targets, select_subjects
     from ..imaging.templates import get_template
 
-    layout = build_layout(config.bids_dir, config.derivatives or None)
+    # The datasets searched for maps: the given ones, or those in BIDS_DIR/derivatives/.
+    inputs = config.derivatives or default_derivatives(config.bids_dir, exclude=[config.output_dir])
+    layout = build_layout(config.bids_dir, inputs, exclude=[config.output_dir])
     subjects = select_subjects(layout, config.participant_label)
     if config.model is None:
         # The group level will need the targets: a missing column or an n/a fails here,
@@ -229,8 +231,7 @@ def run(config) -> int:
     template = get_template(config.resolution)
     LOGGER.info("template: %s (%s)", template.name, template.description)
     init_output_dir(
-        config.output_dir, config.bids_dir, config.resolution, template.name,
-        derivatives=config.derivatives,
+        config.output_dir, config.bids_dir, config.resolution, template.name, derivatives=inputs,
     )
 
     failures: dict[str, BrainAgeXAIError] = {}
