@@ -32,7 +32,8 @@ def test_help_shows_what_users_need_and_help_all_the_rest(capsys):
     assert "--help-all" in out
     # no default printed for a flag, none printed twice
     assert "(default: True)" not in out and "(default: 0)" not in out.split("--verbose")[1]
-    assert "(default 1" not in out and out.count("(default: 1)") == 1  # --ensemble's
+    assert "(default 1" not in out and "(default: 1)" not in out  # --ensemble says its own
+    assert out.count("Default: 3 on a CPU") == 1
     assert "-vv" not in out and "mps" not in out
     assert main(["--help-all"]) == 0
     full = capsys.readouterr().out
