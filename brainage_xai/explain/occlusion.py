@@ -93,6 +93,27 @@ VOLUME_RATIO = 1.25
 TABLE_COLUMNS = ["roi", "voxels", "volume_mm3", "null_voxels", "mae_baseline", "mae_occluded",
                  "mae_increase", "null_mean", "null_p95", "p_value", "above_null"]
 NULL_COLUMNS = ["roi", "draw", "mae_increase"]
+#: Column descriptions of ``occlusion.tsv`` and ``occlusion_null.tsv`` (their JSON sidecars).
+TABLE_SIDECAR = {
+    "network": {"Description": "The network tested (a consensus tests each of its networks)"},
+    "roi": {"Description": "RoI name"},
+    "voxels": {"Description": "Voxels of the RoI thresholded at half its peak (what is occluded)"},
+    "volume_mm3": {"Description": "Their volume", "Units": "mm^3"},
+    "null_voxels": {"Description": "Voxels of the random blobs the RoI is compared with"},
+    "mae_baseline": {"Description": "Test MAE of the network on the intact maps"},
+    "mae_occluded": {"Description": "Test MAE with the RoI replaced by the training mean map"},
+    "mae_increase": {"Description": "mae_occluded - mae_baseline"},
+    "null_mean": {"Description": "Mean MAE increase of the random blobs"},
+    "null_p95": {"Description": "95th percentile of the random blobs' MAE increase"},
+    "p_value": {"Description": "Share of random blobs, the RoI counted in, that raise the MAE at least as much"},
+    "above_null": {"Description": "mae_increase is above null_p95: the network relies on the RoI"},
+}
+NULL_SIDECAR = {
+    "network": TABLE_SIDECAR["network"],
+    "roi": {"Description": "The RoI the blob is compared with (RoIs of similar volume share blobs)"},
+    "draw": {"Description": "Random blob number"},
+    "mae_increase": {"Description": "Test MAE increase when the blob is replaced by the training mean map"},
+}
 
 
 def volume_bins(voxels, ratio: float = VOLUME_RATIO) -> list[tuple[int, list[int]]]:

@@ -88,7 +88,8 @@ def roi_loadings(ctx: GroupContext) -> pd.DataFrame:
 
 def outputs(ctx: GroupContext) -> list:
     out, target = ctx.out, ctx.targets.columns[0]
-    files = [out.components, sidecar_path(out.components), out.dseg, out.dseg_tsv, out.rois,
+    files = [out.components, sidecar_path(out.components), out.dseg, sidecar_path(out.dseg), out.dseg_tsv,
+             out.rois, sidecar_path(out.gradcam),
              out.loading_fits(target), out.loadings_figure(target), out.gradcam, out.occlusion,
              out.occlusion_null, out.occlusion_figure]
     if ctx.config.backprojection:
@@ -226,13 +227,26 @@ def stage_explanations(ctx: GroupContext) -> None:
         "FeatureGeometry": geometry.to_dict(), "Layer": layer,
     })  # fmt: skip
     save_nifti(dseg_img, out.dseg)
+    write_json(sidecar_path(out.dseg), {
+        "Description": "Each voxel labelled with its strongest RoI (RoIs scaled to their peak; "
+        "background where none reaches 0.2 of its peak); labels in the _dseg.tsv",
+        "Sources": [out.components.name], "SpatialReference": out.space,
+        "Resolution": f"{config.resolution} mm, the model grid",
+    })  # fmt: skip
     write_tsv(out.dseg_tsv, dseg_table)
     write_tsv(out.loading_fits(target), fits, sidecar=loadings.FITS_SIDECAR)
     save_figure(plot_loadings(table, table[target], curves, table["split"], target=target),
                 out.loadings_figure(target))
     save_nifti(cam_img, out.gradcam)
-    write_tsv(out.occlusion, occ_table)
-    write_tsv(out.occlusion_null, null)
+    write_json(sidecar_path(out.gradcam), {
+        "Description": f"GradCAM of the network's {target} prediction at layer {layer}, per subject, "
+        "averaged over all subjects and upsampled with the layer's stride geometry; at the last "
+        "layer of a network with global average pooling and a linear head it equals CAM",
+        "Layer": layer, "Sources": [out.model.name], "SpatialReference": out.space,
+        "Resolution": f"{config.resolution} mm, the model grid",
+    })  # fmt: skip
+    write_tsv(out.occlusion, occ_table, sidecar={c: occlusion.TABLE_SIDECAR[c] for c in occ_table.columns})
+    write_tsv(out.occlusion_null, null, sidecar={c: occlusion.NULL_SIDECAR[c] for c in null.columns})
     unit = "years" if target == "age" else f"{target} units"
     save_figure(plot_occlusion(occ_table, null, unit=unit), out.occlusion_figure)
     if config.backprojection:
