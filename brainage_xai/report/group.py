@@ -409,6 +409,13 @@ def carries_prediction(metrics: dict, consensus: dict | None = None, margin: flo
     return bool(lin <= (1 + margin) * net), float(lin), float(net)
 
 
+def _probed(table: pd.DataFrame) -> pd.DataFrame:
+    """The layer choice's rows that say something (not the candidates left unprobed)."""
+    keep = ~table["status"].astype(str).str.startswith("not probed")
+    return table.loc[keep, [c for c in ("layer", "tensor", "rank", "val_mae", "network_val_mae", "ratio", "status")
+                            if c in table]]
+
+
 def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
                  background_img=None, mask_img=None, subject_pages: dict | None = None) -> dict:
     """The report's context from the files of one group analysis.
@@ -445,7 +452,7 @@ def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
     unit = "years" if target == "age" else f"{target} units"
     optional = {
         "backprojected_img": nib.load(str(out.backprojected)) if out.backprojected.is_file() else None,
-        "layer_choice": read_tsv(out.layer_choice) if out.layer_choice.is_file() else None,
+        "layer_choice": _probed(read_tsv(out.layer_choice)) if out.layer_choice.is_file() else None,
         "consensus": consensus,
         "warning": None if carries else (
             f"The RoIs do not carry the network's prediction: a linear model on their loadings "
