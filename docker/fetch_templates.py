@@ -21,34 +21,18 @@ import sys
 TEMPLATE = "MNI152NLin2009cAsym"
 RESOLUTIONS = (1, 2)
 
-# One file per query. The T1w, brain mask and GM probability map are the registration
-# check's reference and the model grid's source; the atlases name the RoIs (Schaefer
-# 2018 cortical parcels with their label table, Harvard-Oxford subcortical structures).
+# One file per query: the T1w, brain mask and GM probability map are the registration
+# check's reference and the model grid's source. Nothing else is fetched: RoIs are named
+# by the package's own lobe atlas, so an image carries no file that no code reads.
 QUERIES: list[dict] = [
-    *(
-        query
-        for res in RESOLUTIONS
-        for query in (
-            {"resolution": res, "desc": None, "suffix": "T1w"},
-            {"resolution": res, "desc": "brain", "suffix": "T1w"},
-            {"resolution": res, "desc": "brain", "suffix": "mask"},
-            {"resolution": res, "label": "GM", "suffix": "probseg"},
-            {
-                "resolution": res,
-                "atlas": "Schaefer2018",
-                "desc": "100Parcels7Networks",
-                "suffix": "dseg",
-                "extension": ".nii.gz",
-            },
-            {"resolution": res, "atlas": "HOSPA", "desc": "th25", "suffix": "dseg"},
-        )
-    ),
-    {
-        "atlas": "Schaefer2018",
-        "desc": "100Parcels7Networks",
-        "suffix": "dseg",
-        "extension": ".tsv",
-    },
+    query
+    for res in RESOLUTIONS
+    for query in (
+        {"resolution": res, "desc": None, "suffix": "T1w"},
+        {"resolution": res, "desc": "brain", "suffix": "T1w"},
+        {"resolution": res, "desc": "brain", "suffix": "mask"},
+        {"resolution": res, "label": "GM", "suffix": "probseg"},
+    )
 ]
 
 
