@@ -148,7 +148,8 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
         ),
         epilog=(
             "Exit codes: 0 ok, 1 failure, 2 usage, 16 BIDS validation failed, 18 filters "
-            "matched no files, 65 bad data, 66 missing input, 73 cannot create output."
+            "matched no files, 65 bad data, 66 missing input, 73 cannot create output, 130 "
+            "stopped by SIGINT, 143 stopped by SIGTERM."
         ),
         formatter_class=_HelpFormatter,
     )

@@ -218,7 +218,8 @@ def damage(path: str | os.PathLike) -> str | None:
     """What is wrong with an output file, or ``None`` when it is complete and readable.
 
     A cheap check by format, enough to tell a truncated or emptied file: JSON and TSV
-    files are parsed, gzip (``.nii.gz``) and ``.npz`` files read through (their checksums
+    files are parsed (a TSV file ends with a line end, as :func:`write_tsv` writes it;
+    one cut at a line end is told by its size, which the group level's stamps record), gzip (``.nii.gz``) and ``.npz`` files read through (their checksums
     tested), ``.npy`` and ``.safetensors`` files must be as long as their headers say,
     SVG, HTML and PNG files must end as those formats do; anything else must not be
     empty.
@@ -233,6 +234,10 @@ def damage(path: str | os.PathLike) -> str | None:
         if suffix == ".json":
             json.loads(path.read_text(encoding="utf-8"))
         elif suffix == ".tsv":
+            with open(path, "rb") as fh:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    return "is cut short (no line end at its end)"
             table = read_tsv(path)
             if len(table.columns) == 0:
                 return "has no header"

@@ -159,6 +159,10 @@ def stage_predictions(ctx: GroupContext) -> None:
     if ctx.is_done("predictions", key, outputs):
         ctx.predictions = read_tsv(out.predictions)
         ctx.metrics = json.loads(out.metrics.read_text())
+        model_json = ctx.model_path.with_suffix(".json")
+        if "metrics" not in json.loads(model_json.read_text()):
+            # the model stage wrote it again (a damaged model retrained to the same weights)
+            write_json(model_json, {**ctx.model_meta, "metrics": ctx.metrics["metrics"]})
         return
     norm = ctx.model_meta["normalisation"]
     raw = predict_batches(ctx.model, ctx.standardised_inputs(), device=ctx.device)

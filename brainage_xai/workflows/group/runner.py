@@ -165,9 +165,11 @@ class GroupContext:
         """True when ``stage`` last ran with ``key`` and all its outputs are complete.
 
         The outputs checked are ``outputs`` and those the stamp records (paths relative
-        to the analysis folder); one that is missing, truncated or unreadable
-        (:func:`~brainage_xai.utils.io.damage`) makes the stage run again, with a log
-        line that says which file.
+        to the analysis folder, with their sizes): one that is missing, unreadable
+        (:func:`~brainage_xai.utils.io.damage`) or of another size than when it was
+        written makes the stage run again, with a log line that says which file. JSON
+        files are checked by parsing only (a cut JSON file does not parse), so that a
+        later stage may add to one (``metrics.json``).
         """
         try:
             stamp = json.loads(self._stamp(stage).read_text())
@@ -175,11 +177,16 @@ class GroupContext:
             return False
         if not isinstance(stamp, dict) or stamp.get("key") != key:
             return False
-        recorded = [self.group_dir / p for p in stamp.get("outputs", []) if isinstance(p, str)]
-        for path in dict.fromkeys([*(Path(p) for p in outputs), *recorded]):
+        recorded = stamp.get("outputs", {})
+        if not isinstance(recorded, dict):  # a stamp without sizes
+            recorded = dict.fromkeys(recorded)
+        sizes = {os.path.normpath(self.group_dir / name): size for name, size in recorded.items()}
+        for path in dict.fromkeys([*(os.path.normpath(p) for p in outputs), *sizes]):
             problem = damage(path)
+            if problem is None and sizes.get(path) is not None and Path(path).stat().st_size != sizes[path]:
+                problem = f"has changed size since it was written ({Path(path).stat().st_size} bytes, not {sizes[path]})"
             if problem:
-                LOGGER.warning("%s: %s %s; running the stage again", stage, self._shown(path), problem)
+                LOGGER.warning("%s: %s %s; running the stage again", stage, self._shown(Path(path)), problem)
                 return False
         LOGGER.info("%s: up to date, skipped", stage)
         return True
@@ -200,8 +207,9 @@ class GroupContext:
             if problem:
                 raise OutputError(f"{stage}: {path} {problem} right after it was written "
                                   "(full disk or quota?)")
-        names = [os.path.relpath(p, self.group_dir) for p in outputs]
-        write_json(self._stamp(stage), {"key": key, "outputs": names})
+        sizes = {os.path.relpath(p, self.group_dir): None if p.suffix == ".json" else p.stat().st_size
+                 for p in outputs}
+        write_json(self._stamp(stage), {"key": key, "outputs": sizes})
 
 
 Stage = Callable[[GroupContext], None]
