@@ -64,3 +64,23 @@ class OutputError(BrainAgeXAIError):
     """The output (or work) directory cannot be created or written."""
 
     exit_code = EX_CANTCREAT
+
+
+class Interrupted(BaseException):
+    """The run was stopped by a signal (SIGTERM from ``scancel``/``docker stop``, SIGINT
+    from Ctrl-C); exit code ``128 + signal number`` (143, 130), as a shell reports it.
+
+    A ``BaseException``, as ``KeyboardInterrupt``: no ``except Exception`` of a library
+    swallows it, and every ``finally`` on the way out runs (temporary files removed).
+    """
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:
+            name = f"signal {self.signum}"
+        super().__init__(name)

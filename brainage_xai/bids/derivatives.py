@@ -14,6 +14,7 @@ harmlessly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -188,7 +189,9 @@ def collect_preprocessed(
     Returns
     -------
     list of (str, Path)
-        ``(subject label without "sub-", path)`` sorted by subject label.
+        ``(subject label without "sub-", path)`` sorted by subject label. A map without
+        its JSON sidecar (which the participant level writes last, as its completion
+        mark) is not complete and is left out with a warning.
 
     Raises
     ------
@@ -204,6 +207,11 @@ def collect_preprocessed(
     for path in sorted(Path(output_dir).glob(f"sub-*/anat/{pattern}")):
         subject = path.parent.parent.name[len("sub-") :]
         if not _LABEL.fullmatch(subject) or not path.name.startswith(f"sub-{subject}_"):
+            continue
+        if not sidecar_path(path).is_file():
+            logging.getLogger("brainage_xai.group").warning(
+                "sub-%s: %s has no JSON sidecar (its participant run did not finish); left out",
+                subject, path.name)
             continue
         found.setdefault(subject, []).append(path)
     several = {s: p for s, p in found.items() if len(p) > 1}

@@ -42,6 +42,61 @@ def strip_label(label: str) -> str:
     return check_label(label)
 
 
+def check_symlink_cycles(root, exclude=()) -> None:
+    """Refuse a folder tree in which a symbolic link leads back to a folder above it.
+
+    The BIDS validator and PyBIDS follow folder links, and such a cycle makes them walk
+    without end (or index the same files dozens of levels deep). Every folder is walked
+    once, following links; ``exclude`` (OUTPUT_DIR inside ``BIDS_DIR/derivatives``) is
+    not walked.
+
+    Raises
+    ------
+    DataError
+        A link whose target is one of the folders that contain it (exit 65).
+    """
+    import os
+
+    root = Path(root)
+    skip = set()
+    for path in exclude:
+        try:
+            st = os.stat(path)
+            skip.add((st.st_dev, st.st_ino))
+        except OSError:
+            continue
+    st = os.stat(root)
+    seen = {(st.st_dev, st.st_ino)}
+    stack = [(root, ((st.st_dev, st.st_ino),))]
+    while stack:
+        folder, above = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable folders are the validator's to report
+        for entry in entries:
+            try:
+                if not entry.is_dir(follow_symlinks=True):
+                    continue
+                st = entry.stat(follow_symlinks=True)
+            except OSError:
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if ident in skip:
+                continue
+            if ident in above:
+                target = os.readlink(entry.path) if entry.is_symlink() else entry.path
+                raise DataError(
+                    f"{Path(entry.path).relative_to(root)} in {root} is a symbolic link to a folder "
+                    f"that contains it ({target}): a link cycle, which the BIDS validator and "
+                    "PyBIDS would follow without end; remove or replace the link"
+                )
+            if ident in seen:
+                continue  # reached again through another link: walked once
+            seen.add(ident)
+            stack.append((Path(entry.path), (*above, ident)))
+
+
 # --------------------------------------------------------------------------------------
 # PyBIDS
 
@@ -187,17 +242,18 @@ def find_maps(layout, subjects, map_name, bids_filters=None, resolution=None):
         ``subject -> (path, entities)`` for subjects with exactly one best map.
     missing : list of str
         Subjects with no matching file.
+    ambiguous : dict of str to DataError
+        Subjects with several equally good matches (e.g. two sessions), each with the
+        error that names them: that subject fails, the others go on.
 
     Raises
     ------
     NoMatchError
         The query matched no file for any of the subjects (exit 18).
-    DataError
-        A subject has several equally good matches (e.g. two sessions).
     """
     query = map_query(map_name, bids_filters)
     pyquery = _pybids_query(query)
-    found, missing = {}, []
+    found, missing, ambiguous = {}, [], {}
     for subject in subjects:
         try:
             files = layout.get(subject=subject, return_type="object", scope="all", **pyquery)
@@ -211,18 +267,19 @@ def find_maps(layout, subjects, map_name, bids_filters=None, resolution=None):
         best = [f for f in ranked if _rank_key(f, resolution) == _rank_key(ranked[0], resolution)]
         if len(best) > 1:
             names = ", ".join(Path(f.path).name for f in best)
-            raise DataError(
+            ambiguous[subject] = DataError(
                 f"sub-{subject} has {len(best)} {map_name} maps ({names}); "
                 "choose one with --bids-filter-file"
             )
+            continue
         found[subject] = (Path(best[0].path), dict(best[0].get_entities()))
-    if not found:
+    if not found and not ambiguous:
         raise NoMatchError(
             f"the {map_name} query {json.dumps(query)} matched no files for "
             f"{'sub-' + subjects[0] if len(subjects) == 1 else f'any of {len(subjects)} subjects'} "
             f"in {layout.root} or its derivatives"
         )
-    return found, missing
+    return found, missing, ambiguous
 
 
 def _rank_key(f, resolution):

@@ -20,6 +20,8 @@ from ..errors import UsageError
 from ..imaging.templates import check_resolution
 
 _LABEL = re.compile(r"[0-9A-Za-z]+")
+#: A ``--target`` column name: it becomes part of file names (``loadings_vs_<target>.tsv``).
+TARGET_NAME = re.compile(r"[0-9A-Za-z_]+")
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
@@ -91,6 +93,15 @@ def _rank_grid(value: str) -> list[int]:
     return ranks
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage error is two lines: a pointer to ``--help`` and the
+    error itself (argparse prints the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"usage: {self.prog} BIDS_DIR OUTPUT_DIR {{participant,group}} [options] "
+                     f"(see {self.prog} --help)\n{self.prog}: error: {message}\n")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a default only where there is one worth reading (not for flags)."""
 
@@ -128,7 +139,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     def advanced(text: str) -> str:
         return text if show_all else argparse.SUPPRESS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="brainage-xai",
         description=(
             "brainage-xai: predict age from MNI-registered brain maps with a 3D ResNet and "
@@ -137,7 +148,8 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
         ),
         epilog=(
             "Exit codes: 0 ok, 1 failure, 2 usage, 16 BIDS validation failed, 18 filters "
-            "matched no files, 65 bad data, 66 missing input, 73 cannot create output."
+            "matched no files, 65 bad data, 66 missing input, 73 cannot create output, 130 "
+            "stopped by SIGINT, 143 stopped by SIGTERM."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -172,7 +184,8 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--target", nargs="+", action="extend", metavar="COLUMN",
-        help="numeric participants.tsv column(s) to predict (default: age)",
+        help="numeric participants.tsv column(s) to predict (default: age); letters, digits "
+        "and '_' only",
     )
     g.add_argument(
         "--skip-bids-validation", "--skip_bids_validation", dest="skip_bids_validation",
@@ -408,6 +421,11 @@ def parse_args(argv=None) -> Config:
                 parser.error(f"participant label {raw!r} is not a BIDS label ([0-9A-Za-z]+, optional 'sub-')")
             labels.append(label)
         labels = list(dict.fromkeys(labels))
+
+    for name in opts.target or []:
+        if not TARGET_NAME.fullmatch(name):
+            parser.error(f"--target {name!r} must be a participants.tsv column named with "
+                         "letters, digits and '_' only ([0-9A-Za-z_]+)")
 
     derivatives = {}
     for name, path in opts.derivatives or []:

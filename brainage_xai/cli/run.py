@@ -10,11 +10,13 @@ documented exit code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
 from pathlib import Path
 
-from ..errors import EX_FAILURE, BrainAgeXAIError, OutputError, UsageError
+from ..errors import EX_FAILURE, BrainAgeXAIError, Interrupted, OutputError, UsageError
 from ..utils.env import writable
 
 LOGGER = logging.getLogger("brainage_xai")
@@ -39,6 +41,30 @@ def check_extras(config) -> None:
             ) from None
 
 
+def check_labels(config) -> None:
+    """Refuse a ``--participant-label`` with no ``sub-<label>`` folder in BIDS_DIR or the
+    derivatives searched (exit 2), before OUTPUT_DIR or its logs are created.
+
+    The participant level checks the labels against the PyBIDS index again; this check
+    only needs the folder names, so a wrong call leaves nothing behind.
+    """
+    if config.analysis_level != "participant" or not config.participant_label:
+        return
+    from ..bids.layout import default_derivatives
+
+    roots = [Path(config.bids_dir), *(
+        config.derivatives or default_derivatives(config.bids_dir, exclude=[config.output_dir])
+    ).values()]
+    available = sorted({p.name[len("sub-"):] for root in roots for p in Path(root).glob("sub-*")
+                        if p.is_dir()})
+    unknown = [label for label in config.participant_label if label not in available]
+    if unknown:
+        raise UsageError(
+            f"participant label(s) {', '.join(unknown)} not found in {config.bids_dir} "
+            f"({len(available)} subjects: {', '.join(available[:8])}{' ...' if len(available) > 8 else ''})"
+        )
+
+
 def check_output_dir(path: Path) -> None:
     """Create OUTPUT_DIR (or the work dir) and prove it writable, else exit 73."""
     try:
@@ -47,6 +73,24 @@ def check_output_dir(path: Path) -> None:
         raise OutputError(f"cannot create output folder {path}: {exc.strerror}") from exc
     if not writable(path):
         raise OutputError(f"output folder {path} is not writable")
+
+
+class ConsoleFormatter(logging.Formatter):
+    """One line per message on the console: no traceback (the log file has it), and a
+    Python warning without the source line that ``warnings`` appends."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record = logging.makeLogRecord(record.__dict__)
+        record.exc_info = record.exc_text = record.stack_info = None
+        if record.name == "py.warnings":
+            record.msg, record.args = record.getMessage().strip().splitlines()[0], None
+        return super().format(record)
+
+
+def _on_console(level: int):
+    """The console's filter: records at ``level`` and above, except those logged with
+    ``extra={"console": False}`` (what the command line prints itself)."""
+    return lambda record: record.levelno >= level and getattr(record, "console", True)
 
 
 def setup_logging(config) -> Path:
@@ -64,9 +108,9 @@ def setup_logging(config) -> Path:
         LOGGER.removeHandler(handler)
         handler.close()
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    console.setFormatter(ConsoleFormatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     console.setLevel(level)
-    console.addFilter(lambda record: record.levelno >= level)
+    console.addFilter(_on_console(level))
     LOGGER.addHandler(console)
 
     config.log_dir.mkdir(parents=True, exist_ok=True)
@@ -110,6 +154,7 @@ def run(config) -> int:
     from ..utils.env import configure_runtime
 
     check_extras(config)
+    check_labels(config)
     check_output_dir(config.output_dir)
     if config.work_dir is not None:
         check_output_dir(config.work_dir)
@@ -121,12 +166,22 @@ def run(config) -> int:
 
 
 def _run_level(config, log_file: Path) -> int:
+    from ..utils.io import remove_stale_temporaries
+
+    for folder in dict.fromkeys([config.output_dir, config.work]):
+        stale = remove_stale_temporaries(folder)
+        if stale:
+            LOGGER.info("removed %d temporary file(s) left by an interrupted run in %s", len(stale), folder)
     try:
         config.write_toml()
     except OSError as exc:
         raise OutputError(f"cannot write the run configuration to {config.log_dir}: {exc}") from exc
     LOGGER.info("brainage-xai %s level on %s -> %s", config.analysis_level, config.bids_dir, config.output_dir)
     LOGGER.debug("log file: %s", log_file)
+    from ..bids.layout import check_symlink_cycles
+
+    for folder in dict.fromkeys([config.bids_dir, *(config.derivatives or {}).values()]):
+        check_symlink_cycles(folder, exclude=[config.output_dir, config.work])
 
     if config.skip_bids_validation:
         LOGGER.info("BIDS validation skipped (--skip-bids-validation)")
@@ -145,6 +200,43 @@ def _run_level(config, log_file: Path) -> int:
     return int(run_group(config) or 0)
 
 
+#: The signals that stop a run cleanly (:class:`~brainage_xai.errors.Interrupted`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise :class:`~brainage_xai.errors.Interrupted` in the main
+    thread, once: a second signal while the run unwinds (removing its temporary files)
+    is ignored. The previous handlers come back on exit. Outside the main thread (where
+    Python cannot install handlers) nothing changes."""
+    previous, stopping = {}, []
+
+    def handler(signum, frame):
+        if stopping:
+            return
+        stopping.append(signum)
+        raise Interrupted(signum)
+
+    try:
+        for sig in STOP_SIGNALS:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _interrupted(exc: Interrupted) -> int:
+    message = f"brainage-xai: stopped by {exc}; temporary files removed, a rerun resumes"
+    LOGGER.error(message, extra={"console": False})
+    print(message, file=sys.stderr)
+    return exc.exit_code
+
+
 def main(argv=None) -> int:
     """``brainage-xai BIDS_DIR OUTPUT_DIR {participant,group} [options]``.
 
@@ -158,22 +250,28 @@ def main(argv=None) -> int:
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
-        return run(config)
-    except BrainAgeXAIError as exc:
-        LOGGER.debug("error", exc_info=True)
-        print(f"brainage-xai: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("brainage-xai: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        LOGGER.error("unexpected failure", exc_info=True)
-        print(
-            f"brainage-xai: error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
-            f"(details in {config.log_dir})",
-            file=sys.stderr,
-        )
-        return EX_FAILURE
+        with stop_on_signals():
+            try:
+                return run(config)
+            except Interrupted as exc:
+                return _interrupted(exc)
+            except KeyboardInterrupt:  # SIGINT outside the main thread's handler
+                return _interrupted(Interrupted(signal.SIGINT))
+            except BrainAgeXAIError as exc:
+                LOGGER.error("%s", exc, extra={"console": False})
+                LOGGER.debug("details", exc_info=True, extra={"console": False})
+                print(f"brainage-xai: error: {exc}", file=sys.stderr)
+                return exc.exit_code
+            except Exception as exc:
+                LOGGER.error("unexpected failure", exc_info=True, extra={"console": False})
+                print(
+                    f"brainage-xai: error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
+                    f"(the traceback is in the log file in {config.log_dir})",
+                    file=sys.stderr,
+                )
+                return EX_FAILURE
+    except Interrupted as exc:  # a signal between two handlers above
+        return _interrupted(exc)
     finally:
         _close_logging()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,13 +26,22 @@ def load_maps(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
 
     if not paths:
         raise MissingInputError("no preprocessed maps to load")
-    first = nib.load(str(paths[0]))
+    unreadable = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+    try:
+        first = nib.load(str(paths[0]))
+    except unreadable as exc:
+        raise DataError(f"{paths[0]} cannot be read ({type(exc).__name__}); run the participant "
+                        "level for this subject again") from exc
     shape, affine = first.shape[:3], first.affine
     out = np.empty((len(paths), 1, *shape), dtype=np.float32)
     for i, path in enumerate(paths):
-        img = first if i == 0 else nib.load(str(path))
-        check_grid(img.shape, img.affine, shape, affine, what=str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+        try:
+            img = first if i == 0 else nib.load(str(path))
+            check_grid(img.shape, img.affine, shape, affine, what=str(path))
+            data = np.asarray(img.dataobj, dtype=np.float32).reshape(img.shape[:3])
+        except unreadable as exc:
+            raise DataError(f"{path} cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                            "run the participant level for this subject again") from exc
         if not np.isfinite(data).all():
             raise DataError(f"{path} contains NaN or infinite values; preprocessed maps must be finite")
         out[i, 0] = data

@@ -109,8 +109,12 @@ def _populated(path: Path) -> bool:
         return False
 
 
-def _usable(name: str, path: Path | None) -> bool:
+def _usable(name: str, path: Path | None, home: Path | None = None) -> bool:
     if path is None or not path.is_absolute():
+        return False
+    if home is not None and (path == home or home in path.parents) and not home.is_dir():
+        # A missing HOME (HOME=/nonexistent, a user without one) is not judged by its
+        # nearest existing parent: writing there would create the missing HOME.
         return False
     if name == "TEMPLATEFLOW_HOME" and _populated(path):
         # The image's /opt/templateflow is read-only on purpose: templates are fetched
@@ -144,7 +148,7 @@ def configure_runtime(
     the image's ``/opt/templateflow``. Otherwise the variable is set to a folder under
     ``<work_dir>/cache`` when the work directory is writable, else under a private
     temporary folder that is removed when the process exits. HOME itself is never
-    changed, and an unset or read-only HOME is fine.
+    changed or created, and an unset, missing or read-only HOME is fine.
 
     ``TEMPLATEFLOW_AUTOUPDATE`` is always set to ``0``: the app never goes online.
 
@@ -174,10 +178,11 @@ def configure_runtime(
         return _default_location(name, original)
 
     base: Path | None = None
+    home = _home(original)
     for name in CACHE_VARIABLES:
         current = resolve(name)
         follows_xdg = name in _UNDER_XDG_CACHE and not original.get(name)
-        if _usable(name, current):
+        if _usable(name, current, home):
             if follows_xdg and "XDG_CACHE_HOME" in changed:
                 # Its default moves with XDG_CACHE_HOME; pin the usable one (e.g. a
                 # prefetched ~/.cache/templateflow under a read-only HOME).

@@ -23,7 +23,7 @@ from .._version import __version__
 from ..bids import derivatives as deriv
 from ..errors import BrainAgeXAIError, DataError, MissingInputError
 from ..report.subject import INTERPOLATION, subject_page
-from ..utils.io import save_nifti, write_json, write_text
+from ..utils.io import damage, save_nifti, write_json, write_text
 from .outputs import init_output_dir
 
 LOGGER = logging.getLogger("brainage_xai.participant")
@@ -70,12 +70,18 @@ def _skull_stripped(img, template) -> bool:
 
 
 def _outputs_current(out_path: Path, sidecar: Path, fingerprint: str, extra: list[Path]) -> bool:
-    if not (out_path.is_file() and sidecar.is_file() and all(p.is_file() for p in extra)):
-        return False
+    """The subject's outputs are there, complete, and made from the same input and settings."""
     try:
-        return json.loads(sidecar.read_text(encoding="utf-8")).get("InputFingerprint") == fingerprint
+        if json.loads(sidecar.read_text(encoding="utf-8")).get("InputFingerprint") != fingerprint:
+            return False
     except (OSError, ValueError):
         return False
+    for path in (out_path, *extra):
+        problem = damage(path)
+        if problem:
+            LOGGER.warning("%s %s; writing the subject's outputs again", path.name, problem)
+            return False
+    return True
 
 
 def process_subject(config, subject: str, source: Path, entities: dict, template) -> Path:
@@ -177,14 +183,32 @@ def process_subject(config, subject: str, source: Path, entities: dict, template
 
 
 def _combined_error(failures: dict[str, BrainAgeXAIError], total: int) -> BrainAgeXAIError:
-    """One exception (class and exit code of the first failure) naming every failure."""
+    """One exception (class and exit code of the first failure) that says how many of the
+    subjects failed and names every failure."""
     first = next(iter(failures.values()))
-    if len(failures) == 1:
-        return first
     detail = "; ".join(f"{exc}" for exc in failures.values())
-    err = type(first)(f"{len(failures)} of {total} subjects failed: {detail}")
+    err = type(first)(f"{len(failures)} of {total} subject(s) failed: {detail}")
     err.exit_code = first.exit_code
     return err
+
+
+def check_participants_table(bids_dir, subjects) -> None:
+    """Warn about ``participants.tsv`` rows without a subject folder and subject folders
+    without a row (the group level needs a row for every subject it analyses)."""
+    from ..utils.io import read_tsv
+
+    path = Path(bids_dir) / "participants.tsv"
+    try:
+        ids = read_tsv(path)["participant_id"].astype(str)
+    except (OSError, ValueError, KeyError):
+        return  # load_targets reports an unreadable table where the targets are needed
+    rows = {i[len("sub-"):] if i.startswith("sub-") else i for i in ids}
+    folders = set(subjects)
+    for what, labels in (("participants.tsv rows without a subject folder", rows - folders),
+                         ("subject folders without a participants.tsv row", folders - rows)):
+        if labels:
+            shown = ", ".join("sub-" + s for s in sorted(labels)[:8])
+            LOGGER.warning("%d %s: %s%s", len(labels), what, shown, " ..." if len(labels) > 8 else "")
 
 
 def run(config) -> int:
@@ -213,6 +237,7 @@ def run(config) -> int:
     from tqdm.auto import tqdm
 
     from ..bids import build_layout, default_derivatives, find_maps, load_targets, select_subjects
+    from ..bids.layout import layout_subjects
     from ..imaging.templates import get_template
 
     # The datasets searched for maps: the given ones, or those in BIDS_DIR/derivatives/.
@@ -224,9 +249,10 @@ def run(config) -> int:
         # before a cluster spends hours on the subjects. With --model (applying a trained
         # network to new subjects) the targets may be unknown.
         load_targets(config.bids_dir, list(config.target), subjects)
-    found, missing = find_maps(
+    found, missing, ambiguous = find_maps(
         layout, subjects, config.map, config.bids_filters, resolution=config.resolution
     )
+    check_participants_table(config.bids_dir, layout_subjects(layout))
     LOGGER.info("%d subject(s) with a %s map; %d without", len(found), config.map, len(missing))
     template = get_template(config.resolution)
     LOGGER.info("template: %s (%s)", template.name, template.description)
@@ -242,6 +268,9 @@ def run(config) -> int:
         )
         # INFO, not ERROR: the run ends with one error line naming every failure.
         LOGGER.info("failed: %s", failures[subject])
+    for subject, exc in ambiguous.items():
+        failures[subject] = exc
+        LOGGER.info("failed: %s", exc)
     bar = tqdm(
         sorted(found.items()), desc="participants", unit="subject",
         disable=config.quiet, file=sys.stderr,

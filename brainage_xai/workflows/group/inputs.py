@@ -13,7 +13,7 @@ from ...bids.derivatives import collect_preprocessed, format_resolution
 from ...errors import DataError, MissingInputError
 from ...model.data import files_sha256
 from ...model.training import SPLITS, stratified_split
-from ...utils.io import read_tsv, write_json, write_tsv
+from ...utils.io import damage, read_tsv, write_json, write_tsv
 from .runner import GroupContext
 
 LOGGER = logging.getLogger("brainage_xai.group")
@@ -79,14 +79,18 @@ def stage_inputs(ctx: GroupContext) -> None:
 def stage_split(ctx: GroupContext) -> None:
     """Write ``split.tsv`` (60/20/20, stratified by the first target) or reuse it."""
     path = ctx.out.split
-    if path.is_file():
+    problem = None if not path.is_file() else damage(path) or damage(path.with_suffix(".json"))
+    if path.is_file() and problem is None:
         old = read_tsv(path)
-        labels = old["participant_id"].str.replace(r"^sub-", "", regex=True)
-        if sorted(labels) == sorted(ctx.subjects) and old["split"].isin(SPLITS).all():
-            ctx.split = pd.Series(old["split"].to_numpy(), index=labels.to_numpy())
-            LOGGER.info("split: reusing %s", path)
-            return
+        if {"participant_id", "split"} <= set(old.columns):
+            labels = old["participant_id"].astype(str).str.replace(r"^sub-", "", regex=True)
+            if sorted(labels) == sorted(ctx.subjects) and old["split"].isin(SPLITS).all():
+                ctx.split = pd.Series(old["split"].to_numpy(), index=labels.to_numpy())
+                LOGGER.info("split: reusing %s", path)
+                return
         LOGGER.warning("split: %s lists other subjects than this run; writing a new split", path)
+    elif problem is not None:
+        LOGGER.warning("split: %s or its sidecar %s; writing the split again", path, problem)
     table = stratified_split(ctx.subjects, ctx.targets.iloc[:, 0].to_numpy(), seed=ctx.config.random_seed)
     ctx.split = pd.Series(table["split"].to_numpy(), index=table["participant_id"].to_numpy())
     table["participant_id"] = "sub-" + table["participant_id"]

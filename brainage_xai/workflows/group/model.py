@@ -90,6 +90,11 @@ def _reuse_trained(ctx: GroupContext, key: str) -> bool:
                         "(pass --model %s to reuse it)", path, trained_by, __version__, path)
     except (DataError, MissingInputError) as exc:
         LOGGER.warning("model: cannot reuse %s (%s); training again", path, exc)
+        return False
+    except Exception as exc:  # a damaged file: whatever safetensors or JSON raise
+        LOGGER.warning("model: %s cannot be read (%s: %s); training again", path,
+                       type(exc).__name__, " ".join(str(exc).split())[:120])
+        return False
     return False
 
 
@@ -148,11 +153,16 @@ def stage_predictions(ctx: GroupContext) -> None:
     """Predict every subject; write ``predictions.tsv``, ``metrics.json`` and plots."""
     out = ctx.out
     key = ctx.key(model=ctx.model_sha, inputs=ctx.inputs_sha, split=ctx.split_sha, targets=ctx.targets_sha)
-    outputs = [out.predictions, out.predictions.with_suffix(".json"), out.metrics]
+    outputs = [out.predictions, out.predictions.with_suffix(".json"), out.metrics,
+               ctx.model_path.with_suffix(".json")]
     outputs += [out.predictions_figure(t) for t in ctx.targets.columns]
     if ctx.is_done("predictions", key, outputs):
         ctx.predictions = read_tsv(out.predictions)
         ctx.metrics = json.loads(out.metrics.read_text())
+        model_json = ctx.model_path.with_suffix(".json")
+        if "metrics" not in json.loads(model_json.read_text()):
+            # the model stage wrote it again (a damaged model retrained to the same weights)
+            write_json(model_json, {**ctx.model_meta, "metrics": ctx.metrics["metrics"]})
         return
     norm = ctx.model_meta["normalisation"]
     raw = predict_batches(ctx.model, ctx.standardised_inputs(), device=ctx.device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,9 @@ import pandas as pd
 import torch
 
 from ...bids.derivatives import GroupOutputs
+from ...errors import OutputError
 from ...selection.splits import SPLIT_NAMES, Splits
-from ...utils.io import write_json
+from ...utils.io import damage, write_json
 
 LOGGER = logging.getLogger("brainage_xai.group")
 
@@ -160,19 +162,54 @@ class GroupContext:
         return self.out.stamps / f"{stage}.json"
 
     def is_done(self, stage: str, key: str, outputs) -> bool:
-        """True when ``stage`` last ran with ``key`` and all ``outputs`` exist."""
+        """True when ``stage`` last ran with ``key`` and all its outputs are complete.
+
+        The outputs checked are ``outputs`` and those the stamp records (paths relative
+        to the analysis folder, with their sizes): one that is missing, unreadable
+        (:func:`~brainage_xai.utils.io.damage`) or of another size than when it was
+        written makes the stage run again, with a log line that says which file. JSON
+        files are checked by parsing only (a cut JSON file does not parse), so that a
+        later stage may add to one (``metrics.json``).
+        """
         try:
             stamp = json.loads(self._stamp(stage).read_text())
         except (OSError, ValueError):
             return False
-        done = stamp.get("key") == key and all(Path(p).exists() for p in outputs)
-        if done:
-            LOGGER.info("%s: up to date, skipped", stage)
-        return done
+        if not isinstance(stamp, dict) or stamp.get("key") != key:
+            return False
+        recorded = stamp.get("outputs", {})
+        if not isinstance(recorded, dict):  # a stamp without sizes
+            recorded = dict.fromkeys(recorded)
+        sizes = {os.path.normpath(self.group_dir / name): size for name, size in recorded.items()}
+        for path in dict.fromkeys([*(os.path.normpath(p) for p in outputs), *sizes]):
+            problem = damage(path)
+            if problem is None and sizes.get(path) is not None and Path(path).stat().st_size != sizes[path]:
+                problem = f"has changed size since it was written ({Path(path).stat().st_size} bytes, not {sizes[path]})"
+            if problem:
+                LOGGER.warning("%s: %s %s; running the stage again", stage, self._shown(Path(path)), problem)
+                return False
+        LOGGER.info("%s: up to date, skipped", stage)
+        return True
+
+    def _shown(self, path: Path) -> str:
+        """``path`` as a user finds it: relative to OUTPUT_DIR where it lies inside."""
+        try:
+            return str(Path(path).relative_to(self.config.output_dir))
+        except ValueError:
+            return str(path)
 
     def mark_done(self, stage: str, key: str, outputs) -> None:
-        """Record that ``stage`` produced ``outputs`` with ``key``."""
-        write_json(self._stamp(stage), {"key": key, "outputs": [str(p) for p in outputs]})
+        """Record that ``stage`` produced ``outputs`` with ``key``, once every one of them
+        is complete and readable (:func:`~brainage_xai.utils.io.damage`)."""
+        outputs = [Path(p) for p in outputs]
+        for path in outputs:
+            problem = damage(path)
+            if problem:
+                raise OutputError(f"{stage}: {path} {problem} right after it was written "
+                                  "(full disk or quota?)")
+        sizes = {os.path.relpath(p, self.group_dir): None if p.suffix == ".json" else p.stat().st_size
+                 for p in outputs}
+        write_json(self._stamp(stage), {"key": key, "outputs": sizes})
 
 
 Stage = Callable[[GroupContext], None]

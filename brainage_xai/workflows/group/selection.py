@@ -216,5 +216,9 @@ def stage_selection(ctx: GroupContext) -> None:
         "selection: ranks %s, lambda %g; test MAE %s",
         ctx.selection["ranks"], ctx.selection["lambda"], {k: round(v["mae"], 3) for k, v in test.items()},
     )  # fmt: skip
-    ctx.mark_done("selection", key, outputs)
+    # The sweeps' tables and the figures as well, those this run wrote (a given --ranks or
+    # --lambda skips a sweep): a damaged one makes the next run redo the stage.
+    written = [p for t in (out.scree, out.rank_sweep, out.lambda_sweep) for p in (t, t.with_suffix(".json"))]
+    written += [out.scree_figure, out.rank_sweep_figure, out.lambda_sweep_figure]
+    ctx.mark_done("selection", key, list(dict.fromkeys([*outputs, *(p for p in written if p.is_file())])))
 
