@@ -112,8 +112,8 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
         Autocast precision of the network's forward and backward passes (e.g.
         ``torch.bfloat16``, what training uses on CPUs with AMX and on GPUs); the layer's
         activations, the loadings and the maps are computed in float32/float64 from there.
-        On the demo's run bf16 is 2.8 times faster on a CPU with AMX, and its maps correlate
-        at least 0.998 with float32's (``benchmarks/bench_backprojection.py --speed``).
+        On a CPU with AMX bf16 is 2.8 times faster, and its maps correlate at least 0.998
+        with float32's (``benchmarks/bench_backprojection.py --speed``; docs/benchmarks.md).
     """
     import torch
     from tqdm.auto import tqdm
