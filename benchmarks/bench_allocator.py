@@ -19,10 +19,10 @@ against the baseline, glibc's defaults, with each process's peak RSS::
     python benchmarks/bench_allocator.py --output DEMO/results [--rounds 2]
 
 The selection's memory with the same variables: run ``benchmarks/bench_memory.py`` with
-and without them in its environment. (Measured on the demo, docs/report.md: the passes
+and without them in its environment. (Measured results: docs/benchmarks.md. The passes
 are faster in a fresh process, but in the group level, whose process has already raised
 glibc's threshold by the time of the explanations, the gain is small, and the
-selection's peak memory grows by 7 %; so the app leaves glibc as it is.)
+selection's peak memory grows by 1-7 %; so the app leaves glibc as it is.)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the input that drives a component's loadings can lie elsewhere than its U3 map. 
 benchmark takes an existing group run (nothing is retrained) and, for every component
 ``r``, back-projects its loading through the network to the input grid with
 :func:`brainage_xai.explain.backprojection.back_project` (what the group level writes as
-``*_desc-backprojected_components.nii.gz``; this also scores runs made before it):
+``*_desc-backprojected_components.nii.gz``; this also scores runs made without it):
 
 - the loading functional ``s_r = P[r] · M^T vec(T)`` of the subject's decomposed tensor
   ``T`` (deviations from the training mean, scaled per channel, weighted for

@@ -1,8 +1,8 @@
 """Do the RoIs of several networks, decomposed together, find the planted regions better?
 
-A diagnostic for issue 6 on the simulated cohort. The demo's result depends on the
-trained network: three networks trained the same way put their RoIs at 0.21-0.56 of the
-resolution ceiling (docs/report.md). An ensemble of networks, the usual practice in
+A diagnostic on the simulated cohort. What the RoIs find depends on the trained network:
+networks trained the same way with other seeds put their RoIs at 0.21-0.56 of the
+resolution ceiling (docs/benchmarks.md). An ensemble of networks, the usual practice in
 brain-age work, predicts with the mean of its members, a linear function of the
 members' pooled features. So its activation at a layer is the members' activations side
 by side along the channel axis, and the paper's method applied to the ensemble

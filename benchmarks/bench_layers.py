@@ -1,6 +1,6 @@
 """Which layer keeps each planted region's signal in place, and which tensor finds it?
 
-A diagnostic for issue 6 on the simulated cohort, from an existing run's trained network
+A diagnostic on the simulated cohort, from an existing run's trained network
 (nothing is retrained). For each layer of the network it prints:
 
 - ``signal``: where each planted region's *subject-level* signal lives in the

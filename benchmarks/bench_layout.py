@@ -1,16 +1,17 @@
 """Benchmark: the network's passes with its weights in the inputs' memory format, or not.
 
 Every pass of a trained network outside training (predictions, activations, GradCAM, the
-occlusion test, the back-projection) converted its inputs to the memory format that
+occlusion test, the back-projection) converts its inputs to the memory format that
 :func:`brainage_xai.model.training.memory_format` names for the device and precision
-(channels-last for float32), but left the network as it was. A network loaded from its
-safetensors file (``--model``, the participant level's activations, every benchmark) is
-contiguous. Now :func:`brainage_xai.model.training.place` puts the weights in that format
-too. This times both on one network, in one process, alternating:
+(channels-last for float32). A network loaded from its safetensors file (``--model``,
+the participant level's activations, every benchmark) is contiguous, so
+:func:`brainage_xai.model.training.place` puts the weights in that format too. This
+times both, weights left contiguous (the baseline) and weights placed, on one network,
+in one process, alternating:
 
 - ``forward``: a prediction pass (``torch.inference_mode``), inputs in the format;
 - ``forward + backward``: a pass with the input's gradient (GradCAM, the back-projection),
-  the inputs as those functions passed them before (as they come) and now (in the format).
+  the inputs as they come (the baseline) and in the format.
 
 Run::
 

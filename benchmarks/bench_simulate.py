@@ -5,8 +5,8 @@ Speed: subjects per second writing the cohort, serially (the baseline) and with 
 features measured from the written maps (region means of the grey-matter maps, each
 divided by the subject's mean outside the planted regions, which removes the global site
 and sex factors), against
-the baseline of predicting the mean age. Issue 4's goal for a CNN is a test MAE at most
-0.3 x that baseline; region means are what a CNN can reach with little data, so the rows
+the baseline of predicting the mean age. The goal for a CNN is a test MAE at most 0.3 x
+that baseline; region means are what a CNN can reach with little data, so the rows
 show (i) the whole design is learnable well below that goal, (ii) no single region is,
 (iii) the decoy and global grey matter carry no age.
 

@@ -21,12 +21,12 @@ over the training subjects: each input voxel's share of the variance of the load
 zero. It is high where the input differs between subjects in the way the loading does,
 and zero where the input varies but the loading does not follow.
 
-On the simulated cohort (``benchmarks/bench_backprojection.py``; docs/report.md, stop 15)
+On the simulated cohort (``benchmarks/bench_backprojection.py``; docs/benchmarks.md)
 the back-projected maps of the deviations' RoIs lie closer to the planted regions than
-the RoIs themselves on all four networks measured (median best correlation +0.04 to
-+0.07), but not for the relevance tensor's (-0.07); and they show an RoI whose loading
-is driven by input elsewhere: on the demo's network an RoI that sits in the cingulate
-gyrus takes its loading from the deep grey matter, the decoy.
+the RoIs themselves (median best correlation +0.04 to +0.07), but not for the relevance
+tensor's (-0.07); and they show an RoI whose loading is driven by input elsewhere, such
+as an RoI in the cingulate gyrus that takes its loading from the deep grey matter, the
+decoy.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def back_project(model, x, layer, U2, D, U3, *, tensor: str = "deviations", cent
         Autocast precision of the network's forward and backward passes (e.g.
         ``torch.bfloat16``, what training uses on CPUs with AMX and on GPUs); the layer's
         activations, the loadings and the maps are computed in float32/float64 from there.
-        On the demo's run bf16 is 2.8 times faster on a CPU with AMX, and its maps correlate
-        at least 0.998 with float32's (``benchmarks/bench_backprojection.py --speed``).
+        On a CPU with AMX bf16 is 2.8 times faster, and its maps correlate at least 0.998
+        with float32's (``benchmarks/bench_backprojection.py --speed``; docs/benchmarks.md).
     """
     import torch
     from tqdm.auto import tqdm

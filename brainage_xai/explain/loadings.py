@@ -11,7 +11,7 @@ loadings' variance across subjects that the best fit predicts for held-out subje
 (cross-validated R², 0 when no fit beats the mean). A component can have a clear shape and
 still be mostly something else: on the simulated cohort the component whose loading comes
 from the age-independent decoy region has a "non-linear" relation that explains 8 % of
-its variance, where the components of the planted regions reach 47-98 % (docs/report.md).
+its variance, where the components of the planted regions reach 47-98 %.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ N_SE = 1.0
 #: An RoI is called related to the target when the target predicts at least this share of
 #: its loadings' variance (``cv_r2``): most of the component is the target. A threshold
 #: on the effect, not a test: with 200 subjects an 8 % share is already significant. On
-#: the simulated cohort (docs/report.md, stop 16) the components of the age-independent
-#: decoy and of noise fall well below it (0-29 %), those of the planted regions above it
-#: (77-98 %); few fall between (the demo's RoI 2 at R1 = 8: 47 %, which the occlusion
-#: test finds the network relies on). Below it, a component is other variation that the
+#: the simulated cohort the components of the age-independent decoy and of noise fall
+#: well below it (0-29 %), those of the planted regions above it (77-98 %); few fall
+#: between (47 % for one that mixes two planted regions with the decoy's tail, which the
+#: occlusion test finds the network relies on). Below it, a component is other variation that the
 #: linear model may still use as a correction for the others.
 RELATED_R2 = 0.5
 
