@@ -69,8 +69,10 @@ def setup_logging(config) -> Path:
     console.addFilter(lambda record: record.levelno >= level)
     LOGGER.addHandler(console)
 
+    from ..bids.derivatives import run_log_path
+
     config.log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = config.log_dir / f"brainage-xai_{config.analysis_level}_{config.run_uuid}.log"
+    log_file = run_log_path(config.output_dir, config.analysis_level, config.run_uuid)
     handler = logging.FileHandler(log_file, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG)
@@ -105,8 +107,12 @@ def _close_logging() -> None:
         handler.close()
 
 
-def run(config) -> int:
-    """Run one level with a parsed configuration; returns the exit code."""
+def run(config, command: list[str] | None = None) -> int:
+    """Run one level with a parsed configuration; returns the exit code.
+
+    ``command``, the command line that gave ``config``, is written to the run's
+    configuration in ``logs/`` (the group report shows it).
+    """
     from ..utils.env import configure_runtime
 
     check_extras(config)
@@ -117,12 +123,12 @@ def run(config) -> int:
     configure_runtime(config.work)
     log_file = setup_logging(config)
     with console():
-        return _run_level(config, log_file)
+        return _run_level(config, log_file, command)
 
 
-def _run_level(config, log_file: Path) -> int:
+def _run_level(config, log_file: Path, command: list[str] | None = None) -> int:
     try:
-        config.write_toml()
+        config.write_toml(command)
     except OSError as exc:
         raise OutputError(f"cannot write the run configuration to {config.log_dir}: {exc}") from exc
     LOGGER.info("brainage-xai %s level on %s -> %s", config.analysis_level, config.bids_dir, config.output_dir)
@@ -153,12 +159,13 @@ def main(argv=None) -> int:
     """
     from .parser import parse_args
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_args(argv)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     try:
-        return run(config)
+        return run(config, command=["brainage-xai", *argv])
     except BrainAgeXAIError as exc:
         LOGGER.debug("error", exc_info=True)
         print(f"brainage-xai: error: {exc}", file=sys.stderr)
