@@ -154,7 +154,8 @@ def context(tmp_path_factory):
                                                                  template.affine),
         "loadings": loadings, "loading_fits": fits, "gradcam_img": cam_img, "occlusion": occ,
         "backprojected_img": bp_img,
-        "subjects": [{"label": i, "href": f"{i}.html"} for i in ids[:3]],
+        "subjects": [{"label": i, "href": f"{i}.html", "split": str(sp), "true": float(a), "predicted": float(pa)}
+                     for i, sp, a, pa in zip(ids, split, age, predictions["predicted_age"])],
     }
 
 
@@ -187,7 +188,9 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
         assert f'src="{uri}" alt="{alt}"' in html, name
     assert "smallest validation MAE" in html
     assert "RoI 1: loadings rise linearly" in html
-    assert html.count('class="viewer"') == 3
+    # one viewer, and a selector with every RoI
+    assert html.count('class="viewer"') == 1
+    assert re.findall(r'<option value="\d">([^<]*)</option>', html) == ["RoI 1", "RoI 2", "RoI 3"]
     # each RoI's back-projection under it, with the region it comes from (escaped)
     assert html.count("Back-projected to the input") == 3
     assert html.count('back-projected, glass brain"') == 3
@@ -283,7 +286,7 @@ def test_report_renders_in_headless_chromium(rendered, tmp_path):
     assert match, dom.stderr[-2000:]
     result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert result["n"] >= 16 and result["bad"] == []
-    assert result["frames"] == 3 and result["frameImgs"] >= 3 and result["frameBad"] == []
+    assert result["frames"] == 1 and result["frameImgs"] >= 3 and result["frameBad"] == []
     assert result["errors"] == []
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line
                and re.search(r"Uncaught|Error|Failed to load", line)]
