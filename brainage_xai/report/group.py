@@ -270,6 +270,7 @@ def group_boilerplate(out: GroupOutputs, config, template, *, backprojection: bo
         "tensor": tensor, "constraints": about.get("constraints"),
         "ranks": (choice["ranks"]["R1"], choice["ranks"]["R2"]), "rank_rule": choice["ranks"].get("rule"),
         "lambda": choice["lambda"]["lambda"], "lambda_rule": choice["lambda"].get("rule"),
+        "method": about.get("method", config.method), "consensus": consensus,
     }
     text = methods_text(target=target, tensor=tensor, backprojection=backprojection,
                         method=about.get("method", config.method), consensus=consensus)

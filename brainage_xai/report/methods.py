@@ -230,9 +230,19 @@ def settings_sentence(run: dict) -> str:
     ``run`` holds what the stages wrote: ``target``, ``subjects`` (``{split: n}``),
     ``networks``, ``epochs``, ``tuned`` (trials, 0: none), ``layer``, ``channels``,
     ``grid`` (feature grid shape), ``tensor``, ``constraints``, ``ranks`` (R1, R2),
-    ``rank_rule``, ``lambda``, ``lambda_rule``, ``resamples``; missing keys are left out.
+    ``rank_rule``, ``lambda``, ``lambda_rule``, ``method`` and ``consensus`` (``consensus.json``);
+    missing keys are left out.
     """
     parts = []
+    if run.get("consensus"):
+        parts.append(f"The RoIs are the consensus (--method consensus) of {run['consensus']['networks']} "
+                     f"networks x {run['consensus']['resamples']} resamples of the training subjects.")
+    elif run.get("method") == "paper":
+        parts.append("The RoIs come from the original method (--method paper): one network, its last "
+                     "layer's activations and the constraints of its eq. 2.")
+    elif run.get("method"):
+        parts.append(f"The RoIs come from one decomposition of one network (--method {run['method']} "
+                     "with one network and one resample).")
     subjects = run.get("subjects")
     if subjects:
         total = sum(subjects.values())

@@ -29,7 +29,7 @@ COLUMN_NAMES = {
 }
 _PERCENT = ("cv_r2", "fraction_in_atlas", "stability", "share")
 _TWO_DECIMALS = ("agreement", "pearson_r", "spread", "correlation", "mae", "mse", "rmse", "ratio",
-                 "p_value", "null_", "slope")
+                 "p_value", "null_")
 #: Columns of ``rois.tsv`` the report shows in its main RoI table (the rest are in a
 #: collapsed table under it).
 ROI_MAIN = ("name", "region", "peak", "volume_mm3", "cv_r2", "target_related", "stability",
@@ -55,20 +55,20 @@ def cell(column: str, value) -> str:
     if value is None or (isinstance(value, str) and value in ("", "nan", "n/a")):
         return "n/a"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return f"{value:,}" if "mm3" not in col else f"{value:,} mm³"
+        return f"{value:,}" if "mm3" not in col else f"{value:,}\u00a0mm³"
     if not isinstance(value, (float, np.floating)):
         return str(value)
     value = float(value)
     if not np.isfinite(value):
         return "n/a"
     if "mm3" in col:
-        return f"{value:,.0f} mm³"
+        return f"{value:,.0f}\u00a0mm³"
     if col.startswith("peak_"):
         return f"{value:.0f}"
     if any(key in col for key in _PERCENT):
-        return f"{100 * value:.0f} %"
+        return f"{100 * value:.0f}\u00a0%"
     if any(key in col for key in _TWO_DECIMALS):
-        return f"{value:.2f}"
+        return f"{value:.2f}".replace("-0.00", "0.00")
     return number(value)
 
 
