@@ -326,7 +326,7 @@ def test_report_and_subject_pages(first_run):
     assert 'alt="RoI 1 back-projected, glass brain"' in html and "share of the loading" in html
     assert 'href="../sub-' in html
     # about this run: the configuration the run wrote, started from Python (no command line)
-    assert '<section id="about">' in html and "not recorded (the run was started from Python)" in html
+    assert '<section id="about">' in html and "not recorded in the configuration (a run started from Python" in html
     assert f"logs/config-{first_run['config'].run_uuid}.toml" in html
     # the boilerplate of what ran: the layer, the method, the paper, both levels
     logs = out / "logs"

@@ -104,7 +104,7 @@ def roi_tables(rois_table, target: str = "age") -> tuple[dict | None, dict | Non
     df = pd.DataFrame(rois_table).copy()
     empty = empty_rois(df)
     if {"peak_x", "peak_y", "peak_z"} <= set(df.columns):
-        df["peak"] = [f"{x:.0f}, {y:.0f}, {z:.0f}" for x, y, z in zip(df["peak_x"], df["peak_y"], df["peak_z"])]
+        df["peak"] = [f"{x:.0f},\u00a0{y:.0f},\u00a0{z:.0f}" for x, y, z in zip(df["peak_x"], df["peak_y"], df["peak_z"])]
     full = df.drop(columns=["peak"], errors="ignore")
     if "networks_relying" in df and "networks" in df:
         df["networks_relying"] = [f"{int(a)} of {int(b)}" for a, b in zip(df["networks_relying"], df["networks"])]
