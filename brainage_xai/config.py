@@ -71,7 +71,9 @@ class Config:
 
     @property
     def log_dir(self) -> Path:
-        return self.output_dir / "logs"
+        from .bids.derivatives import log_dir
+
+        return log_dir(self.output_dir)
 
     @property
     def work(self) -> Path:
@@ -100,10 +102,16 @@ class Config:
             out[f.name] = value
         return out
 
-    def write_toml(self) -> Path:
-        """Write the configuration to ``logs/config-<run_uuid>.toml`` and return its path."""
+    def write_toml(self, command: list[str] | None = None) -> Path:
+        """Write the configuration to ``logs/config-<run_uuid>.toml`` and return its path.
+
+        ``command``, the command line as given (program name first), is kept in the
+        ``[invocation]`` table, with the working folder it was given in; ``--config-file``
+        reads only ``[run]``.
+        """
         import tomli_w
 
+        from .bids.derivatives import run_config_path
         from .utils.io import write_text
 
         env = {
@@ -112,8 +120,9 @@ class Config:
             if k in os.environ
         }
         doc = {"run": self.to_dict(), "environment": env}
-        path = self.log_dir / f"config-{self.run_uuid}.toml"
-        return write_text(path, tomli_w.dumps(doc))
+        if command is not None:
+            doc["invocation"] = {"command": [str(a) for a in command], "cwd": os.getcwd()}
+        return write_text(run_config_path(self.output_dir, self.run_uuid), tomli_w.dumps(doc))
 
 
 def read_toml(path) -> dict:

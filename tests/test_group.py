@@ -321,10 +321,22 @@ def test_report_and_subject_pages(first_run):
         assert f'alt="{alt}"' in html, alt
     assert "network head on the reconstruction" in html and "training-mean predictor" in html
     r1 = json.loads((g / "selection.json").read_text())["ranks"]["R1"]
-    assert html.count('class="viewer"') == r1
+    assert html.count('class="viewer"') == 1 and html.count('<option value="') == r1
     assert html.count("Back-projected to the input") == r1
     assert 'alt="RoI 1 back-projected, glass brain"' in html and "share of the loading" in html
     assert 'href="../sub-' in html
+    # about this run: the configuration the run wrote, started from Python (no command line)
+    assert '<section id="about">' in html and "not recorded in the configuration (a run started from Python" in html
+    assert f"logs/config-{first_run['config'].run_uuid}.toml" in html
+    # the boilerplate of what ran: the layer, the method, the paper, both levels
+    logs = out / "logs"
+    citation = (logs / "CITATION.md").read_text()
+    assert "The decomposed layer was block3" in citation and "--method consensus" in citation
+    assert "Interpreting age predictions from brain maps via deep neural activations" in citation
+    assert "Preprocessing (participant level)" in citation and "proportional scaling" in citation
+    assert "@unpublished{brainagexai_method," in (logs / "CITATION.bib").read_text()
+    assert "The decomposed layer was block3" in (logs / "CITATION.html").read_text()
+    assert not (out / "CITATION.md").exists()
 
     pred = read_tsv(g / "predictions.tsv").set_index("participant_id")
     pages = sorted(out.glob("sub-*.html"))
@@ -334,7 +346,7 @@ def test_report_and_subject_pages(first_run):
         row = pred.loc[page.stem]
         assert 'id="subject-rois"' in text and 'id="registration"' in text
         assert f"{row['predicted_age']:.2f}" in text and f"{row['brain_age_gap']:+.2f}" in text
-        assert "RoI 1" in text
+        assert "RoI 1" in text and 'href="group/report.html">group report</a>' in text
 
 
 def test_participant_rerun_then_group_restores_subject_sections(first_run, tmp_path):
@@ -602,6 +614,7 @@ def test_method_paper_runs_the_papers_setting(first_run, tmp_path, capsys):
     page = (g / "report.html").read_text()
     assert "the paper&#39;s: one network, its last layer&#39;s activations" in page
     assert "As in the original method" in page
+    assert "--method paper" in (out / "logs" / "CITATION.md").read_text()
     with pytest.raises(SystemExit) as exc:
         parse_args([str(first_run["bids"]), str(out), "group", "--method", "paper", "--ensemble", "2"])
     assert exc.value.code == 2 and "--method paper explains one network" in capsys.readouterr().err

@@ -86,10 +86,15 @@ def test_dataset_level_files(volume_run, sim_bids):
     }
     # the raw cohort is CC0, its simulated maps declare no licence
     assert desc["License"] == "The terms of the source datasets apply (raw: CC0; simulated: no licence declared)"
-    assert "CITATION.md" in desc["HowToAcknowledge"]
+    assert "logs/CITATION.md" in desc["HowToAcknowledge"]
     ignore = (out / ".bidsignore").read_text().split()
     assert "*.html" in ignore and "logs" in ignore and "sub-*/figures" in ignore
-    assert "proportional scaling" in (out / "CITATION.md").read_text()
+    # the participant level's boilerplate: what it did, with the works it names
+    citation = (out / "logs" / "CITATION.md").read_text()
+    assert "proportional scaling" in citation and "(group level)" not in citation
+    assert "PyBIDS (Yarkoni et al., 2019)" in citation and "MNI152NLin2009cAsym" in citation
+    assert "@article{yarkoni2019pybids," in (out / "logs" / "CITATION.bib").read_text()
+    assert not (out / "CITATION.md").exists()
 
 
 def test_output_passes_the_bids_validator(volume_run, bids_validator):

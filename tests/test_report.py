@@ -154,7 +154,8 @@ def context(tmp_path_factory):
                                                                  template.affine),
         "loadings": loadings, "loading_fits": fits, "gradcam_img": cam_img, "occlusion": occ,
         "backprojected_img": bp_img,
-        "subjects": [{"label": i, "href": f"{i}.html"} for i in ids[:3]],
+        "subjects": [{"label": i, "href": f"{i}.html", "split": str(sp), "true": float(a), "predicted": float(pa)}
+                     for i, sp, a, pa in zip(ids, split, age, predictions["predicted_age"])],
     }
 
 
@@ -187,7 +188,9 @@ def test_report_is_self_contained_and_escapes_dataset_text(rendered, context):
         assert f'src="{uri}" alt="{alt}"' in html, name
     assert "smallest validation MAE" in html
     assert "RoI 1: loadings rise linearly" in html
-    assert html.count('class="viewer"') == 3
+    # one viewer, and a selector with every RoI
+    assert html.count('class="viewer"') == 1
+    assert re.findall(r'<option value="\d">([^<]*)</option>', html) == ["RoI 1", "RoI 2", "RoI 3"]
     # each RoI's back-projection under it, with the region it comes from (escaped)
     assert html.count("Back-projected to the input") == 3
     assert html.count('back-projected, glass brain"') == 3
@@ -283,7 +286,7 @@ def test_report_renders_in_headless_chromium(rendered, tmp_path):
     assert match, dom.stderr[-2000:]
     result = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert result["n"] >= 16 and result["bad"] == []
-    assert result["frames"] == 3 and result["frameImgs"] >= 3 and result["frameBad"] == []
+    assert result["frames"] == 1 and result["frameImgs"] >= 3 and result["frameBad"] == []
     assert result["errors"] == []
     console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line
                and re.search(r"Uncaught|Error|Failed to load", line)]
@@ -323,15 +326,13 @@ def test_missing_figures_are_dropped(context, tmp_path):
     assert 'alt="lambda sweep"' not in html
 
 
-def test_subject_page_carries_the_group_section(context):
-    from brainage_xai import report as reports
-
-    info = subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
+def _subject_page_context() -> dict:
+    """What :func:`brainage_xai.report.subject.subject_page` gives ``subject.html``."""
     qc = {"DeclaredSpace": "MNI152NLin2009cAsym", "Orientation": "RAS", "VoxelSize": [8.0] * 3,
           "Dice": 0.9, "Correlation": 0.9, "CentroidOffsetMM": 1.0, "Coverage": 1.0,
           "Passed": True, "Thresholds": {"Dice": 0.7, "Correlation": 0.5,
                                          "CentroidOffsetMM": 10, "Coverage": 0.9}}
-    page = dict(subject="01", map_name="volume", source="bids:raw:x.nii.gz",
+    return dict(subject="01", map_name="volume", source="bids:raw:x.nii.gz",
                 template={"name": "MNI152NLin2009cAsym", "source": "nilearn",
                           "description": "ICBM 2009"},
                 resolution=8, grid_shape=[1, 2, 3], qc=qc,
@@ -339,9 +340,242 @@ def test_subject_page_carries_the_group_section(context):
                                "ReferenceMean": 1.0},
                 interpolation="spline", figure="f.svg",
                 outputs={"map": "m", "sidecar": "s", "activations": None})
+
+
+def test_subject_page_carries_the_group_section(context):
+    from brainage_xai import report as reports
+
+    info = subject_rois(EVIL_LABEL, context["predictions"], context["loadings"])
+    page = _subject_page_context()
     plain = reports.render("subject.html", **page)
     assert 'id="subject-rois"' not in plain and 'id="registration"' in plain
     with_group = reports.render("subject.html", **page, group_rois=info)
     assert 'id="subject-rois"' in with_group and "RoI 2" in with_group
     assert f"{info['predicted']:.2f}" in with_group and "sub-01" in with_group
     assert EVIL_LABEL not in with_group
+
+
+PROBE = """<script>
+window.addEventListener('load', function () {
+  function done(result) {
+    var out = document.createElement('pre'); out.id = '__probe';
+    out.textContent = JSON.stringify(result);
+    document.body.appendChild(out);
+  }
+  (%s)(done);
+});
+</script>"""
+
+
+def _probe(page, js, tmp_path, name="probed.html", size="1300,2000"):
+    """Open ``page`` in headless Chromium with ``js`` (a function of ``done``) run after load;
+    return what it passed to ``done``."""
+    probed = page.parent / name
+    probed.write_text(page.read_text().replace("<head>", "<head>\n" + PROBE % js, 1))
+    dom = _chromium([f"--window-size={size}", "--dump-dom", probed.as_uri()], tmp_path)
+    match = re.search(r'<pre id="__probe">(.*?)</pre>', dom.stdout, re.S)
+    assert match, dom.stderr[-2000:]
+    return json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&")
+                      .replace("&lt;", "<").replace("&gt;", ">"))
+
+
+CAPTIONS = """function (done) {
+  var figures = Array.prototype.slice.call(document.querySelectorAll('figure'));
+  var media = Array.prototype.slice.call(document.querySelectorAll('img, iframe'));
+  done({
+    figures: figures.length,
+    uncaptioned: figures.filter(function (f) {
+      var c = f.querySelector('figcaption'); return !c || c.textContent.trim().length < 40;
+    }).map(function (f) { var i = f.querySelector('img, iframe'); return i && (i.alt || i.title); }),
+    outside: media.filter(function (m) { return !m.closest('figure'); }).map(function (m) { return m.alt || m.title; }),
+    width: document.documentElement.scrollWidth,
+    wide: Array.prototype.slice.call(document.querySelectorAll('body *')).filter(function (e) {
+      return e.getBoundingClientRect().right > 1300 && !e.closest('.table-wrap');
+    }).map(function (e) { return e.tagName + '#' + e.id; }).slice(0, 5)
+  });
+}"""
+
+
+def test_every_figure_has_a_caption_and_the_page_fits_1300_pixels(rendered, tmp_path):
+    assert CHROMIUM, "Debian's chromium is missing: apt-get install chromium (.ci/run does)"
+    result = _probe(rendered, CAPTIONS, tmp_path)
+    # figures: 6 stage figures, the combined map, GradCAM, 2 per RoI, the viewer
+    assert result["figures"] >= 6 + 2 + 2 * 3 + 1
+    assert result["uncaptioned"] == [] and result["outside"] == []
+    assert result["width"] <= 1300 and result["wide"] == []
+
+
+VIEWER = """function (done) {
+  var select = document.getElementById('roi-select'), frame = document.getElementById('roi-viewer');
+  var data = JSON.parse(document.getElementById('roi-viewer-data').textContent);
+  function overlay() { return frame.contentDocument.querySelector('img[alt="overlay"]').src; }
+  function drawn() {
+    var c = frame.contentDocument.querySelector('canvas'), px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    var seen = {}; for (var i = 0; i < px.length; i += 4 * 97) { seen[px[i] + ',' + px[i + 1] + ',' + px[i + 2]] = 1; }
+    return Object.keys(seen).length;
+  }
+  var before = {roi: frame.getAttribute('data-roi'), overlay: overlay() === 'data:image/png;base64,' + data.rois[0].overlay,
+                colours: drawn()};
+  frame.addEventListener('load', function () {
+    setTimeout(function () {
+      done({before: before, after: {roi: frame.getAttribute('data-roi'), options: select.options.length,
+            overlay: overlay() === 'data:image/png;base64,' + data.rois[2].overlay, colours: drawn(),
+            title: JSON.parse(data.rois[2].params).title}});
+    }, 500);
+  }, {once: true});
+  select.value = '2';
+  select.dispatchEvent(new Event('change'));
+}"""
+
+
+def test_roi_selector_switches_the_one_viewer(rendered, tmp_path):
+    assert CHROMIUM
+    result = _probe(rendered, VIEWER, tmp_path)
+    before, after = result["before"], result["after"]
+    assert before["roi"] == "RoI 1" and before["overlay"] and before["colours"] > 5
+    assert after["options"] == 3 and after["roi"] == "RoI 3" and after["title"] == "RoI 3"
+    assert after["overlay"] and after["colours"] > 5
+
+
+FILTER = """function (done) {
+  var input = document.getElementById('subject-filter');
+  var rows = function () { return Array.prototype.filter.call(document.querySelectorAll('#subject-table tbody tr'),
+                                                              function (r) { return !r.hidden; }).length; };
+  var all = rows();
+  input.value = 'sub-05'; input.dispatchEvent(new Event('input'));
+  var one = rows();
+  input.value = 'test'; input.dispatchEvent(new Event('input'));
+  done({all: all, one: one, test: rows()});
+}"""
+
+
+def test_subject_index_is_compact_and_searchable(rendered, tmp_path):
+    html = rendered.read_text()
+    index = html[html.index('<details id="subject-index">'):html.index("</details>", html.index('id="subject-index"'))]
+    assert index.count("<tr>") == 31 and 'href="sub-05.html"' in index
+    assert CHROMIUM
+    assert _probe(rendered, FILTER, tmp_path) == {"all": 30, "one": 1, "test": 6}
+
+
+LINK = """function (done) {
+  var link = document.querySelector('%s');
+  var frame = document.createElement('iframe');
+  frame.onload = function () { done({href: link.getAttribute('href'), title: frame.contentDocument.title}); };
+  frame.src = link.href;
+  document.body.appendChild(frame);
+}"""
+
+
+def test_subject_page_and_group_report_link_each_other(context, tmp_path):
+    assert CHROMIUM
+    from brainage_xai import report as reports
+
+    out = tmp_path / "out"
+    (out / "group").mkdir(parents=True)
+    subjects = [{"label": "sub-01", "href": "../sub-01.html", "split": "test", "true": 40.0, "predicted": 42.0}]
+    small = {k: context[k] for k in ("title", "predictions", "figures")}
+    group_report = report.render_group_report({**small, "subjects": subjects}, out / "group" / "report.html")
+    info = subject_rois("sub-01", context["predictions"], context["loadings"], report_href="group/report.html")
+    page = out / "sub-01.html"
+    page.write_text(reports.render("subject.html", **_subject_page_context(), group_rois=info))
+    there = _probe(page, LINK % "#group-report-link a", tmp_path)
+    assert there == {"href": "group/report.html", "title": "Group report <test>"}
+    back = _probe(group_report, LINK % "#subject-table a", tmp_path)
+    assert back == {"href": "../sub-01.html", "title": "sub-01 · brainage-xai"}
+
+
+def test_numbers_read_for_people_and_an_empty_roi_is_said_empty(context, tmp_path):
+    from brainage_xai.report.tables import cell, roi_tables
+
+    assert cell("volume_mm3", 18880.0) == "18,880\u00a0mm³" and cell("volume_mm3", 0) == "0\u00a0mm³"
+    assert cell("pearson_r", -0.12345) == "-0.12" and cell("agreement", -0.001) == "0.00"
+    assert cell("cv_r2", 0.617) == "62\u00a0%" and cell("target_related", "True") == "yes"
+    assert cell("mae_increase", float("nan")) == "n/a" and cell("slope", 0.00393) == "0.00393"
+    rois_table = context["rois_table"].copy()
+    rois_table.loc[2, ["volume_mm3", "peak_x", "peak_y", "peak_z"]] = [0.0, -96.0, -132.0, -78.0]
+    main, full = roi_tables(rois_table)
+    assert len(main["columns"]) <= 10 < len(full["columns"])
+    assert main["columns"][:4] == ["RoI", "region (most of it)", "peak (x, y, z mm)", "volume"]
+    empty = dict(zip(main["columns"], main["rows"][2]))
+    assert empty["region (most of it)"] == empty["peak (x, y, z mm)"] == "empty after thresholding"
+    assert "-96" not in " ".join(full["rows"][2])
+    assert all(re.fullmatch(r"\d{1,3}(,\d{3})*\u00a0mm³", row[3]) for row in main["rows"])
+    html = report.render_group_report({**context, "rois_table": rois_table}, tmp_path / "r.html").read_text()
+    assert "RoI 3 is empty after thresholding" in re.sub(r"\s+", " ", html)
+    assert '<details id="roi-table-all">' in html
+    # no number in scientific notation where people read it (the tables and the text)
+    text = re.sub(r'(src|srcdoc)="[^"]*"|<script.*?</script>', "", html, flags=re.S)
+    assert not re.search(r"\d\.\d+e[+-]\d", text)
+
+
+def test_about_this_run_shows_the_command_configuration_and_logged_warnings(context, tmp_path):
+    from brainage_xai.bids.derivatives import run_log_path
+    from brainage_xai.config import Config
+    from brainage_xai.report.run_info import about_run
+
+    out = tmp_path / "out"
+    config = Config(bids_dir=tmp_path / "bids", output_dir=out, analysis_level="group", layer="block3")
+    config.write_toml(["brainage-xai", str(tmp_path / "bids"), str(out), "group", "--layer", "block3",
+                       "--target", EVIL_LABEL])
+    log = run_log_path(out, "group", config.run_uuid)
+    log.write_text(
+        "2026-01-01 10:00:00,001 brainage_xai INFO started\n"
+        "2026-01-01 10:00:01,002 brainage_xai.group WARNING explanations: the maps' grid differs\n"
+        "2026-01-01 10:00:02,003 py.warnings WARNING /x/rois.py:10: UserWarning: RoI 3 is empty\n"
+        "  warnings.warn(msg)\n"
+        "2026-01-01 10:00:03,004 py.warnings WARNING /x/rois.py:10: UserWarning: RoI 3 is empty\n"
+        "  warnings.warn(msg)\n"
+        "2026-01-01 10:00:04,005 brainage_xai.group DEBUG not shown\n"
+        f"2026-01-01 10:00:05,006 brainage_xai ERROR label {EVIL_LABEL} failed\n"
+        "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad\n")
+    about = about_run(out, config.run_uuid)
+    assert [(m["level"], m["count"]) for m in about["messages"]] == [("WARNING", 1), ("WARNING", 2), ("ERROR", 1)]
+    assert about["messages"][2]["text"].endswith("ValueError: bad")
+    assert ("layer", "block3") in about["settings"] and about["config_file"].startswith("logs/config-")
+    assert about["command"].startswith("brainage-xai ") and "--layer block3" in about["command"]
+    html = report.render_group_report({**context, "about": about}, tmp_path / "r.html").read_text()
+    about_html = html[html.index('<section id="about">'):html.index('<section id="methods">')]
+    assert "--layer block3" in about_html and "(×2)" in about_html and "RoI 3 is empty" in about_html
+    assert "maps&#39; grid differs" in about_html and "ValueError: bad" in about_html
+    assert EVIL_LABEL not in html and "&lt;img src=x onerror=" in about_html
+    assert f"--config-file {out}/logs/config-{config.run_uuid}.toml" in about_html
+    # started from Python: no command line, said so
+    plain = Config(bids_dir=tmp_path / "bids", output_dir=tmp_path / "o2", analysis_level="group")
+    plain.write_toml()
+    assert about_run(plain.output_dir, plain.run_uuid)["command"] is None
+    assert about_run(plain.output_dir, plain.run_uuid)["messages"] is None
+
+
+def test_citation_boilerplate_cites_what_ran():
+    from brainage_xai.report import methods
+
+    participant = methods.participant_methods(map_name="volume", resolution="2", space="MNI152NLin2009cAsym",
+                                              template_source="templateflow", grid_shape=(97, 115, 97))
+    run = {"target": "<b>age</b>", "subjects": {"train": 60, "val": 20, "test": 20}, "networks": 3, "tuned": 20,
+           "layer": "block4", "channels": 64, "grid": [6, 7, 6], "tensor": "deviations", "ranks": (4, 6),
+           "lambda": 0.01, "method": "consensus", "consensus": {"networks": 3, "resamples": 4}}
+    bp = methods.boilerplate(participant, {"methods": methods.methods_text(target="age", tensor="deviations"),
+                                           "settings": methods.settings_sentence(run), "consensus": True,
+                                           "tuned": True})
+    md = bp.markdown()
+    for said in ("block4 (64 channels on a 6 x 7 x 6 feature grid)", "R1 = 4", "λ = 0.01", "--method consensus",
+                 "3 networks x 4 resamples", "Interpreting age predictions from brain maps via deep neural",
+                 "MNI152NLin2009cAsym", "TemplateFlow (Ciric et al., 2022)", "Optuna", "PyTorch", "scikit-learn",
+                 "PyBIDS", "NiBabel", "nilearn", "U1", "proportional scaling"):
+        assert said in md, said
+    bib = bp.bibtex()
+    for key in ("brainagexai_method", "paszke2019pytorch", "pedregosa2011sklearn", "ciric2022templateflow",
+                "yarkoni2019pybids", "brett_nibabel", "abraham2014nilearn", "akiba2019optuna", "fonov2011",
+                "brunet2004consensus"):
+        assert bib.count("{" + key + ",") == 1, key
+    assert bib.count("\n@") + 1 == len(bp.references) == md.count("\n- ")
+    html = bp.html()
+    assert "<b>age</b>" not in html and "&lt;b&gt;age&lt;/b&gt;" in html
+    # the paper's method, no tuning, the template nilearn ships: said and cited so
+    paper = methods.boilerplate(
+        methods.participant_methods(map_name="stiffness", resolution="2", space="MNI152NLin2009cAsym"),
+        {"methods": methods.methods_text(target="age", tensor="activations", method="paper"),
+         "settings": methods.settings_sentence({"method": "paper", "layer": "block5"}), "tuned": False})
+    md = paper.markdown()
+    assert "--method paper" in md and "As in the original method" in md and "stiffness" in md
+    assert "Optuna" not in md and "Ciric" not in md and "Brunet" not in md

@@ -4,7 +4,7 @@ One place decides every output name, of the participant level (functions of a su
 and of the group level (:class:`GroupOutputs`), so that the group level finds what the
 participant level wrote by calling the same functions, the report finds what the stages
 wrote, and no library function spells a file name of its own; and the dataset-level files (``dataset_description.json``, ``.bidsignore``,
-``CITATION.md``) that make OUTPUT_DIR a valid BIDS-derivatives dataset.
+``logs/CITATION.md``) that make OUTPUT_DIR a valid BIDS-derivatives dataset.
 
 Several participant jobs may write into one OUTPUT_DIR at once: everything here is
 written atomically and with the same content from every job, so the last rename wins
@@ -421,8 +421,8 @@ def write_dataset_description(
         "DatasetLinks": {name: root.as_uri() for name, root in inputs.items()},
         "License": _license(descriptions),
         "HowToAcknowledge": (
-            "Cite brainage-xai and the methods it implements as CITATION.md describes (the "
-            "methods text of the run, with its references), and acknowledge each source "
+            "Cite brainage-xai and the methods it implements as logs/CITATION.md describes "
+            "(the methods text of the run, with its references), and acknowledge each source "
             "dataset as it asks."
         ),
     }
@@ -434,6 +434,24 @@ def write_bidsignore(output_dir: str | os.PathLike) -> Path:
     return write_text(Path(output_dir) / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
 
 
-def citation_path(output_dir: str | os.PathLike) -> Path:
-    """``CITATION.md``: the methods text of what ran, to copy into a paper."""
-    return Path(output_dir) / "CITATION.md"
+def log_dir(output_dir: str | os.PathLike) -> Path:
+    """``OUTPUT_DIR/logs``: every run's configuration, log and citation boilerplate."""
+    return Path(output_dir) / "logs"
+
+
+def citation_path(output_dir: str | os.PathLike, ext: str = "md") -> Path:
+    """``logs/CITATION.<ext>`` (``md``, ``html``, ``bib``): the methods boilerplate of the
+    last level that ran, with its references, to copy into a paper."""
+    if ext not in ("md", "html", "bib"):
+        raise ValueError(f"CITATION.{ext}: the boilerplate is md, html or bib")
+    return log_dir(output_dir) / f"CITATION.{ext}"
+
+
+def run_config_path(output_dir: str | os.PathLike, run_uuid: str) -> Path:
+    """``logs/config-<run>.toml``: one run's configuration (``--config-file`` repeats it)."""
+    return log_dir(output_dir) / f"config-{run_uuid}.toml"
+
+
+def run_log_path(output_dir: str | os.PathLike, level: str, run_uuid: str) -> Path:
+    """``logs/brainage-xai_<level>_<run>.log``: one run's full log."""
+    return log_dir(output_dir) / f"brainage-xai_{level}_{run_uuid}.log"

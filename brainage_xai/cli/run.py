@@ -113,8 +113,10 @@ def setup_logging(config) -> Path:
     console.addFilter(_on_console(level))
     LOGGER.addHandler(console)
 
+    from ..bids.derivatives import run_log_path
+
     config.log_dir.mkdir(parents=True, exist_ok=True)
-    log_file = config.log_dir / f"brainage-xai_{config.analysis_level}_{config.run_uuid}.log"
+    log_file = run_log_path(config.output_dir, config.analysis_level, config.run_uuid)
     handler = logging.FileHandler(log_file, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG)
@@ -149,8 +151,12 @@ def _close_logging() -> None:
         handler.close()
 
 
-def run(config) -> int:
-    """Run one level with a parsed configuration; returns the exit code."""
+def run(config, command: list[str] | None = None) -> int:
+    """Run one level with a parsed configuration; returns the exit code.
+
+    ``command``, the command line that gave ``config``, is written to the run's
+    configuration in ``logs/`` (the group report shows it).
+    """
     from ..utils.env import configure_runtime
 
     check_extras(config)
@@ -162,10 +168,10 @@ def run(config) -> int:
     configure_runtime(config.work)
     log_file = setup_logging(config)
     with console():
-        return _run_level(config, log_file)
+        return _run_level(config, log_file, command)
 
 
-def _run_level(config, log_file: Path) -> int:
+def _run_level(config, log_file: Path, command: list[str] | None = None) -> int:
     from ..utils.io import remove_stale_temporaries
 
     for folder in dict.fromkeys([config.output_dir, config.work]):
@@ -173,7 +179,7 @@ def _run_level(config, log_file: Path) -> int:
         if stale:
             LOGGER.info("removed %d temporary file(s) left by an interrupted run in %s", len(stale), folder)
     try:
-        config.write_toml()
+        config.write_toml(command)
     except OSError as exc:
         raise OutputError(f"cannot write the run configuration to {config.log_dir}: {exc}") from exc
     LOGGER.info("brainage-xai %s level on %s -> %s", config.analysis_level, config.bids_dir, config.output_dir)
@@ -245,6 +251,7 @@ def main(argv=None) -> int:
     """
     from .parser import parse_args
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = parse_args(argv)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
@@ -252,7 +259,7 @@ def main(argv=None) -> int:
     try:
         with stop_on_signals():
             try:
-                return run(config)
+                return run(config, command=["brainage-xai", *argv])
             except Interrupted as exc:
                 return _interrupted(exc)
             except KeyboardInterrupt:  # SIGINT outside the main thread's handler

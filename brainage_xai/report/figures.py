@@ -21,7 +21,7 @@ import pandas as pd
 from ..bids.derivatives import prediction_columns, roi_names
 from ..utils.io import atomic_path
 
-_MODE_NAMES = {1: "mode 1 (subjects)", 2: "mode 2 (channels)", 3: "mode 3 (voxels)"}
+_MODE_NAMES = {1: "by subjects", 2: "by channels", 3: "by voxels"}
 
 
 def _save(fig, path) -> Path:
@@ -115,11 +115,11 @@ def plot_lambda_sweep(table: pd.DataFrame, path, choice: dict | None = None) -> 
     ax.plot(t["lambda"], t["val_mae"], "s-", ms=3, label="validation MAE")
     positive = t["lambda"][t["lambda"] > 0]
     ax.set_xscale("symlog", linthresh=float(positive.min()) if len(positive) else 1.0)
-    ax.set_xlabel("λ (ℓ1 on U3)")
+    ax.set_xlabel("λ (ℓ1 penalty on the spatial maps)")
     ax.set_ylabel("MAE")
     ax2 = ax.twinx()
-    ax2.plot(t["lambda"], t["sparsity"], "^:", color="C2", ms=3, label="U3 sparsity")
-    ax2.set_ylabel("fraction of zeros in U3")
+    ax2.plot(t["lambda"], t["sparsity"], "^:", color="C2", ms=3, label="sparsity of the spatial maps")
+    ax2.set_ylabel("fraction of zeros in the spatial maps")
     ax2.set_ylim(0, 1)
     if choice is not None:
         ax.axvline(choice["lambda"], color="C3", ls="--", lw=1, label=f"λ = {choice['lambda']:.3g}")
@@ -216,22 +216,52 @@ def glass_uri(img, title=None) -> str:
     return _display_uri(display)
 
 
-def viewer_html(img, background_img=None, title: str = "") -> str:
-    """nilearn's interactive viewer as a standalone page (for ``iframe srcdoc``).
+#: Where :func:`roi_viewer`'s page takes each RoI's data.
+VIEWER_SLOTS = ("@@PARAMS@@", "@@OVERLAY@@", "@@COLORMAP@@")
 
-    The page's favicon link (a remote URL) is dropped: the report makes no request.
+
+def roi_viewer(rois_img, background_img=None, names=None) -> dict | None:
+    """One interactive viewer (nilearn's ``view_img`` page) for all RoIs of a 4D image.
+
+    The background is drawn once; each RoI contributes its overlay sprite, colour map and
+    viewer parameters. Returns ``{"page": the page with the first RoI (for an
+    ``iframe srcdoc``), "template": the page with :data:`VIEWER_SLOTS` in place of the
+    RoI's data, "rois": [{"name", "params", "overlay", "colormap"}]}``; the report's
+    RoI selector fills the template with another RoI's data. The page's favicon link (a
+    remote URL) is dropped: the report makes no request. ``None`` without RoIs.
     """
-    from nilearn.plotting import view_img
+    import json
 
-    data = np.asarray(img.dataobj, dtype=float)
-    peak = float(np.max(np.abs(data))) if data.size else 0.0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        view = view_img(img, bg_img=background_img if background_img is not None else False,
-                        threshold=0.2 * peak if peak > 0 else None, cmap="hot",
-                        symmetric_cmap=False, title=title, black_bg=False)
-    html = view.get_standalone()
-    return re.sub(r"<link[^>]*rel=\"?(shortcut )?icon\"?[^>]*>", "", html)
+    from nilearn.plotting import view_img
+    from nilearn.plotting.html_stat_map import create_brainsprite
+
+    n = rois_img.shape[3]
+    if n == 0:
+        return None
+    names = names or roi_names(n)
+    bg = background_img if background_img is not None else False
+    rois, page, uid = [], None, None
+    for r in range(n):
+        vol = index_img(rois_img, r)
+        data = np.asarray(vol.dataobj, dtype=float)
+        peak = float(np.max(np.abs(data))) if data.size else 0.0
+        kw = dict(bg_img=bg, threshold=0.2 * peak if peak > 0 else None, cmap="hot",
+                  symmetric_cmap=False, title=names[r], black_bg=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if page is None:
+                page = view_img(vol, **kw).get_standalone()
+                uid = re.search(r"div_viewer-([0-9a-f]+)", page).group(1)
+            view = create_brainsprite(vol, unique_id=uid, **kw)
+        rois.append({"name": names[r], "params": json.dumps(view["params"]),
+                     "overlay": view["stat_map_base64"], "colormap": view["cm_base64"]})
+    page = re.sub(r"<link[^>]*rel=\"?(shortcut )?icon\"?[^>]*>", "", page)
+    template = page
+    for slot, key in zip(VIEWER_SLOTS, ("params", "overlay", "colormap")):
+        if template.count(rois[0][key]) != 1:  # not the page this code knows: one RoI only
+            return {"page": page, "template": None, "rois": rois[:1]}
+        template = template.replace(rois[0][key], slot)
+    return {"page": page, "template": template, "rois": rois}
 
 
 def plot_predictions(table: pd.DataFrame, target: str, metrics: dict, path: Path) -> Path:

@@ -66,10 +66,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..bids.derivatives import GroupOutputs, roi_names
+from ..bids.derivatives import GroupOutputs, prediction_columns, roi_names
 from ..imaging.geometry import spatial_correlation
 from ..utils.io import read_tsv
-from .figures import combined_map_uri, file_uri, glass_uri, index_img, roi_mosaics, viewer_html
+from .figures import combined_map_uri, file_uri, glass_uri, roi_mosaics, roi_viewer
 from .findings import (  # noqa: F401  (the report's readings, importable from here)
     CLAUSES,
     CONSENSUS_READINGS,
@@ -79,7 +79,16 @@ from .findings import (  # noqa: F401  (the report's readings, importable from h
     findings_sentence,
     roi_findings,
 )
-from .methods import CITATIONS, DEFAULT_METHODS, methods_text
+from .methods import (
+    DEFAULT_METHODS,
+    boilerplate,
+    methods_text,
+    preprocessing_methods,
+    settings_sentence,
+)
+from .references import REFERENCES
+from .run_info import about_run
+from .tables import empty_rois, records, roi_tables
 
 #: The figures the template shows (keys of ``page["figures"]``).
 FIGURES = ("predictions", "scree", "rank_sweep", "lambda_sweep", "combined", "loadings",
@@ -101,25 +110,6 @@ def software_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
-
-
-def _records(table) -> dict | None:
-    """A table as ``{"columns": [...], "rows": [[...]]}`` with readable numbers."""
-    if table is None:
-        return None
-    df = pd.DataFrame(table)
-    rows = []
-    for row in df.itertuples(index=False):
-        cells = []
-        for value in row:
-            if isinstance(value, float | np.floating):
-                cells.append("n/a" if not np.isfinite(value) else f"{value:.4g}")
-            elif value is None or (isinstance(value, float) and np.isnan(value)):
-                cells.append("n/a")
-            else:
-                cells.append(str(value))
-        rows.append(cells)
-    return {"columns": [str(c) for c in df.columns], "rows": rows}
 
 
 # -- figures --------------------------------------------------------------------------
@@ -261,8 +251,37 @@ def _probed(table: pd.DataFrame) -> pd.DataFrame:
                             if c in table]]
 
 
+def group_boilerplate(out: GroupOutputs, config, template, *, backprojection: bool):
+    """The methods boilerplate of the group run (:func:`brainage_xai.report.methods.boilerplate`)
+    from the settings that ran, as the stages wrote them."""
+    meta = _read_json(out.model_json)
+    target = list(meta.get("targets") or config.target)[0]
+    about = _read_json(out.decomposition_json)
+    choice = _read_json(out.selection)
+    consensus = _read_json(out.consensus_json) if out.consensus_json.is_file() else None
+    training = meta.get("training") or {}
+    tensor = about.get("tensor", config.tensor)
+    tuned = int(config.tune or 0) if config.model is None else 0
+    run = {
+        "target": target, "subjects": read_tsv(out.split)["split"].value_counts().to_dict(),
+        "networks": None if config.model is not None else int(meta.get("architecture", {}).get("ensemble", 1)),
+        "epochs": len(training.get("history") or []) or config.epochs, "tuned": tuned,
+        "layer": about.get("layer"), "channels": about.get("channels"), "grid": about.get("grid_shape"),
+        "tensor": tensor, "constraints": about.get("constraints"),
+        "ranks": (choice["ranks"]["R1"], choice["ranks"]["R2"]), "rank_rule": choice["ranks"].get("rule"),
+        "lambda": choice["lambda"]["lambda"], "lambda_rule": choice["lambda"].get("rule"),
+        "method": about.get("method", config.method), "consensus": consensus,
+    }
+    text = methods_text(target=target, tensor=tensor, backprojection=backprojection,
+                        method=about.get("method", config.method), consensus=consensus)
+    return boilerplate(preprocessing_methods(config, template),
+                       {"methods": text, "settings": settings_sentence(run),
+                        "consensus": consensus is not None, "tuned": bool(tuned)})
+
+
 def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
-                 background_img=None, mask_img=None, subject_pages: dict | None = None) -> dict:
+                 background_img=None, mask_img=None, subject_pages: dict | None = None,
+                 template=None) -> dict:
     """The report's context from the files of one group analysis.
 
     Parameters
@@ -279,7 +298,11 @@ def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
         The template on the model grid and its brain mask (display only).
     subject_pages : dict, optional
         Participant label -> path of its ``sub-X.html``, for the links.
+    template : brainage_xai.imaging.templates.Template, optional
+        The template (its source is cited); by default only its name is known.
     """
+    import types
+
     import nibabel as nib
 
     meta = _read_json(out.model_json)
@@ -305,8 +328,20 @@ def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
             f"network. They describe variation in the layer's activations, not what the network "
             f"bases its prediction on; read them as such."),
     }
+    if template is None:
+        template = types.SimpleNamespace(name=template_name, source=None, shape=tuple(input_shape))
+    cited = group_boilerplate(out, config, template, backprojection=optional["backprojected_img"] is not None)
+    group_section = cited.sections[-1][1]
+    predicted = prediction_columns(target)["predicted"]
+    pages = subject_pages or {}
     return {
         **optional,
+        "boilerplate": cited,
+        "preprocessing": cited.sections[0][1][0],
+        "settings_text": group_section[1],
+        "notation": group_section[-1],
+        "citations": [ref.text for ref in cited.references],
+        "about": about_run(config.output_dir, getattr(config, "run_uuid", None), "group"),
         "title": f"brainage-xai group report: {config.map} map, {', '.join(targets)}",
         "summary": summary_rows(config, out, input_shape, template_name),
         "methods": methods_text(target=target, tensor=decomposition.get("tensor", config.tensor),
@@ -338,12 +373,26 @@ def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,
         "occlusion": (read_tsv(out.occlusion), read_tsv(out.occlusion_null)),
         "background_img": background_img,
         "mask_img": mask_img,
-        "subjects": [{"label": f"sub-{s}", "href": os.path.relpath(p, out.group_dir)}
-                     for s, p in (subject_pages or {}).items()],
+        "subjects": [
+            {"label": f"sub-{s}", "href": os.path.relpath(p, out.group_dir), **_subject_row(predictions, s, target, predicted)}
+            for s, p in pages.items()],
     }
 
 
+def _subject_row(predictions: pd.DataFrame, subject: str, target: str, predicted: str) -> dict:
+    """The subject index's cells: split, true and predicted target."""
+    row = predictions.loc[predictions["participant_id"] == f"sub-{subject}"]
+    if row.empty:
+        return {}
+    row = row.iloc[0]
+    return {"split": str(row.get("split", "")), "true": float(row[target]), "predicted": float(row[predicted])}
+
+
 # -- rendering ------------------------------------------------------------------------
+
+
+def _num(value) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.1f}"
 
 
 def build_page(context: dict) -> dict:
@@ -353,14 +402,15 @@ def build_page(context: dict) -> dict:
         "title": context.get("title", f"brainage-xai group report ({target})"),
         "target": target,
         "summary": list((context.get("summary") or {}).items()),
-        "metrics": _records(context.get("metrics")),
-        "subjects": context.get("subjects") or [],
+        "metrics": records(context.get("metrics")),
+        "subjects": [{**s, "true": _num(s.get("true")), "predicted": _num(s.get("predicted"))}
+                     for s in context.get("subjects") or []],
         "sections": [],
     }
     figs = {name: file_uri(path) for name, path in (context.get("figures") or {}).items()
             if path is not None and Path(path).is_file()}
     page["warning"] = context.get("warning")
-    page["layer_choice"] = _records(context.get("layer_choice"))
+    page["layer_choice"] = records(context.get("layer_choice"))
     consensus = context.get("consensus")
     page["consensus"] = None if consensus is None else {
         "networks": consensus["networks"], "resamples": consensus["resamples"], "fits": consensus["fits"],
@@ -372,12 +422,14 @@ def build_page(context: dict) -> dict:
     page["lambda_reason"] = context.get("lambda_reason")
     bg = context.get("background_img")
     rois_img = context.get("rois_img")
-    page["rois_table"] = _records(context.get("rois_table"))
-    page["mosaics"] = roi_mosaics(rois_img, bg) if rois_img is not None else []
     table = context.get("rois_table")
+    page["rois_table"], page["rois_table_all"] = roi_tables(table, target)
+    page["mosaics"] = roi_mosaics(rois_img, bg) if rois_img is not None else []
     rows = {} if table is None else {str(row["name"]): row for _, row in table.iterrows()}
+    empty = empty_rois(table)
     for mosaic in page["mosaics"]:
         mosaic["input"] = None
+        mosaic["empty"] = mosaic["name"] in empty
         row = rows.get(mosaic["name"])
         # how much of the RoI is the target: a component of other variation is said so
         has_r2 = row is not None and "cv_r2" in row
@@ -395,19 +447,14 @@ def build_page(context: dict) -> dict:
             }
     if context.get("dseg_img") is not None:
         figs["combined"] = combined_map_uri(context["dseg_img"], bg)
-    page["viewers"] = []
-    if rois_img is not None:
-        for r, name in enumerate(roi_names(rois_img.shape[3])):
-            page["viewers"].append({
-                "name": name, "html": viewer_html(index_img(rois_img, r), bg, title=name),
-            })
+    page["viewer"] = roi_viewer(rois_img, bg) if rois_img is not None else None
     fits = context.get("loading_fits")
     page["statements"] = [] if fits is None else list(fits["statement"])
     if fits is not None:
         keep = [c for c in ("roi", "relation", "cv_r2", "pearson_r", "slope", "breakpoint",
                             "cv_rmse_linear", "cv_rmse_piecewise", "cv_rmse_smooth",
                             "coefficient") if c in fits]
-        page["loading_fits"] = _records(fits[keep])
+        page["loading_fits"] = records(fits[keep])
     else:
         page["loading_fits"] = None
     cam = context.get("gradcam_img")
@@ -415,23 +462,25 @@ def build_page(context: dict) -> dict:
     if cam is not None:
         figs["gradcam"] = glass_uri(cam, "GradCAM average")
         if rois_img is not None:
-            page["gradcam_table"] = _records(
+            page["gradcam_table"] = records(
                 roi_gradcam_correlations(rois_img, cam, context.get("mask_img")))
     occ = context.get("occlusion")
     unit = context.get("target_unit", "years" if target == "age" else "target units")
-    page["occlusion_table"] = None if occ is None else _records(occ[0])
+    page["occlusion_table"] = None if occ is None else records(occ[0])
     rois_table = context.get("rois_table")
     if rois_table is not None and "stability" in rois_table:
         findings = consensus_findings(rois_table, target=target)
     else:
         findings = roi_findings(rois_table, None if occ is None else occ[0], target=target, unit=unit)
-    page["findings"] = _records(findings)
+    page["findings"] = records(findings)
     page["findings_sentence"] = findings_sentence(findings, target)
     # every figure the template names, so that a run without one (e.g. --ranks given:
     # no rank sweep) drops the figure instead of failing on an undefined key
     page["figures"] = dict.fromkeys(FIGURES) | figs
     page["methods"] = context.get("methods") or DEFAULT_METHODS.format(target=target)
-    page["citations"] = context.get("citations") or CITATIONS
+    page["citations"] = context.get("citations") or [ref.text for ref in REFERENCES.values()]
+    for key in ("preprocessing", "settings_text", "notation", "about"):
+        page[key] = context.get(key)
     page["versions"] = list((context.get("versions") or software_versions()).items())
     return page
 

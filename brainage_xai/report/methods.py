@@ -1,15 +1,23 @@
-"""The methods text of what ran: the report's methods section and ``CITATION.md``.
+"""The methods text of what ran: the report's methods section and ``logs/CITATION.*``.
 
 One source for both, so that the report and the boilerplate a user copies into a paper
-describe the same run.
+describe the same run: :func:`participant_methods` (the preprocessing),
+:func:`methods_text` and :func:`settings_sentence` (the group level), gathered with their
+references by :func:`boilerplate` into a :class:`Boilerplate` that writes Markdown, HTML
+and BibTeX.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from .._version import __version__
 from ..bids.derivatives import CODE_URL
+from .references import REFERENCES, Reference
 
 DEFAULT_METHODS = (
+    "The explanation follows the method of \u201cInterpreting age predictions from brain maps "
+    "via deep neural activations and tensor decomposition\u201d (under review). "
     "A pre-activation 3D ResNet (He et al., 2016) was trained to predict {target} from "
     "template-registered brain maps. The activations of one convolutional layer over all "
     "subjects form a tensor (subjects x channels x voxels), decomposed by a constrained "
@@ -68,32 +76,6 @@ RELEVANCE_METHODS = (
 )
 
 
-CITATIONS = [
-    "He K, Zhang X, Ren S, Sun J (2016). Identity mappings in deep residual networks. ECCV.",
-    "Kossaifi J, Panagakis Y, Anandkumar A, Pantic M (2016). TensorLy: Tensor learning in "
-    "Python. arXiv:1610.09555.",
-    "Zhou G, Cichocki A, Zhao Q, Xie S (2015). Efficient nonnegative Tucker decompositions: "
-    "algorithms and uniqueness. IEEE Trans Image Process 24(12).",
-    "Cichocki A, Zdunek R, Amari S (2007). Hierarchical ALS algorithms for nonnegative "
-    "matrix and 3D tensor factorization. ICA.",
-    "Satopaa V, Albrecht J, Irwin D, Raghavan B (2011). Finding a 'kneedle' in a haystack. "
-    "ICDCS Workshops.",
-    "Selvaraju RR et al. (2017). Grad-CAM: visual explanations from deep networks via "
-    "gradient-based localization. ICCV.",
-    "Zhou B, Khosla A, Lapedriza A, Oliva A, Torralba A (2016). Learning deep features for "
-    "discriminative localization. CVPR.",
-    "Kokhlikyan N et al. (2020). Captum: a unified and generic model interpretability "
-    "library for PyTorch. arXiv:2009.07896.",
-    "Abraham A et al. (2014). Machine learning for neuroimaging with scikit-learn "
-    "(nilearn). Front Neuroinform 8:14.",
-    "Brunet JP, Tamayo P, Golub TR, Mesirov JP (2004). Metagenes and molecular pattern "
-    "discovery using matrix factorization. PNAS 101(12).",
-    "Himberg J, Hyvärinen A, Esposito F (2004). Validating the independent components of "
-    "neuroimaging time series via clustering and visualization. NeuroImage 22(3).",
-]
-
-
-
 #: Added when the RoIs are the consensus over networks and resamples.
 CONSENSUS_METHODS = (
     " {k} networks were trained from different random initialisations on the same subjects "
@@ -116,9 +98,118 @@ PAPER_METHODS = (
 )
 
 
+
+#: The symbols of the method's equations, said once, in the methods only: the rest of the
+#: report uses the plain names.
+NOTATION = (
+    "In the notation of the method, the tensor A (subjects x channels x voxels) is "
+    "approximated as A ≈ G ×1 U1 ×2 U2 ×3 U3, with a core G whose faces G[:, j, :] are "
+    "diagonal and non-negative: the columns of U1 (subjects x R1) are the RoI loadings, U2 "
+    "(channels x R2) holds the channel profiles and the columns of U3 (voxels x R1) are "
+    "the RoIs' spatial maps. The scree plots show the singular values of the mode-1, "
+    "mode-2 and mode-3 unfoldings of A (its subjects, channels and voxels as rows)."
+)
+
+#: Which works each part of the group level's methods cites (keys of
+#: :data:`~brainage_xai.report.references.REFERENCES`), in the order they are cited.
+_GROUP_KEYS = ("brainagexai_method", "he2016identity", "kossaifi2016tensorly", "zhou2015nntucker",
+               "cichocki2007hals", "satopaa2011kneedle", "selvaraju2017gradcam", "zhou2016cam")
+_CONSENSUS_KEYS = ("brunet2004consensus", "himberg2004icasso")
+#: The libraries the group level runs on, with the works that describe them.
+_GROUP_LIBRARIES = (("PyTorch", "torch", "paszke2019pytorch"), ("scikit-learn", "scikit-learn", "pedregosa2011sklearn"),
+                    ("nilearn", "nilearn", "abraham2014nilearn"), ("NiBabel", "nibabel", "brett_nibabel"),
+                    ("Captum", "captum", "kokhlikyan2020captum"))
+_PARTICIPANT_LIBRARIES = (("PyBIDS", "pybids", "yarkoni2019pybids"), ("nilearn", "nilearn", "abraham2014nilearn"),
+                          ("NiBabel", "nibabel", "brett_nibabel"))
+
+#: How the participant level resamples (the sidecar's ``Interpolation``).
+INTERPOLATION = "3rd-order spline (nilearn 'continuous')"
+#: What each ``--map`` preset reads.
+MAP_DESCRIPTIONS = {
+    "volume": "gray-matter map (a gray-matter probability map or a modulated gray-matter volume map)",
+    "stiffness": "MR elastography stiffness map",
+}
+#: The mean inside the template brain mask that proportional scaling brings each map to.
+NORMALISED_MEAN = {
+    "volume": "the mean of the template's gray-matter probability map",
+    "stiffness": "1 (stiffness relative to the brain mean)",
+}
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "n/a"
+
+
+def _libraries(libs) -> tuple[str, list[str]]:
+    said = ", ".join(f"{name} {_version(dist)}" for name, dist, _ in libs)
+    return said, [key for _, _, key in libs]
+
+
+def template_sentence(space: str, template_source: str | None) -> tuple[str, list[str]]:
+    """Where the template came from: TemplateFlow, or the copy nilearn ships offline."""
+    if template_source == "templateflow":
+        return (f"the {space} template (Fonov et al., 2011) from TemplateFlow (Ciric et al., 2022)",
+                ["fonov2011", "ciric2022templateflow"])
+    return (f"the {space} template (Fonov et al., 2011; the ICBM 2009 copy that nilearn ships)",
+            ["fonov2011"])
+
+
+def participant_methods(*, map_name: str, resolution: str, space: str, template_source: str | None = None,
+                        grid_shape=None, filtered: bool = False, allow_resample: bool = False,
+                        activations: bool = False) -> tuple[str, list[str]]:
+    """The participant level's methods paragraph for what ran, and the keys it cites.
+
+    One text for ``CITATION.md``, the group report and the subject pages, so that all
+    three describe the preprocessing the same way.
+    """
+    from ..imaging import registration as reg
+
+    template, keys = template_sentence(space, template_source)
+    libs, lib_keys = _libraries(_PARTICIPANT_LIBRARIES)
+    grid = f", {' x '.join(map(str, grid_shape))} voxels" if grid_shape is not None else ""
+    text = (
+        f"Each participant's {MAP_DESCRIPTIONS.get(map_name, map_name + ' map')}, already in MNI "
+        f"space, was found with PyBIDS (Yarkoni et al., 2019)"
+        + (" with the given filter query" if filtered else "")
+        + f" and checked for registration to {template} in world coordinates: declared space, "
+        f"orientation, voxel size ({reg.VOXEL_SIZE_RANGE[0]:g}-{reg.VOXEL_SIZE_RANGE[1]:g} mm), "
+        f"overlap of the map's support with the template brain mask (Dice at least "
+        f"{reg.MIN_DICE:g}), correlation with the template (at least {reg.MIN_CORRELATION:g}), "
+        f"distance between their centres (at most {reg.MAX_CENTROID_OFFSET:g} mm) and coverage "
+        f"of the brain by the field of view (at least {reg.MIN_COVERAGE:g})."
+        + (" Maps on another MNI grid were accepted and resampled." if allow_resample else "")
+        + f" Each map that passed was resampled with nilearn (Abraham et al., 2014) onto the "
+        f"{resolution} mm isotropic model grid{grid} (3rd-order spline interpolation; negative "
+        f"interpolation overshoot set to 0) and normalised by proportional scaling: multiplied by one factor "
+        f"so that its mean inside the template brain mask equals "
+        f"{NORMALISED_MEAN.get(map_name, '1')}, which removes global (for example site-related) "
+        f"intensity differences and keeps regional contrast."
+        + (" The given network's activations were computed for each participant." if activations else "")
+        + f" Images were read and written with NiBabel (Brett et al.); software: {libs}."
+    )
+    return text, [*keys, *dict.fromkeys(lib_keys)]
+
+
+def preprocessing_methods(config, template) -> tuple[str, list[str]]:
+    """:func:`participant_methods` for a run's ``config`` on its ``template``."""
+    from ..bids.derivatives import format_resolution
+
+    return participant_methods(
+        map_name=config.map, resolution=format_resolution(config.resolution), space=template.name,
+        template_source=getattr(template, "source", None), grid_shape=tuple(template.shape),
+        filtered=config.bids_filters is not None, allow_resample=config.allow_resample,
+        activations=config.analysis_level == "participant" and config.model is not None,
+    )
+
+
 def methods_text(*, target: str, tensor: str, n_members: int = 1, backprojection: bool = True,
                  method: str = "consensus", consensus: dict | None = None) -> str:
-    """The group report's methods paragraph for what ran."""
+    """The group level's description of the method for what ran (without the settings)."""
     if consensus is not None:
         ensemble = CONSENSUS_METHODS.format(
             k=consensus["networks"], b_minus=consensus["resamples"] - 1, fits=consensus["fits"],
@@ -133,37 +224,104 @@ def methods_text(*, target: str, tensor: str, n_members: int = 1, backprojection
             + (BACKPROJECTION_METHODS if backprojection else ""))
 
 
-CITATION = """\
-# Methods
+def settings_sentence(run: dict) -> str:
+    """What ran, in one paragraph: subjects, network, layer and tensor, ranks, penalty.
 
-Results included in this manuscript come from brainage-xai {version} ({url}).
+    ``run`` holds what the stages wrote: ``target``, ``subjects`` (``{split: n}``),
+    ``networks``, ``epochs``, ``tuned`` (trials, 0: none), ``layer``, ``channels``,
+    ``grid`` (feature grid shape), ``tensor``, ``constraints``, ``ranks`` (R1, R2),
+    ``rank_rule``, ``lambda``, ``lambda_rule``, ``method`` and ``consensus`` (``consensus.json``);
+    missing keys are left out.
+    """
+    parts = []
+    if run.get("consensus"):
+        parts.append(f"The RoIs are the consensus (--method consensus) of {run['consensus']['networks']} "
+                     f"networks x {run['consensus']['resamples']} resamples of the training subjects.")
+    elif run.get("method") == "paper":
+        parts.append("The RoIs come from the original method (--method paper): one network, its last "
+                     "layer's activations and the constraints of its eq. 2.")
+    elif run.get("method"):
+        parts.append(f"The RoIs come from one decomposition of one network (--method {run['method']} "
+                     "with one network and one resample).")
+    subjects = run.get("subjects")
+    if subjects:
+        total = sum(subjects.values())
+        parts.append(f"The {total} participants were split, stratified by {run.get('target', 'the target')}, "
+                     f"into {subjects.get('train', 0)} training, {subjects.get('val', 0)} validation and "
+                     f"{subjects.get('test', 0)} test subjects.")
+    if run.get("networks"):
+        k = int(run["networks"])
+        trained = "One network was" if k == 1 else f"{k} networks were"
+        tuned = (f", its hyperparameters chosen by {run['tuned']} trials of a tree-structured Parzen "
+                 f"estimator (Optuna; Akiba et al., 2019)") if run.get("tuned") else ""
+        epochs = f" for up to {run['epochs']} epochs" if run.get("epochs") else ""
+        parts.append(f"{trained} trained{epochs} (SGD, best validation epoch kept){tuned}.")
+    if run.get("layer"):
+        grid = " x ".join(map(str, run["grid"])) if run.get("grid") is not None else "?"
+        tensor = {"activations": "its activations", "deviations": "the activations' deviations from the "
+                  "training mean", "relevance": "the gradient-weighted deviations from the training mean"
+                  }.get(run.get("tensor"), run.get("tensor"))
+        parts.append(f"The decomposed layer was {run['layer']} ({run.get('channels', '?')} channels on a "
+                     f"{grid} feature grid), and the decomposed tensor {tensor}"
+                     + (f", with the {run['constraints']} constraint set" if run.get("constraints") else "")
+                     + ".")
+    if run.get("ranks"):
+        r1, r2 = run["ranks"]
+        parts.append(f"The ranks were R1 = {r1} RoIs and R2 = {r2} channel components"
+                     + (f" ({run['rank_rule']})" if run.get("rank_rule") else "")
+                     + (f", and the l1 penalty λ = {run['lambda']:.4g}" if run.get("lambda") is not None else "")
+                     + (f" ({run['lambda_rule']})" if run.get("lambda_rule") else "") + ".")
+    return " ".join(parts)
 
-## Participant level
 
-Each participant's brain map (gray-matter probability map for the `volume` preset, MR
-elastography stiffness map for the `stiffness` preset), already in MNI152 space, was
-checked for registration to the {space} template in world coordinates (declared space,
-orientation, voxel size, overlap with the template brain mask (Dice) and correlation with
-the template), resampled with nilearn onto the model grid ({resolution} mm isotropic,
-the template's bounding box), and intensity-normalised by proportional scaling: the map
-was divided by its mean within the template brain mask, which removes global (for
-example site-related) intensity differences while preserving regional contrasts.
+@dataclass
+class Boilerplate:
+    """The methods text of what ran, as ``CITATION.md``/``.html``/``.bib`` and the report
+    show it: ``sections`` (heading, paragraphs) and the cited works' keys, in order."""
 
-## Group level
+    sections: list[tuple[str, list[str]]]
+    keys: list[str] = field(default_factory=list)
 
-A 3D pre-activation ResNet was trained to predict age from the preprocessed maps, and
-its last convolutional layer's activations over all participants were explained with a
-constrained non-negative Tucker decomposition (see the group report).
+    @property
+    def references(self) -> list[Reference]:
+        return [REFERENCES[k] for k in dict.fromkeys(self.keys)]
 
-## References
+    def markdown(self) -> str:
+        lines = ["# Methods", "",
+                 f"Results included in this manuscript come from brainage-xai {__version__} ({CODE_URL}), "
+                 "a BIDS-App (Gorgolewski et al., 2017). The text below is generated from the settings "
+                 "of the run: it may be copied and adapted, and should be cited with the works it names.",
+                 ""]
+        for heading, paragraphs in self.sections:
+            lines += [f"## {heading}", ""]
+            for paragraph in paragraphs:
+                lines += [paragraph, ""]
+        lines += ["## References", ""]
+        lines += [f"- {ref.text}" for ref in self.references]
+        return "\n".join(lines) + "\n"
 
-- He K, Zhang X, Ren S, Sun J (2016). Identity mappings in deep residual networks. ECCV.
-- Gorgolewski KJ et al. (2017). BIDS apps. PLoS Comput Biol 13(3):e1005209.
-- Abraham A et al. (2014). Machine learning for neuroimaging with scikit-learn (nilearn).
-  Front Neuroinform 8:14.
-"""
+    def bibtex(self) -> str:
+        return "\n".join(ref.bibtex for ref in self.references)
+
+    def html(self) -> str:
+        from . import render
+
+        return render("citation.html", boilerplate=self, code_url=CODE_URL)
 
 
-def citation_text(*, resolution: str, space: str) -> str:
-    """``CITATION.md``: the methods text of the participant level, with references."""
-    return CITATION.format(version=__version__, url=CODE_URL, space=space, resolution=resolution)
+def boilerplate(participant: tuple[str, list[str]], group: dict | None = None) -> Boilerplate:
+    """The boilerplate of a level: the participant paragraph (:func:`participant_methods`)
+    and, for the group level, ``group`` with ``methods`` (:func:`methods_text`),
+    ``settings`` (:func:`settings_sentence`), ``consensus`` and ``tuned`` (bool)."""
+    text, keys = participant
+    keys = ["gorgolewski2017bids", *keys]
+    if group is not None:
+        keys.insert(0, "brainagexai_method")
+    sections = [("Preprocessing (participant level)", [text])]
+    if group is not None:
+        libs, lib_keys = _libraries(_GROUP_LIBRARIES)
+        paragraphs = [group["methods"], group["settings"] + f" Software: {libs}.", NOTATION]
+        sections.append(("Brain-age model and its explanation (group level)", [p for p in paragraphs if p.strip()]))
+        keys += [*_GROUP_KEYS, *(_CONSENSUS_KEYS if group.get("consensus") else ()),
+                 *(("akiba2019optuna",) if group.get("tuned") else ()), *lib_keys]
+    return Boilerplate(sections, keys)

@@ -10,8 +10,7 @@ import pandas as pd
 from ..bids import derivatives as deriv
 from ..bids.derivatives import prediction_columns
 from . import render
-
-INTERPOLATION = "3rd-order spline (nilearn 'continuous')"
+from .methods import INTERPOLATION, preprocessing_methods
 
 
 def subject_page(config, subject: str, template, meta: dict, group: dict | None = None) -> str:
@@ -53,11 +52,12 @@ def subject_page(config, subject: str, template, meta: dict, group: dict | None 
             "activations": None,
         },
         group_rois=group,
+        preprocessing=preprocessing_methods(config, template)[0],
     )
 
 
 def subject_rois(participant_id: str, predictions: pd.DataFrame | None,
-                 loadings: pd.DataFrame | None, target: str = "age") -> dict:
+                 loadings: pd.DataFrame | None, target: str = "age", report_href: str | None = None) -> dict:
     """Context for the per-subject RoI partial (``group_subject_rois.html``).
 
     Parameters
@@ -69,6 +69,8 @@ def subject_rois(participant_id: str, predictions: pd.DataFrame | None,
     loadings : DataFrame, optional
         ``participant_id`` and one ``RoI <r>`` column per RoI, all subjects.
     target : str
+    report_href : str, optional
+        The group report, relative to the subject page (the page links to it).
 
     Returns
     -------
@@ -77,7 +79,7 @@ def subject_rois(participant_id: str, predictions: pd.DataFrame | None,
         and ``loadings`` (list of ``(roi, value, percentile among all subjects)``).
     """
     col = prediction_columns(target)
-    out: dict = {"participant_id": participant_id, "target": target, "loadings": []}
+    out: dict = {"participant_id": participant_id, "target": target, "loadings": [], "report_href": report_href}
     if predictions is not None:
         row = predictions.loc[predictions["participant_id"] == participant_id]
         if not row.empty:

@@ -22,9 +22,10 @@ from pathlib import Path
 from .._version import __version__
 from ..bids import derivatives as deriv
 from ..errors import BrainAgeXAIError, DataError, MissingInputError
+from ..report.methods import boilerplate, preprocessing_methods
 from ..report.subject import INTERPOLATION, subject_page
 from ..utils.io import damage, save_nifti, write_json, write_text
-from .outputs import init_output_dir
+from .outputs import init_output_dir, write_citation
 
 LOGGER = logging.getLogger("brainage_xai.participant")
 
@@ -256,9 +257,9 @@ def run(config) -> int:
     LOGGER.info("%d subject(s) with a %s map; %d without", len(found), config.map, len(missing))
     template = get_template(config.resolution)
     LOGGER.info("template: %s (%s)", template.name, template.description)
-    init_output_dir(
-        config.output_dir, config.bids_dir, config.resolution, template.name, derivatives=inputs,
-    )
+    init_output_dir(config.output_dir, config.bids_dir, derivatives=inputs)
+    # The boilerplate of this level; the group level writes its own (both levels) over it.
+    write_citation(config.output_dir, boilerplate(preprocessing_methods(config, template)))
 
     failures: dict[str, BrainAgeXAIError] = {}
     for subject in missing:
