@@ -1,4 +1,4 @@
-"""Rank and sparsity selection (issue 5): scree, rank sweep, λ sweep, final linear model."""
+"""Rank and sparsity selection: scree, rank sweep, λ sweep, final linear model."""
 
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ class PreActUnit(nn.Module):
 #: Feature spacing (mm) that ``--layer auto`` aims for: fine enough to tell apart
 #: regions a few centimetres across. On the synthetic cohort at 4 mm, block1 (4 mm apart)
 #: is the only layer where the RoIs find all five planted regions; block2 (8 mm) misses
-#: the parietal one (docs/report.md, "Does it find the truth?"). The tensor then has as
+#: the parietal one (docs/benchmarks.md, "Layers and tensors"). The tensor then has as
 #: many voxels as the input: n × c × voxels floats (1 GB for 200 subjects at 4 mm).
 AUTO_SPACING_MM = 4.0
 

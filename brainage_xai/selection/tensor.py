@@ -32,7 +32,7 @@ plain deviations spend components on. With power 1 the tensor is each deviation'
 expected contribution to the prediction; the square root (0.5) keeps more of the
 deviations' spatial coherence (gradients are noisy voxel by voxel): on the simulated
 cohort it kept the planted regions about as well placed as the plain deviations, where
-power 1 placed two of them worse (docs/report.md). See docs/decomposition.md and docs/report.md.
+power 1 placed two of them worse (docs/benchmarks.md). See docs/decomposition.md and docs/report.md.
 """
 
 from __future__ import annotations
