@@ -47,6 +47,30 @@ def test_roi_components_dseg_and_atlas_on_template_grid(rng):
     assert list(dseg_table["name"]) == ["RoI 1", "RoI 2"]
 
 
+def test_a_bilateral_roi_is_named_by_both_sides_of_its_structure():
+    """On the package's lobe atlas: an RoI on both temporal lobes (its peak on the right,
+    slightly more of it on the left) is "temporal lobe, both sides"; one on the right
+    temporal lobe only keeps its hemisphere."""
+    from brainage_xai.imaging.atlas import load_atlas
+
+    atlas_img, table = load_atlas(6)
+    atlas = np.asarray(atlas_img.dataobj)
+    labels = dict(zip(table["index"], table["name"]))
+    index = {name: i for i, name in labels.items()}
+    both = (atlas == index["left temporal lobe"]) | (atlas == index["right temporal lobe"])
+    data = np.zeros((*atlas.shape, 2), np.float32)
+    data[..., 0] = both * 0.9
+    right = np.argwhere(atlas == index["right temporal lobe"])[0]
+    data[tuple(right) + (0,)] = 1.0  # the peak on the right
+    data[..., 1] = atlas == index["right temporal lobe"]
+    comps = nib.Nifti1Image(data, atlas_img.affine)
+    table = rois.atlas_overlap(comps, atlas_img, labels)
+    assert table.loc[0, "region"] == "temporal lobe, both sides"
+    assert table.loc[0, "peak_x"] > 0
+    assert table.loc[1, "region"] == "right temporal lobe"
+    assert table.loc[1, "overlap"] == "right temporal lobe 100%"
+
+
 def test_wrong_u3_shape_is_reported():
     geo = FeatureGeometry(SHAPE, (6, 6, 5), (4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
     with pytest.raises(DataError, match=r"expected \(180, R\)"):

@@ -141,7 +141,8 @@ def atlas_overlap(components_img, atlas_img=None, atlas_labels=None,
     -------
     pandas.DataFrame
         One row per RoI: ``index``, ``name``, ``peak_x/y/z`` (mm), ``volume_mm3``,
-        ``region`` (the region holding most of the RoI), ``overlap`` (e.g.
+        ``region`` (the region holding most of the RoI; ``"<structure>, both sides"``
+        when the other hemisphere's part of it is at least half as large), ``overlap`` (e.g.
         ``"frontal 62%; parietal 30%"``), ``fraction_in_atlas``.
     """
     data = np.asarray(components_img.dataobj, dtype=float)
@@ -179,12 +180,33 @@ def atlas_overlap(components_img, atlas_img=None, atlas_labels=None,
                     for i in order
                 ]
                 shares = counts[order] / inside.size
-                row["region"] = names[0]
+                row["region"] = _region_name(names, shares)
                 row["overlap"] = "; ".join(
                     f"{n} {100 * s:.0f}%" for n, s in zip(names, shares)
                 )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+#: An RoI is named by both sides of a structure when its smaller side holds at least this
+#: share of the larger side's voxels (the simulated cohort's regions, and many ageing
+#: effects, are bilateral).
+BILATERAL_RATIO = 0.5
+_SIDES = ("left ", "right ")
+
+
+def _region_name(names: list, shares) -> str:
+    """The region holding most of an RoI: ``"temporal lobe, both sides"`` when the other
+    hemisphere's part of the same structure holds at least :data:`BILATERAL_RATIO` of
+    it, else the region's own name."""
+    first = str(names[0])
+    for side, other in (_SIDES, _SIDES[::-1]):
+        if first.startswith(side):
+            twin = other + first[len(side):]
+            share = dict(zip(names, shares))
+            if twin in share and share[twin] >= BILATERAL_RATIO * share[first]:
+                return f"{first[len(side):]}, both sides"
+    return first
 
 
 def _atlas_on_grid(atlas_img, ref_img) -> np.ndarray:
