@@ -10,9 +10,9 @@
 #   3. the group level with the demo's options (--rank-grid 2:12 --layer auto
 #      --tensor deviations; at 2 mm `--layer auto` takes block2, whose feature voxels are
 #      4 mm apart) and the options given here;
-#   4. bench_explanations.py with RANDOM_NETWORKS (default 3) random-weight networks,
-#      PERMUTATIONS (default 100) permutations and the planted-mask occlusion control;
-#      its tables go to OUT_DIR/bench_explanations.json.
+#   4. bench_explanations.py on the run (setting names seed0-...), with RANDOM_NETWORKS
+#      (default 20) random-weight networks and SHIFT_DRAWS (default 200) draws of the
+#      shift null, per-region detail; its numbers go to OUT_DIR/bench_explanations.json.
 # RESOLUTION (default 2) runs the same steps at another resolution (4: the demo's).
 # Prints the wall time of each step (also in OUT_DIR.times) and the group level's stages
 # from its log. The group level resumes where it stopped, so the script can be rerun on
@@ -58,7 +58,7 @@ step group "$py" -m brainage_xai "$bids" "$res" group "${common[@]}" \
 grep -h -E "brainage_xai.(group|selection) (INFO|DEBUG) (stage|training|model:|selection|rank sweep|final|explanations|report)" \
     "$res"/logs/brainage-xai_group_*.log | cut -c12-200 || true
 [ "$rc" = 0 ] || exit "$rc"
-step bench_explanations "$py" "$here/bench_explanations.py" --bids "$bids" --output "$res" \
-    --permutations "${PERMUTATIONS:-100}" --random-networks "${RANDOM_NETWORKS:-3}" --occlude-planted \
+step bench_explanations "$py" "$here/bench_explanations.py" --run "seed0=$bids:$res" -v \
+    --shift-draws "${SHIFT_DRAWS:-200}" --random-networks "${RANDOM_NETWORKS:-20}" \
     --json "$out/bench_explanations.json"
 cat "$out.times"
