@@ -84,3 +84,31 @@ class Interrupted(BaseException):
         except ValueError:
             name = f"signal {self.signum}"
         super().__init__(name)
+
+
+#: The signal that asked the run to stop, once one has (see :func:`raise_if_stopped`).
+_STOP_REQUESTED: list[int] = []
+
+
+def request_stop(signum: int | None) -> None:
+    """Record that a signal asked the run to stop (``None``: forget it, for a new run)."""
+    _STOP_REQUESTED.clear()
+    if signum is not None:
+        _STOP_REQUESTED.append(int(signum))
+
+
+def stop_requested() -> int | None:
+    """The signal that asked the run to stop and has not been answered yet, if any."""
+    return _STOP_REQUESTED[0] if _STOP_REQUESTED else None
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Interrupted` again when a signal asked the run to stop.
+
+    A signal handler's exception is raised wherever the main thread happens to be; when
+    that is a finaliser (a weak reference's callback, ``__del__``), Python prints it and
+    goes on. The loops of the levels call this between their steps (stages, subjects),
+    so that such a stop still ends the run at the next step.
+    """
+    if _STOP_REQUESTED:
+        raise Interrupted(_STOP_REQUESTED[0])

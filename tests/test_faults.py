@@ -82,7 +82,12 @@ def reference(cohort, tmp_path_factory) -> dict:
     shutil.copytree(prepared, finished)
     done, group_s = _timed(_cli(cohort, finished, "group", "--quiet"))
     assert done.returncode == 0, done.stderr
-    return {"prepared": prepared, "finished": finished, "participant_s": participant_s, "group_s": group_s}
+    return {"prepared": prepared, "finished": finished, "participant_s": participant_s, "group_s": group_s,
+            "participant_lines": _log_lines(prepared, "participant"), "group_lines": _log_lines(finished, "group")}
+
+
+def _log_lines(out: Path, level: str) -> int:
+    return sum(len(p.read_text().splitlines()) for p in (out / "logs").glob(f"brainage-xai_{level}_*.log"))
 
 
 # -- comparing two runs' outputs ----------------------------------------------------------
@@ -123,15 +128,18 @@ def assert_same_outputs(out: Path, ref: Path, under: str = "") -> None:
 # -- signals and killed runs --------------------------------------------------------------
 
 
-def _start_and_stop(cmd, out: Path, level: str, sig: int, seed: int, expected_s: float):
-    """Start ``cmd``; once its log file exists, send ``sig`` at a random point of the run."""
+def _start_and_stop(cmd, out: Path, level: str, sig: int, seed: int, lines: int):
+    """Start ``cmd`` and send ``sig`` at a random point of the run: once its log has a
+    random share (10-80 %) of the ``lines`` an uninterrupted run logs, and a random
+    fraction of a second later. A point counted in log lines, not seconds, falls inside
+    the run however busy the machine is."""
     rng = random.Random(seed)
-    tic = time.monotonic()
+    point = max(1, int(rng.uniform(0.1, 0.8) * lines))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not list((out / "logs").glob(f"brainage-xai_{level}_*.log")) and proc.poll() is None:
+    while proc.poll() is None and (not (out / "logs").is_dir() or _log_lines(out, level) < point):
         time.sleep(0.02)
-    started = time.monotonic() - tic
-    time.sleep(rng.uniform(0.05, 0.85) * max(expected_s - started, 0.5))
+    time.sleep(rng.uniform(0.0, 0.3))
+    assert proc.poll() is None, f"the run ended before the stop point (log line {point} of {lines})"
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
@@ -141,7 +149,7 @@ def _start_and_stop(cmd, out: Path, level: str, sig: int, seed: int, expected_s:
 def test_participant_run_killed_and_rerun(cohort, reference, tmp_path, sig, seed):
     out = tmp_path / "out"
     code, stderr = _start_and_stop(_cli(cohort, out, "participant", "--quiet"), out, "participant",
-                                   sig, seed, reference["participant_s"])
+                                   sig, seed, reference["participant_lines"])
     if sig == signal.SIGTERM:
         assert code == 143, stderr
         assert _lines(stderr)[-1].startswith("brainage-xai: stopped by SIGTERM"), stderr
@@ -159,7 +167,7 @@ def test_group_run_killed_and_rerun(cohort, reference, tmp_path, sig, seed):
     out = tmp_path / "out"
     shutil.copytree(reference["prepared"], out)
     code, stderr = _start_and_stop(_cli(cohort, out, "group", "--quiet"), out, "group", sig, seed,
-                                   reference["group_s"])
+                                   reference["group_lines"])
     if sig == signal.SIGTERM:
         assert code == 143, stderr
         assert _lines(stderr) == [_lines(stderr)[-1]] and "stopped by SIGTERM" in stderr, stderr

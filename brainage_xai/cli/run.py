@@ -16,7 +16,15 @@ import signal
 import sys
 from pathlib import Path
 
-from ..errors import EX_FAILURE, BrainAgeXAIError, Interrupted, OutputError, UsageError
+from ..errors import (
+    EX_FAILURE,
+    BrainAgeXAIError,
+    Interrupted,
+    OutputError,
+    UsageError,
+    request_stop,
+    stop_requested,
+)
 from ..utils.env import writable
 
 LOGGER = logging.getLogger("brainage_xai")
@@ -222,21 +230,38 @@ def stop_on_signals():
         if stopping:
             return
         stopping.append(signum)
+        request_stop(signum)
         raise Interrupted(signum)
 
+    def unraisable(info):
+        # The handler's exception raised inside a finaliser: Python would print it and
+        # go on; the run stops at its next step instead (raise_if_stopped), quietly.
+        if isinstance(info.exc_value, Interrupted):
+            LOGGER.debug("stop request raised in %r; the run stops at its next step", info.object)
+            return
+        default_hook(info)
+
+    request_stop(None)
+    default_hook = sys.unraisablehook
     try:
         for sig in STOP_SIGNALS:
             previous[sig] = signal.signal(sig, handler)
+        sys.unraisablehook = unraisable
     except ValueError:  # not the main thread
         pass
     try:
         yield
+        if stop_requested() is not None:  # swallowed and never reached a step boundary
+            raise Interrupted(stop_requested())
     finally:
+        request_stop(None)
+        sys.unraisablehook = default_hook
         for sig, old in previous.items():
             signal.signal(sig, old)
 
 
 def _interrupted(exc: Interrupted) -> int:
+    request_stop(None)  # answered
     message = f"brainage-xai: stopped by {exc}; temporary files removed, a rerun resumes"
     LOGGER.error(message, extra={"console": False})
     print(message, file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..bids import derivatives as deriv
-from ..errors import BrainAgeXAIError, DataError, MissingInputError
+from ..errors import BrainAgeXAIError, DataError, MissingInputError, raise_if_stopped
 from ..report.methods import boilerplate, preprocessing_methods
 from ..report.subject import INTERPOLATION, subject_page
 from ..utils.io import damage, save_nifti, write_json, write_text
@@ -277,6 +277,7 @@ def run(config) -> int:
         disable=config.quiet, file=sys.stderr,
     )
     for subject, (source, entities) in bar:
+        raise_if_stopped()
         bar.set_postfix_str(f"sub-{subject}")
         try:
             process_subject(config, subject, source, entities, template)

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from ...bids.derivatives import GroupOutputs
-from ...errors import OutputError
+from ...errors import OutputError, raise_if_stopped
 from ...selection.splits import SPLIT_NAMES, Splits
 from ...utils.io import damage, write_json
 
@@ -244,6 +244,8 @@ def make_context(config) -> GroupContext:
 def run_stages(ctx: GroupContext, stages) -> int:
     """Run ``stages`` (``(name, function)`` pairs) in order; returns the exit code (0)."""
     for name, stage in stages:
+        raise_if_stopped()
         LOGGER.debug("stage %s", name)
         stage(ctx)
+    raise_if_stopped()
     return 0
