@@ -28,6 +28,7 @@ from ..errors import (
 from ..utils.env import writable
 
 LOGGER = logging.getLogger("brainage_xai")
+LOGGER.addHandler(logging.NullHandler())
 
 
 def check_extras(config) -> None:
@@ -157,6 +158,9 @@ def _close_logging() -> None:
     for handler in list(LOGGER.handlers):
         LOGGER.removeHandler(handler)
         handler.close()
+    # Messages logged after the run's handlers are gone (an error the command line prints
+    # itself) go nowhere, rather than to Python's last-resort handler on stderr.
+    LOGGER.addHandler(logging.NullHandler())
 
 
 def run(config, command: list[str] | None = None) -> int:
