@@ -92,7 +92,7 @@ Fixed before any held-out cohort seed was evaluated; they are not tuned afterwar
   ``single-<k>``: a least-squares line of age on ``own_loadings_<k>`` fitted on the
   training subjects, over network k's test MAE, the positive control's baseline).
 
-Goal (issue 20), per setting; each criterion is yes, no or n/a, and the goal holds when
+Goal, per setting; each criterion is yes, no or n/a, and the goal holds when
 all five are yes:
 
 1. ``recover``: every used region is matched (n/a when no region is used, or without the
@@ -158,7 +158,7 @@ RANDOM_NETWORKS, QUICK_RANDOM_NETWORKS, RANDOM_SEED_BASE = 20, 3, 10_000
 NULL_PERCENTILE = 95
 #: A region is used when at least this share of the networks' occlusion tests beat the null.
 USED_SHARE = 0.5
-#: Goal thresholds of issue 20.
+#: Goal thresholds: occlusion confirmations, median best/ceiling, linear-model margin.
 CONFIRM_SHARE, CEILING_GOAL, MAE_MARGIN = 0.8, 0.6, 0.2
 #: The fits of the randomised-network null (as each fit of the consensus).
 N_ITER_MAX, TOL = 300, 1e-6
