@@ -401,6 +401,7 @@ def build_page(context: dict) -> dict:
     page: dict = {
         "title": context.get("title", f"brainage-xai group report ({target})"),
         "target": target,
+        "unit": context.get("target_unit", "years" if target == "age" else f"{target} units"),
         "summary": list((context.get("summary") or {}).items()),
         "metrics": records(context.get("metrics")),
         "subjects": [{**s, "true": _num(s.get("true")), "predicted": _num(s.get("predicted"))}
