@@ -84,8 +84,6 @@ CONSENSUS_READINGS = {
     "other": "robust, but mostly other variation",
     "unstable": "unstable: it comes back in too few decompositions",
 }
-#: Stability from which a consensus RoI is robust (as written with rois.tsv's ``robust``).
-ROBUST = 0.7
 
 
 def consensus_findings(rois_table: pd.DataFrame, *, target: str = "age") -> pd.DataFrame:
@@ -96,7 +94,7 @@ def consensus_findings(rois_table: pd.DataFrame, *, target: str = "age") -> pd.D
         stability = float(roi["stability"])
         related = _true(roi.get("target_related"))
         share = float(roi["networks_relying"]) / max(float(roi["networks"]), 1.0)
-        if stability < ROBUST:
+        if not _true(roi["robust"]):  # rois.tsv says so, at the consensus' own threshold
             key = "unstable"
         elif not related:
             key = "other"

@@ -74,7 +74,6 @@ from .findings import (  # noqa: F401  (the report's readings, importable from h
     CLAUSES,
     CONSENSUS_READINGS,
     READINGS,
-    ROBUST,
     consensus_findings,
     findings_sentence,
     roi_findings,
@@ -173,7 +172,7 @@ def summary_rows(config, out: GroupOutputs, input_shape, template_name: str) -> 
     method = about.get("method", config.method)
     consensus = _read_json(out.consensus_json) if out.consensus_json.is_file() else None
     if consensus is not None:
-        robust = sum(r["stability"] >= ROBUST for r in consensus["rois"].values())
+        robust = sum(r["stability"] >= consensus["robust_stability"] for r in consensus["rois"].values())
         method_row = (f"consensus of {consensus['networks']} networks x {consensus['resamples']} resamples "
                       f"of the training subjects ({consensus['fits']} decompositions): "
                       f"{len(consensus['rois'])} RoIs, {robust} robust")

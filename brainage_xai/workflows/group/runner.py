@@ -247,5 +247,4 @@ def run_stages(ctx: GroupContext, stages) -> int:
         raise_if_stopped()
         LOGGER.debug("stage %s", name)
         stage(ctx)
-    raise_if_stopped()
     return 0
