@@ -109,8 +109,9 @@ consensus is compared with, and a ``--method paper`` run's row the paper's.
 Output
 ------
 One table row per setting; ``-v`` adds per-region detail (used share, ceilings,
-matched RoI, version, correlation, score, nulls, GradCAM) and each candidate RoI's best
-structure. One line per setting starting ``summary `` holds the row as JSON; ``--json
+matched RoI, version, correlation, score, nulls, GradCAM; for ``single-<k>``, the
+consensus RoI that the network's best RoI for the region correlates with most, on the
+feature grid, and that correlation) and each candidate RoI's best structure. One line per setting starting ``summary `` holds the row as JSON; ``--json
 FILE`` saves every number, the nulls and the costs.
 
 Cost
@@ -659,12 +660,19 @@ def evaluate_setting(run: Run, truth: Truth, setting: Setting, ceil: np.ndarray,
     score = np.nanmax(score_v, axis=2)  # (R, S)
     version = np.nanargmax(np.nan_to_num(score_v, nan=-np.inf), axis=2)
     regions = []
+    # a network's own RoIs against the consensus (feature grid): where each went
+    to_consensus = None
+    if setting.name.startswith("single-") and run.consensus is not None:
+        to_consensus = _unit_rows(setting.u3.T) @ _unit_rows(run.consensus["U3"].T).T  # (R, Q)
     for r in range(len(truth.names)):
         j = int(np.argmax(score[:, r]))
         regions.append({"region": truth.names[r], "decoy": bool(truth.decoy[r]),
                         "used_share": used_share[r], "used": bool(used[r]),
                         "ceiling": {v: ceil[r, i] for i, v in enumerate(VERSIONS)},
                         "best_any_roi": f"RoI {j + 1}", "best_any_score": score[j, r]})
+        if to_consensus is not None and np.isfinite(to_consensus[j]).any():
+            q = int(np.nanargmax(to_consensus[j]))
+            regions[-1].update(consensus_roi=f"RoI {q + 1}", consensus_corr=float(to_consensus[j, q]))
     result = {"run": run.name, "setting": setting.name, "rois": int(setting.u3.shape[1]),
               "regions": regions, "used": int(used[planted].sum()), "n_planted": len(planted)}
     cand = setting.candidates
@@ -770,6 +778,8 @@ def print_detail(res: dict) -> None:
             "r/ceil": _fmt(reg.get("score")), "shift95": _fmt(reg.get("shift95")),
             "rand95": _fmt(reg.get("rand95")), "gradcam": _fmt(reg.get("gradcam")),
             "stab": _fmt(reg.get("stability")), "matched": _yes(reg.get("matched")) if "roi" in reg else "-",
+            **({"best any -> consensus": f"{reg['consensus_roi']} {_fmt(reg['consensus_corr'])}"}
+               if "consensus_roi" in reg else {}),
         })
     print(pd.DataFrame(rows).to_string(index=False))
     for roi, b in (res.get("candidate_best") or {}).items():
