@@ -68,7 +68,8 @@ def test_consensus_recovers_shared_components_and_rejects_one_networks_own(plant
     # the component only the third network has: in at most its own three fits
     extra = planted["U3"][:, SHARED]
     own = [q for q in range(cons.U3.shape[1]) if np.corrcoef(cons.U3[:, q], extra)[0, 1] > 0.9]
-    assert len(own) == 1  # found, and said to be one network's    assert all(cons.stability[q] <= 3 / 9 + 1e-9 for q in own)
+    assert len(own) == 1  # found, and said to be one network's
+    assert all(cons.stability[q] <= 3 / 9 + 1e-9 for q in own)
     assert all(cons.stability[q] < ROBUST_STABILITY for q in own)
     table = cons.table()
     assert list(table["name"][:SHARED]) == ["RoI 1", "RoI 2", "RoI 3", "RoI 4"]
