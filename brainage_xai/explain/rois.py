@@ -241,6 +241,10 @@ ROIS_SIDECAR = {
     "region": {"Description": "atlas region holding most of the thresholded RoI"},
     "overlap": {"Description": "largest atlas regions and their share of the thresholded RoI"},
     "fraction_in_atlas": {"Description": "share of the thresholded RoI inside any atlas label"},
+    "atlas": {"Description": "the atlas that named the row (region, overlap)",
+              "Levels": {"HOSPA": "Harvard-Oxford subcortical atlas from TemplateFlow "
+                         "(tpl-MNI152NLin2009cAsym atlas-HOSPA desc-th25), used when it is on disk",
+                         "Lobes": "the package's lobar atlas, used otherwise"}},
 }
 
 #: Columns that the loadings' fits add to ``rois.tsv``.

@@ -29,7 +29,7 @@ from ...explain.rois import (
     roi_components,
     roi_masks,
 )
-from ...imaging.atlas import load_atlas
+from ...imaging.atlas import naming_atlas, naming_atlas_name
 from ...model.activations import feature_geometry, layer_modules
 from ...model.training import resolve_precision
 from ...report.figures import plot_loadings, plot_occlusion, save_figure
@@ -44,7 +44,8 @@ N_RANDOM_BLOBS = occlusion.MIN_DRAWS
 #: Raised when the explanations' outputs change, so that an earlier run redoes them (and
 #: the report) on its next run. 2: cv_r2 and target_related in rois.tsv. 3: RoI columns
 #: of loadings.tsv named as the RoIs; the loadings and occlusion figures are files.
-EXPLANATIONS_OUTPUTS = 3
+#: 4: the atlas column of rois.tsv.
+EXPLANATIONS_OUTPUTS = 4
 #: Subjects per GradCAM pass (forward and backward, so memory grows fast with it) and
 #: per forward pass of the occlusion test (no gradients: larger batches are faster).
 GRADCAM_BATCH, PREDICT_BATCH = 4, 16
@@ -99,7 +100,8 @@ def outputs(ctx: GroupContext) -> list:
 
 def explanations_key(ctx: GroupContext) -> str:
     return ctx.key(selection=ctx.selection_key, consensus=ctx.consensus_key if ctx.consensus else None,
-                   template=ctx.template.source, blobs=N_RANDOM_BLOBS, volume_ratio=occlusion.VOLUME_RATIO,
+                   template=ctx.template.source,
+                   atlas=naming_atlas_name(ctx.config.resolution), blobs=N_RANDOM_BLOBS, volume_ratio=occlusion.VOLUME_RATIO,
                    backprojection=int(ctx.config.backprojection), outputs=EXPLANATIONS_OUTPUTS)
 
 
@@ -178,14 +180,15 @@ def stage_explanations(ctx: GroupContext) -> None:
     geometry = feature_geometry(model, model.activation_module(layer), x.shape[1:])
     if mask is None:
         mask = np.ones(x.shape[1:], dtype=bool)
-    # The package ships its atlas, so RoIs are always named, offline too.
-    atlas_img, atlas_names = load_atlas(template_img)
-    labels = dict(zip(atlas_names["index"].astype(int), atlas_names["name"].astype(str)))
+    # TemplateFlow's atlas when on disk; the package ships its own, so RoIs are always named.
+    atlas = naming_atlas(template_img)
+    atlas_img, labels = atlas.img, atlas.labels
 
     # where the RoIs are
     rois_img = roi_components(source["U3"], geometry, template_img, mask=mask)
     dseg_img, dseg_table = combined_dseg(rois_img)
     rois_table = atlas_overlap(rois_img, atlas_img, labels)
+    rois_table.insert(rois_table.columns.get_loc("fraction_in_atlas") + 1, "atlas", atlas.name)
     # how much of each RoI is the target: per-RoI coefficients in target units per unit
     # loading (the selection's are on the standardised target)
     fits = loadings.describe_loadings(table, table[target], roi_columns=names,
