@@ -152,3 +152,27 @@ def test_fit_trajectory_needs_enough_subjects():
 # --- the project's network and the one entry point -------------------------------------
 
 
+
+
+def test_templateflow_hospa_names_rois_and_both_sides(tmp_path, monkeypatch):
+    """With TemplateFlow's Harvard-Oxford subcortical atlas on disk, RoIs are named by its
+    labels, and the bilateral rule reads its names: an RoI on both thalami is "thalamus, both
+    sides", one on the right thalamus only "right thalamus"."""
+    from _templateflow import write_hospa
+
+    from brainage_xai.imaging.atlas import naming_atlas
+    from brainage_xai.imaging.templates import model_grid
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(write_hospa(tmp_path / "tf")))
+    shape, affine = model_grid(4, "nilearn")
+    atlas = naming_atlas(nib.Nifti1Image(np.zeros(shape, np.float32), affine))
+    assert atlas.name == "HOSPA"
+    labels = np.asarray(atlas.img.dataobj)
+    data = np.zeros((*shape, 2), np.float32)
+    data[..., 0] = np.isin(labels, (4, 15)) * 0.9
+    data[tuple(np.argwhere(labels == 15)[0]) + (0,)] = 1.0  # peak on the right
+    data[..., 1] = labels == 15
+    table = rois.atlas_overlap(nib.Nifti1Image(data, affine), atlas.img, atlas.labels)
+    assert table.loc[0, "region"] == "thalamus, both sides"
+    assert table.loc[1, "region"] == "right thalamus"
+    assert table.loc[1, "overlap"] == "right thalamus 100%"

@@ -1,52 +1,18 @@
 """Template lookup and the model grid: offline, TemplateFlow through its client when its
 files are really on disk, nilearn's stand-in otherwise, each on its own grid."""
 
-import importlib.util
 import json
 import socket
-import zipfile
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from _templateflow import TF_AFFINE, TF_SHAPE, templateflow_skeleton
+from _templateflow import write_template as write_templateflow_home
 
 from brainage_xai.errors import MissingInputError, UsageError
 from brainage_xai.imaging import templates
 from brainage_xai.imaging.templates import TEMPLATE_NAME, get_template, grid_description, model_grid
-
-#: TemplateFlow's res-02 grid of tpl-MNI152NLin2009cAsym, as its images carry it.
-TF_AFFINE = np.array([[2.0, 0, 0, -96], [0, 2, 0, -132], [0, 0, 2, -78], [0, 0, 0, 1]])
-TF_SHAPE = (97, 115, 97)
-
-
-def templateflow_skeleton(member: str) -> bytes:
-    """A file of the TemplateFlow index bundled with the client (read without importing it,
-    which would set up a TemplateFlow home)."""
-    package = Path(importlib.util.find_spec("templateflow").submodule_search_locations[0])
-    with zipfile.ZipFile(package / "conf" / "templateflow-skel.zip") as skeleton:
-        return skeleton.read(member)
-
-
-def write_templateflow_home(home: Path, entities=("T1w", "desc-brain_mask", "label-GM_probseg")) -> Path:
-    """A TemplateFlow home holding real res-02 images under TemplateFlow's own names: nilearn's
-    MNI152 images resampled onto TemplateFlow's 97 x 115 x 97 grid."""
-    from nilearn import datasets
-    from nilearn.image import resample_img
-
-    folder = home / f"tpl-{TEMPLATE_NAME}"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "template_description.json").write_bytes(
-        templateflow_skeleton(f"tpl-{TEMPLATE_NAME}/template_description.json"))
-    sources = {"T1w": datasets.load_mni152_template, "desc-brain_mask": datasets.load_mni152_brain_mask,
-               "label-GM_probseg": datasets.load_mni152_gm_template}
-    for entity in entities:
-        img = sources[entity](resolution=2)
-        img = nib.Nifti1Image(img.get_fdata().astype(np.float32), img.affine)
-        out = resample_img(img, target_affine=TF_AFFINE, target_shape=TF_SHAPE,
-                           interpolation="nearest", force_resample=True, copy_header=True)
-        nib.save(out, folder / f"tpl-{TEMPLATE_NAME}_res-02_{entity}.nii.gz")
-    return home
 
 
 @pytest.fixture
