@@ -1,9 +1,10 @@
 """The atlases that name regions of interest, and the lobar atlas that ships with the package.
 
-Regions of interest are named by their overlap with an atlas (:func:`naming_atlas`):
+Regions of interest are named by their overlap with an atlas (:func:`naming_atlases`):
 TemplateFlow's Harvard-Oxford subcortical atlas (``atlas-HOSPA``) when it is on disk, as
-in the container images, else the package's own lobar atlas, so that runs name their RoIs
-offline too. The lobar atlas has 18 regions
+in the container images, and the package's own lobar atlas for the RoIs it does not name
+finely (its whole-cortex and white-matter labels) or when it is absent, so that runs name
+their RoIs offline too. The lobar atlas has 18 regions
 (frontal, parietal, temporal and occipital lobes, insula, cingulate, deep grey matter
 (basal ganglia and thalamus), cerebellum and brainstem, each left and right), drawn
 from plain rules on MNI152NLin2009cAsym world coordinates (central sulcus, Sylvian
@@ -229,7 +230,7 @@ def load_atlas(resolution_or_target_img=2):
 
 @dataclass(frozen=True)
 class NamingAtlas:
-    """The atlas that names RoIs, on a grid.
+    """An atlas that names RoIs, on a grid.
 
     Attributes
     ----------
@@ -241,12 +242,17 @@ class NamingAtlas:
         Label names, lower case (``"left thalamus"``, ``"left frontal lobe"``).
     description : str
         The atlas in words, for sidecars and reports.
+    coarse : frozenset of str
+        Region names too broad to name an RoI by (and their "..., both sides" forms): an
+        RoI whose region is one of them is named by the next atlas
+        (:func:`brainage_xai.explain.rois.name_rois`).
     """
 
     name: str
     img: object
     labels: dict
     description: str
+    coarse: frozenset = frozenset()
 
 
 HOSPA_DESCRIPTION = (
@@ -257,21 +263,33 @@ LOBES_DESCRIPTION = (
     "the package's lobar atlas (lobes, insula, cingulate, deep grey matter, cerebellum and "
     "brainstem of each side, drawn by rules on MNI coordinates)"
 )
+#: The Harvard-Oxford subcortical atlas's labels that cover a whole hemisphere's cortex,
+#: white matter or ventricle: the lobe atlas says more about an RoI there.
+HOSPA_COARSE = ("cerebral cortex", "cerebral white matter", "lateral ventric")
 
 
-def naming_atlas_name(resolution=2) -> str:
-    """The name of the atlas :func:`naming_atlas` takes at ``resolution`` mm, without loading it."""
+def _coarse_names(labels: dict) -> frozenset:
+    names = {n for n in labels.values() if any(word in n for word in HOSPA_COARSE)}
+    both = {f"{n.split(' ', 1)[1]}, both sides" for n in names if n.startswith(("left ", "right "))}
+    return frozenset(names | both)
+
+
+def naming_atlas_names(resolution=2) -> str:
+    """The atlases :func:`naming_atlases` takes at ``resolution`` mm, without loading them:
+    ``"HOSPA+Lobes"`` or ``"Lobes"``."""
     from .templates import ATLAS_NAME as TEMPLATEFLOW_ATLAS
     from .templates import templateflow_atlas
 
-    return ATLAS_NAME if templateflow_atlas(resolution) is None else TEMPLATEFLOW_ATLAS
+    return ATLAS_NAME if templateflow_atlas(resolution) is None else f"{TEMPLATEFLOW_ATLAS}+{ATLAS_NAME}"
 
 
-def naming_atlas(target) -> NamingAtlas:
-    """The atlas that names RoIs on the grid of ``target``.
+def naming_atlases(target) -> list[NamingAtlas]:
+    """The atlases that name RoIs on the grid of ``target``, finest first.
 
     TemplateFlow's Harvard-Oxford subcortical atlas when it is on disk
-    (:func:`brainage_xai.imaging.templates.templateflow_atlas`), else the lobar atlas.
+    (:func:`brainage_xai.imaging.templates.templateflow_atlas`), then the lobe atlas, which
+    names the RoIs the former leaves (none there, or only its whole-cortex, white-matter or
+    ventricle labels).
 
     Parameters
     ----------
@@ -285,12 +303,13 @@ def naming_atlas(target) -> NamingAtlas:
     from .templates import check_resolution, templateflow_atlas
 
     shape, affine = _grid_of(target)
+    img, table = load_atlas(target)
+    lobes = NamingAtlas(ATLAS_NAME, img, dict(zip(table["index"].astype(int), table["name"].astype(str))),
+                        LOBES_DESCRIPTION)
     voxel = float(np.linalg.norm(affine[:3, 0]))
     found = templateflow_atlas(check_resolution(min(max(round(voxel), 1), 16)))
     if found is None:
-        img, table = load_atlas(target)
-        labels = dict(zip(table["index"].astype(int), table["name"].astype(str)))
-        return NamingAtlas(ATLAS_NAME, img, labels, LOBES_DESCRIPTION)
+        return [lobes]
     image_path, table_path = found
     src = nib.load(str(image_path))
     src = nib.Nifti1Image(np.asarray(src.dataobj).astype(np.uint8), src.affine)
@@ -299,7 +318,14 @@ def naming_atlas(target) -> NamingAtlas:
         raise DataError(f"{table_path} has no 'index' and 'name' columns: {list(table.columns)}")
     # TemplateFlow's names carry stray spaces and capitals ("Left Cerebral Cortex ").
     labels = {int(i): " ".join(str(n).split()).lower() for i, n in zip(table["index"], table["name"]) if int(i) > 0}
-    return NamingAtlas(TEMPLATEFLOW_ATLAS, _labels_on_grid(src, shape, affine), labels, HOSPA_DESCRIPTION)
+    hospa = NamingAtlas(TEMPLATEFLOW_ATLAS, _labels_on_grid(src, shape, affine), labels, HOSPA_DESCRIPTION,
+                        _coarse_names(labels))
+    return [hospa, lobes]
+
+
+def naming_atlas(target) -> NamingAtlas:
+    """The first of :func:`naming_atlases`: TemplateFlow's when on disk, else the lobe atlas."""
+    return naming_atlases(target)[0]
 
 
 def describe_overlap(map_img, *, by="region"):

@@ -24,12 +24,12 @@ from ...explain.rois import (
     CONSENSUS_SIDECAR,
     RELATION_SIDECAR,
     ROIS_SIDECAR,
-    atlas_overlap,
     combined_dseg,
+    name_rois,
     roi_components,
     roi_masks,
 )
-from ...imaging.atlas import naming_atlas, naming_atlas_name
+from ...imaging.atlas import naming_atlas_names, naming_atlases
 from ...model.activations import feature_geometry, layer_modules
 from ...model.training import resolve_precision
 from ...report.figures import plot_loadings, plot_occlusion, save_figure
@@ -101,7 +101,7 @@ def outputs(ctx: GroupContext) -> list:
 def explanations_key(ctx: GroupContext) -> str:
     return ctx.key(selection=ctx.selection_key, consensus=ctx.consensus_key if ctx.consensus else None,
                    template=ctx.template.source,
-                   atlas=naming_atlas_name(ctx.config.resolution), blobs=N_RANDOM_BLOBS, volume_ratio=occlusion.VOLUME_RATIO,
+                   atlas=naming_atlas_names(ctx.config.resolution), blobs=N_RANDOM_BLOBS, volume_ratio=occlusion.VOLUME_RATIO,
                    backprojection=int(ctx.config.backprojection), outputs=EXPLANATIONS_OUTPUTS)
 
 
@@ -136,7 +136,7 @@ def consensus_columns(ctx: GroupContext, names, occ_table: pd.DataFrame) -> pd.D
     })
 
 
-def _back_projection(ctx: GroupContext, template_img, mask, rois_img, atlas_img, labels):
+def _back_projection(ctx: GroupContext, template_img, mask, rois_img, atlases):
     """Each RoI's loading back-projected to the input (:mod:`brainage_xai.explain.backprojection`)."""
     rows = ctx.split_rows().train
     parts = {}
@@ -155,7 +155,7 @@ def _back_projection(ctx: GroupContext, template_img, mask, rois_img, atlas_img,
         dtype=resolve_precision("auto", ctx.device),
     )  # fmt: skip
     img = bp.backprojection_image(result.maps, template_img, mask)
-    table = bp.backprojection_table(img, rois_img, mask=mask, atlas_img=atlas_img, atlas_labels=labels)
+    table = bp.backprojection_table(img, rois_img, mask=mask, atlases=atlases)
     return img, table
 
 
@@ -181,14 +181,12 @@ def stage_explanations(ctx: GroupContext) -> None:
     if mask is None:
         mask = np.ones(x.shape[1:], dtype=bool)
     # TemplateFlow's atlas when on disk; the package ships its own, so RoIs are always named.
-    atlas = naming_atlas(template_img)
-    atlas_img, labels = atlas.img, atlas.labels
+    atlases = naming_atlases(template_img)
 
     # where the RoIs are
     rois_img = roi_components(source["U3"], geometry, template_img, mask=mask)
     dseg_img, dseg_table = combined_dseg(rois_img)
-    rois_table = atlas_overlap(rois_img, atlas_img, labels)
-    rois_table.insert(rois_table.columns.get_loc("fraction_in_atlas") + 1, "atlas", atlas.name)
+    rois_table = name_rois(rois_img, atlases)
     # how much of each RoI is the target: per-RoI coefficients in target units per unit
     # loading (the selection's are on the standardised target)
     fits = loadings.describe_loadings(table, table[target], roi_columns=names,
@@ -218,7 +216,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         rois_table = rois_table.merge(consensus_columns(ctx, names, occ_table), on="name", how="left")
         sidecar.update(CONSENSUS_SIDECAR)
     if config.backprojection:
-        bp_img, bp_table = _back_projection(ctx, template_img, mask, rois_img, atlas_img, labels)
+        bp_img, bp_table = _back_projection(ctx, template_img, mask, rois_img, atlases)
         rois_table = rois_table.merge(bp_table, on="name", how="left")
         sidecar.update(bp.BACKPROJECTION_SIDECAR)
     model.cpu()
