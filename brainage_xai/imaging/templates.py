@@ -200,7 +200,7 @@ def templateflow_home() -> Path:
 
 
 def _preferred(resolution: int) -> tuple[int, ...]:
-    """TemplateFlow resolutions to read for a grid: the finest one not finer than it first."""
+    """TemplateFlow resolutions to read for a grid, the nearest to its voxel size first."""
     return (1, 2) if resolution < 2 else (2, 1)
 
 
@@ -242,7 +242,7 @@ def _entities(res: int, query: dict) -> str:
 
 def _fetch_hint(home: Path) -> str:
     return (
-        f"fetch them into TEMPLATEFLOW_HOME={home} (docker/fetch_templates.py lists and fetches "
+        f"fetch what is missing into TEMPLATEFLOW_HOME={home} (docker/fetch_templates.py lists and fetches "
         "every file the app reads), or point TEMPLATEFLOW_HOME elsewhere"
     )
 

@@ -171,6 +171,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         for path in (out.backprojected, sidecar_path(out.backprojected)):
             path.unlink(missing_ok=True)
     template_img, mask, _ = template_grid(ctx)
+    grid = ctx.template.grid if mask is not None else f"{config.resolution} mm, the preprocessed maps' grid"
     model, layer = ctx.model, ctx.activations.layer
     x = ctx.standardised_inputs().numpy()[:, 0]
     table = roi_loadings(ctx)
@@ -232,7 +233,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         "Description": "Each voxel labelled with its strongest RoI (RoIs scaled to their peak; "
         "background where none reaches 0.2 of its peak); labels in the _dseg.tsv",
         "Sources": [out.components.name], "SpatialReference": out.space,
-        "Resolution": f"{config.resolution} mm, the model grid",
+        "Resolution": grid,
     })  # fmt: skip
     write_tsv(out.dseg_tsv, dseg_table)
     write_tsv(out.loading_fits(target), fits, sidecar=loadings.FITS_SIDECAR)
@@ -244,7 +245,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         "averaged over all subjects and upsampled with the layer's stride geometry; at the last "
         "layer of a network with global average pooling and a linear head it equals CAM",
         "Layer": layer, "Sources": [out.model.name], "SpatialReference": out.space,
-        "Resolution": f"{config.resolution} mm, the model grid",
+        "Resolution": grid,
     })  # fmt: skip
     write_tsv(out.occlusion, occ_table, sidecar={c: occlusion.TABLE_SIDECAR[c] for c in occ_table.columns})
     write_tsv(out.occlusion_null, null, sidecar={c: occlusion.NULL_SIDECAR[c] for c in null.columns})
