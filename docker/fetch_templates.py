@@ -18,31 +18,25 @@ import argparse
 import os
 import sys
 
-TEMPLATE = "MNI152NLin2009cAsym"
-RESOLUTIONS = (1, 2)
 
-# One file per query: the T1w, brain mask and GM probability map are the registration
-# check's reference and the model grid's source. Nothing else is fetched: RoIs are named
-# by the package's own lobe atlas, so an image carries no file that no code reads.
-QUERIES: list[dict] = [
-    query
-    for res in RESOLUTIONS
-    for query in (
-        {"resolution": res, "desc": None, "suffix": "T1w"},
-        {"resolution": res, "desc": "brain", "suffix": "T1w"},
-        {"resolution": res, "desc": "brain", "suffix": "mask"},
-        {"resolution": res, "label": "GM", "suffix": "probseg"},
-    )
-]
+def queries() -> list[tuple[str, dict]]:
+    """The files the app reads (``brainage_xai.imaging.templates.templateflow_queries``):
+    the T1w, brain mask and GM probability map of MNI152NLin2009cAsym at 1 and 2 mm (the
+    registration check's reference and the model grid's source) and the Harvard-Oxford
+    subcortical atlas with its label table (RoI names). Nothing else is fetched, so an
+    image carries no file that no code reads."""
+    from brainage_xai.imaging.templates import templateflow_queries
+
+    return templateflow_queries()
 
 
-def _select(api, query: dict) -> str:
-    found = api.ls(TEMPLATE, **query)
+def _select(api, template: str, query: dict) -> str:
+    found = api.ls(template, **query)
     if len(found) != 1:
         names = [os.path.basename(str(p)) for p in found]
         raise SystemExit(
             f"fetch_templates: query {query} must select exactly one file of "
-            f"tpl-{TEMPLATE}, it selected {len(found)}: {names}"
+            f"tpl-{template}, it selected {len(found)}: {names}"
         )
     return str(found[0])
 
@@ -56,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from templateflow import api
 
-    paths = [_select(api, query) for query in QUERIES]
+    wanted = queries()
+    paths = [_select(api, template, query) for template, query in wanted]
     if args.list:
         print("\n".join(paths))
         return 0
-    for query in QUERIES:
-        api.get(TEMPLATE, **query)
+    for template, query in wanted:
+        api.get(template, **query)
     empty = [p for p in paths if not os.path.isfile(p) or os.path.getsize(p) == 0]
     if empty:
         print(f"fetch_templates: download failed for {empty}", file=sys.stderr)

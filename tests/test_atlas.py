@@ -123,3 +123,56 @@ def test_describe_overlap_outside_and_bad_input():
         describe_overlap(nib.Nifti1Image(np.zeros((*shape, 2), np.float32), affine))
     with pytest.raises(ValueError, match="'by' must be one of"):
         describe_overlap(nib.Nifti1Image(data, affine), by="lobe")
+
+
+# --- the atlas that names RoIs ---------------------------------------------------------
+
+
+def test_without_templateflow_the_lobe_atlas_names_rois(tmp_path, monkeypatch):
+    from brainage_xai.imaging.atlas import naming_atlas, naming_atlas_names
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "empty"))
+    atlas = naming_atlas(4)
+    assert atlas.name == "Lobes" == naming_atlas_names(4)
+    assert atlas.labels[1] == "left frontal lobe" and len(atlas.labels) == 18
+    assert atlas.img.shape == model_grid(4)[0]
+
+
+def test_templateflow_hospa_names_rois_when_on_disk(tmp_path, monkeypatch):
+    """TemplateFlow's HOSPA image and label table in TEMPLATEFLOW_HOME: found through
+    TemplateFlow's client, resampled onto the grid asked for, named by TemplateFlow's table."""
+    from _templateflow import TF_AFFINE, write_hospa
+
+    from brainage_xai.imaging.atlas import naming_atlas, naming_atlas_names
+
+    home = write_hospa(tmp_path / "tf")
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
+    assert naming_atlas_names(4) == "HOSPA+Lobes"
+    shape, affine = model_grid(4, "nilearn")
+    atlas = naming_atlas(nib.Nifti1Image(np.zeros(shape, np.float32), affine))
+    assert atlas.name == "HOSPA" and "Harvard-Oxford" in atlas.description
+    assert atlas.img.shape == shape and np.allclose(atlas.img.affine, affine)
+    # TemplateFlow's own names, tidied: no background, no stray spaces, lower case
+    assert atlas.labels[4] == "left thalamus" and atlas.labels[15] == "right thalamus"
+    assert atlas.labels[2] == "left cerebral cortex" and atlas.labels[8] == "brainstem"
+    assert 0 not in atlas.labels and len(atlas.labels) == 21
+    # its whole-hemisphere labels are left to the lobe atlas
+    assert {"left cerebral cortex", "cerebral cortex, both sides", "right cerebral white matter"} <= atlas.coarse
+    assert "left thalamus" not in atlas.coarse and "brainstem" not in atlas.coarse
+    data = np.asarray(atlas.img.dataobj)
+    assert set(np.unique(data)) == {0, 2, 4, 8, 13, 15}
+    # on its own grid the image is taken as it is
+    same = naming_atlas(nib.Nifti1Image(np.zeros((97, 115, 97), np.float32), TF_AFFINE))
+    on_disk = nib.load(home / "tpl-MNI152NLin2009cAsym" / "tpl-MNI152NLin2009cAsym_res-02_atlas-HOSPA_desc-th25_dseg.nii.gz")
+    assert np.array_equal(np.asarray(same.img.dataobj), np.asarray(on_disk.dataobj))
+
+
+def test_templateflow_hospa_without_its_labels_is_a_clear_error(tmp_path, monkeypatch):
+    from _templateflow import write_hospa
+
+    from brainage_xai.errors import MissingInputError
+    from brainage_xai.imaging.atlas import naming_atlas
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(write_hospa(tmp_path / "tf", table=False)))
+    with pytest.raises(MissingInputError, match="tpl-MNI152NLin6Asym_atlas-HOSPA_dseg.tsv"):
+        naming_atlas(4)

@@ -543,7 +543,8 @@ def test_fetch_templates_selects_one_file_per_query_and_covers_the_app(
 ):
     """The image's template set: each query selects one file (checked offline against
     TemplateFlow's bundled index), and with exactly those files present the app uses
-    TemplateFlow instead of its nilearn stand-in."""
+    TemplateFlow's template instead of its nilearn stand-in and TemplateFlow's atlas
+    instead of its lobe atlas: every file fetched is read."""
     tf_home = scratch / "tf-list"
     env = {
         **_base_env(net_guard),
@@ -564,8 +565,8 @@ def test_fetch_templates_selects_one_file_per_query_and_covers_the_app(
     expected = {
         f"tpl-MNI152NLin2009cAsym_res-{res}_{entities}.nii.gz"
         for res in ("01", "02")
-        for entities in ("T1w", "desc-brain_T1w", "desc-brain_mask", "label-GM_probseg")
-    }
+        for entities in ("T1w", "desc-brain_mask", "label-GM_probseg", "atlas-HOSPA_desc-th25_dseg")
+    } | {"tpl-MNI152NLin6Asym_atlas-HOSPA_dseg.tsv"}
     assert len(listed) == len(names) and names == expected
     assert _net_attempts(net_guard) == ""
 
@@ -583,12 +584,15 @@ def test_fetch_templates_selects_one_file_per_query_and_covers_the_app(
         if path.name.endswith(".nii.gz"):
             suffix = path.name[: -len(".nii.gz")].rsplit("_", 1)[1]
             images[suffix].to_filename(path)
-    from brainage_xai.imaging import templates
+    from brainage_xai.imaging import atlas, templates
 
     monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tf_home))
     template = templates.get_template(2)
     assert template.source == "templateflow"
-    assert template.shape == templates.model_grid(2)[0]
+    assert template.shape == templates.model_grid(2)[0] == (97, 115, 97)
+    # the label table is TemplateFlow's own (its index carries it), read as it is
+    named = atlas.naming_atlas(template.t1)
+    assert named.name == "HOSPA" and named.labels[8] == "brainstem"
 
 
 # ----------------------------------------------------------------- end to end ----

@@ -275,6 +275,8 @@ def test_explanations_are_on_the_template_grid(first_run):
     assert len(read_tsv(g / f"{PREFIX}_desc-rois_dseg.tsv")) == r1
     rois = read_tsv(g / "rois.tsv")
     assert list(rois["index"]) == list(range(1, r1 + 1))
+    # no TemplateFlow atlas in the tests' TemplateFlow home: the lobe atlas named every row
+    assert set(rois["atlas"]) == {"Lobes"} and "atlas" in json.loads((g / "rois.json").read_text())
     # each RoI back-projected to the input (where its loading comes from)
     bp = nib.load(str(g / f"{PREFIX}_desc-backprojected_components.nii.gz"))
     assert bp.shape == (*preproc.shape, r1)

@@ -152,3 +152,56 @@ def test_fit_trajectory_needs_enough_subjects():
 # --- the project's network and the one entry point -------------------------------------
 
 
+
+
+def test_templateflow_hospa_names_rois_and_both_sides(tmp_path, monkeypatch):
+    """With TemplateFlow's Harvard-Oxford subcortical atlas on disk, RoIs are named by its
+    labels, and the bilateral rule reads its names: an RoI on both thalami is "thalamus, both
+    sides", one on the right thalamus only "right thalamus"."""
+    from _templateflow import write_hospa
+
+    from brainage_xai.imaging.atlas import naming_atlas
+    from brainage_xai.imaging.templates import model_grid
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(write_hospa(tmp_path / "tf")))
+    shape, affine = model_grid(4, "nilearn")
+    atlas = naming_atlas(nib.Nifti1Image(np.zeros(shape, np.float32), affine))
+    assert atlas.name == "HOSPA"
+    labels = np.asarray(atlas.img.dataobj)
+    data = np.zeros((*shape, 2), np.float32)
+    data[..., 0] = np.isin(labels, (4, 15)) * 0.9
+    data[tuple(np.argwhere(labels == 15)[0]) + (0,)] = 1.0  # peak on the right
+    data[..., 1] = labels == 15
+    table = rois.atlas_overlap(nib.Nifti1Image(data, affine), atlas.img, atlas.labels)
+    assert table.loc[0, "region"] == "thalamus, both sides"
+    assert table.loc[1, "region"] == "right thalamus"
+    assert table.loc[1, "overlap"] == "right thalamus 100%"
+
+
+def test_rois_are_named_by_the_finest_atlas_that_names_them(tmp_path, monkeypatch):
+    """HOSPA then the lobe atlas: an RoI on the thalami is HOSPA's, an RoI in the left frontal
+    lobe (HOSPA's "left cerebral cortex") the lobe atlas's, and rois.tsv says which."""
+    from _templateflow import write_hospa
+
+    from brainage_xai.imaging.atlas import load_atlas, naming_atlases
+    from brainage_xai.imaging.templates import model_grid
+
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(write_hospa(tmp_path / "tf")))
+    shape, affine = model_grid(4, "nilearn")
+    atlases = naming_atlases(nib.Nifti1Image(np.zeros(shape, np.float32), affine))
+    assert [a.name for a in atlases] == ["HOSPA", "Lobes"]
+    hospa = np.asarray(atlases[0].img.dataobj)
+    lobes_img, lobes_table = load_atlas(4)
+    frontal_left = int(lobes_table.loc[lobes_table["name"] == "left frontal lobe", "index"].iloc[0])
+    data = np.zeros((*shape, 2), np.float32)
+    data[..., 0] = np.isin(hospa, (4, 15))
+    data[..., 1] = (np.asarray(atlases[1].img.dataobj) == frontal_left) & (hospa == 2)
+    table = rois.name_rois(nib.Nifti1Image(data, affine), atlases)
+    assert list(table["atlas"]) == ["HOSPA", "Lobes"]
+    assert list(table["region"]) == ["thalamus, both sides", "left frontal lobe"]
+    assert table.loc[1, "overlap"] == "left frontal lobe 100%" and table.loc[1, "fraction_in_atlas"] == 1.0
+    assert list(table.columns).index("atlas") == list(table.columns).index("fraction_in_atlas") + 1
+    # without TemplateFlow's atlas the lobe atlas names both
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(tmp_path / "none"))
+    alone = rois.name_rois(nib.Nifti1Image(data, affine), naming_atlases(4))
+    assert list(alone["atlas"]) == ["Lobes", "Lobes"] and alone.loc[1, "region"] == "left frontal lobe"

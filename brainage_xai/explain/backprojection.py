@@ -197,8 +197,11 @@ def backprojection_image(maps, template_img, mask=None):
     return img
 
 
-def backprojection_table(img, rois_img, *, mask=None, atlas_img=None, atlas_labels=None):
+def backprojection_table(img, rois_img, *, mask=None, atlas_img=None, atlas_labels=None, atlases=None):
     """Per RoI: where its loading comes from in the input, and how far that is the RoI.
+
+    The regions are those of ``atlas_img`` (named by ``atlas_labels``), or, with ``atlases``,
+    named as :func:`brainage_xai.explain.rois.name_rois` names the RoIs.
 
     Returns
     -------
@@ -211,10 +214,10 @@ def backprojection_table(img, rois_img, *, mask=None, atlas_img=None, atlas_labe
 
     from ..bids.derivatives import roi_names
     from ..imaging.geometry import spatial_correlation
-    from .rois import atlas_overlap
+    from .rois import atlas_overlap, name_rois
 
     maps = np.moveaxis(np.asarray(img.dataobj, dtype=float), -1, 0)
-    overlap = atlas_overlap(img, atlas_img, atlas_labels)
+    overlap = name_rois(img, atlases) if atlases else atlas_overlap(img, atlas_img, atlas_labels)
     rois = np.asarray(rois_img.dataobj, dtype=float)
     return pd.DataFrame({
         "name": roi_names(maps.shape[0]),

@@ -188,6 +188,35 @@ def atlas_overlap(components_img, atlas_img=None, atlas_labels=None,
     return pd.DataFrame(rows)
 
 
+def name_rois(components_img, atlases, threshold: float = DEFAULT_THRESHOLD, top: int = 3) -> pd.DataFrame:
+    """:func:`atlas_overlap` by several atlases, finest first: each RoI is named by the first
+    atlas whose region for it is not one of that atlas's catch-all labels.
+
+    Parameters
+    ----------
+    components_img : 4D nibabel image (template grid)
+    atlases : sequence of :class:`brainage_xai.imaging.atlas.NamingAtlas`
+        ``name``, ``img``, ``labels`` and ``coarse`` (region names too broad to name an
+        RoI by, such as the Harvard-Oxford subcortical atlas's "left cerebral cortex"); the
+        last atlas names whatever the others leave.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :func:`atlas_overlap`'s columns, and ``atlas``: the name of the atlas that named the
+        row, after ``fraction_in_atlas``.
+    """
+    tables = [atlas_overlap(components_img, a.img, a.labels, threshold, top) for a in atlases]
+    out = tables[-1].copy()
+    out.insert(out.columns.get_loc("fraction_in_atlas") + 1, "atlas", atlases[-1].name)
+    named = ["region", "overlap", "fraction_in_atlas"]
+    for atlas, table in zip(atlases[-2::-1], tables[-2::-1]):
+        fine = (table["region"] != "n/a") & ~table["region"].isin(list(atlas.coarse))
+        out.loc[fine, named] = table.loc[fine, named]
+        out.loc[fine, "atlas"] = atlas.name
+    return out
+
+
 #: An RoI is named by both sides of a structure when its smaller side holds at least this
 #: share of the larger side's voxels (the simulated cohort's regions, and many ageing
 #: effects, are bilateral).
@@ -241,6 +270,12 @@ ROIS_SIDECAR = {
     "region": {"Description": "atlas region holding most of the thresholded RoI"},
     "overlap": {"Description": "largest atlas regions and their share of the thresholded RoI"},
     "fraction_in_atlas": {"Description": "share of the thresholded RoI inside any atlas label"},
+    "atlas": {"Description": "the atlas that named the row (region, overlap, fraction_in_atlas)",
+              "Levels": {"HOSPA": "Harvard-Oxford subcortical atlas from TemplateFlow "
+                         "(tpl-MNI152NLin2009cAsym atlas-HOSPA desc-th25), when it is on disk and "
+                         "the RoI's region is not one of its whole-cortex, white-matter or "
+                         "ventricle labels",
+                         "Lobes": "the package's lobar atlas, otherwise"}},
 }
 
 #: Columns that the loadings' fits add to ``rois.tsv``.

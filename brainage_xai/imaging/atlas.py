@@ -1,7 +1,10 @@
-"""A coarse lobar atlas in MNI space that ships with the package.
+"""The atlases that name regions of interest, and the lobar atlas that ships with the package.
 
-Regions of interest are named by their overlap with an atlas, and the runs must work
-offline, where TemplateFlow's atlases may be absent. This module ships one: 18 regions
+Regions of interest are named by their overlap with an atlas (:func:`naming_atlases`):
+TemplateFlow's Harvard-Oxford subcortical atlas (``atlas-HOSPA``) when it is on disk, as
+in the container images, and the package's own lobar atlas for the RoIs it does not name
+finely (its whole-cortex and white-matter labels) or when it is absent, so that runs name
+their RoIs offline too. The lobar atlas has 18 regions
 (frontal, parietal, temporal and occipital lobes, insula, cingulate, deep grey matter
 (basal ganglia and thalamus), cerebellum and brainstem, each left and right), drawn
 from plain rules on MNI152NLin2009cAsym world coordinates (central sulcus, Sylvian
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -172,23 +176,34 @@ def _shipped_atlas():
     return nib.Nifti1Image(data, img.affine)
 
 
-@functools.lru_cache(maxsize=8)
-def _atlas_on_grid(shape: tuple, affine_bytes: bytes):
+def _labels_on_grid(src, shape: tuple, affine: np.ndarray):
+    """A label image on a grid (nearest neighbour; unchanged when already on it)."""
     import nibabel as nib
     from nilearn.image import resample_img
 
-    affine = np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4)
-    src = _shipped_atlas()
-    if shape == src.shape and np.allclose(affine, src.affine):
+    if tuple(src.shape[:3]) == tuple(shape) and np.allclose(src.affine, affine):
         return src
     out = resample_img(
         src, target_affine=affine, target_shape=shape, interpolation="nearest",
         force_resample=True, copy_header=True,
     )
-    data = np.asarray(out.dataobj).astype(np.uint8)
-    img = nib.Nifti1Image(data, affine)
+    img = nib.Nifti1Image(np.asarray(out.dataobj).astype(np.uint8), affine)
     img.header.set_xyzt_units("mm")
     return img
+
+
+@functools.lru_cache(maxsize=8)
+def _atlas_on_grid(shape: tuple, affine_bytes: bytes):
+    affine = np.frombuffer(affine_bytes, dtype=np.float64).reshape(4, 4)
+    return _labels_on_grid(_shipped_atlas(), shape, affine)
+
+
+def _grid_of(target) -> tuple[tuple, np.ndarray]:
+    if hasattr(target, "affine") and hasattr(target, "shape"):
+        return tuple(int(n) for n in target.shape[:3]), np.asarray(target.affine, dtype=np.float64)
+    from .templates import model_grid
+
+    return model_grid(target)
 
 
 def load_atlas(resolution_or_target_img=2):
@@ -208,16 +223,109 @@ def load_atlas(resolution_or_target_img=2):
     names_table : pandas.DataFrame
         See :func:`atlas_table`.
     """
-    target = resolution_or_target_img
-    if hasattr(target, "affine") and hasattr(target, "shape"):
-        shape = tuple(int(n) for n in target.shape[:3])
-        affine = np.asarray(target.affine, dtype=np.float64)
-    else:
-        from .templates import model_grid
-
-        shape, affine = model_grid(target)
+    shape, affine = _grid_of(resolution_or_target_img)
     img = _atlas_on_grid(shape, np.ascontiguousarray(affine, dtype=np.float64).tobytes())
     return img, atlas_table()
+
+
+@dataclass(frozen=True)
+class NamingAtlas:
+    """An atlas that names RoIs, on a grid.
+
+    Attributes
+    ----------
+    name : {"HOSPA", "Lobes"}
+        The atlas (the ``atlas`` column of ``rois.tsv``).
+    img : nibabel.Nifti1Image
+        uint8 labels on the grid asked for.
+    labels : dict of int to str
+        Label names, lower case (``"left thalamus"``, ``"left frontal lobe"``).
+    description : str
+        The atlas in words, for sidecars and reports.
+    coarse : frozenset of str
+        Region names too broad to name an RoI by (and their "..., both sides" forms): an
+        RoI whose region is one of them is named by the next atlas
+        (:func:`brainage_xai.explain.rois.name_rois`).
+    """
+
+    name: str
+    img: object
+    labels: dict
+    description: str
+    coarse: frozenset = frozenset()
+
+
+HOSPA_DESCRIPTION = (
+    "Harvard-Oxford subcortical atlas from TemplateFlow (tpl-MNI152NLin2009cAsym "
+    "atlas-HOSPA, maximum-probability labels where a structure reaches 25 %)"
+)
+LOBES_DESCRIPTION = (
+    "the package's lobar atlas (lobes, insula, cingulate, deep grey matter, cerebellum and "
+    "brainstem of each side, drawn by rules on MNI coordinates)"
+)
+#: The Harvard-Oxford subcortical atlas's labels that cover a whole hemisphere's cortex,
+#: white matter or ventricle: the lobe atlas says more about an RoI there.
+HOSPA_COARSE = ("cerebral cortex", "cerebral white matter", "lateral ventric")
+
+
+def _coarse_names(labels: dict) -> frozenset:
+    names = {n for n in labels.values() if any(word in n for word in HOSPA_COARSE)}
+    both = {f"{n.split(' ', 1)[1]}, both sides" for n in names if n.startswith(("left ", "right "))}
+    return frozenset(names | both)
+
+
+def naming_atlas_names(resolution=2) -> str:
+    """The atlases :func:`naming_atlases` takes at ``resolution`` mm, without loading them:
+    ``"HOSPA+Lobes"`` or ``"Lobes"``."""
+    from .templates import ATLAS_NAME as TEMPLATEFLOW_ATLAS
+    from .templates import templateflow_atlas
+
+    return ATLAS_NAME if templateflow_atlas(resolution) is None else f"{TEMPLATEFLOW_ATLAS}+{ATLAS_NAME}"
+
+
+def naming_atlases(target) -> list[NamingAtlas]:
+    """The atlases that name RoIs on the grid of ``target``, finest first.
+
+    TemplateFlow's Harvard-Oxford subcortical atlas when it is on disk
+    (:func:`brainage_xai.imaging.templates.templateflow_atlas`), then the lobe atlas, which
+    names the RoIs the former leaves (none there, or only its whole-cortex, white-matter or
+    ventricle labels).
+
+    Parameters
+    ----------
+    target : float or nibabel image
+        A voxel size in mm (the model grid) or an image whose grid the labels go onto.
+    """
+    import nibabel as nib
+    import pandas as pd
+
+    from .templates import ATLAS_NAME as TEMPLATEFLOW_ATLAS
+    from .templates import check_resolution, templateflow_atlas
+
+    shape, affine = _grid_of(target)
+    img, table = load_atlas(target)
+    lobes = NamingAtlas(ATLAS_NAME, img, dict(zip(table["index"].astype(int), table["name"].astype(str))),
+                        LOBES_DESCRIPTION)
+    voxel = float(np.linalg.norm(affine[:3, 0]))
+    found = templateflow_atlas(check_resolution(min(max(round(voxel), 1), 16)))
+    if found is None:
+        return [lobes]
+    image_path, table_path = found
+    src = nib.load(str(image_path))
+    src = nib.Nifti1Image(np.asarray(src.dataobj).astype(np.uint8), src.affine)
+    table = pd.read_csv(table_path, sep="\t", dtype={"name": str})
+    if not {"index", "name"} <= set(table.columns):
+        raise DataError(f"{table_path} has no 'index' and 'name' columns: {list(table.columns)}")
+    # TemplateFlow's names carry stray spaces and capitals ("Left Cerebral Cortex ").
+    labels = {int(i): " ".join(str(n).split()).lower() for i, n in zip(table["index"], table["name"]) if int(i) > 0}
+    hospa = NamingAtlas(TEMPLATEFLOW_ATLAS, _labels_on_grid(src, shape, affine), labels, HOSPA_DESCRIPTION,
+                        _coarse_names(labels))
+    return [hospa, lobes]
+
+
+def naming_atlas(target) -> NamingAtlas:
+    """The first of :func:`naming_atlases`: TemplateFlow's when on disk, else the lobe atlas."""
+    return naming_atlases(target)[0]
 
 
 def describe_overlap(map_img, *, by="region"):

@@ -13,7 +13,7 @@ import pandas as pd
 #: Column names of the group folder's tables, as the report says them.
 COLUMN_NAMES = {
     "name": "RoI", "roi": "RoI", "region": "region (most of it)", "overlap": "atlas regions",
-    "fraction_in_atlas": "inside the atlas", "volume_mm3": "volume", "cv_r2": "{target} share",
+    "fraction_in_atlas": "inside the atlas", "atlas": "atlas", "volume_mm3": "volume", "cv_r2": "{target} share",
     "target_related": "follows {target}", "input_region": "loading comes from",
     "input_overlap": "back-projection's atlas regions", "agreement": "agreement with back-projection",
     "stability": "stability", "spread": "spread", "robust": "robust",

@@ -289,7 +289,8 @@ def _layout(resolution: int) -> _Layout:
     from ..imaging.atlas import load_atlas
     from ..imaging.templates import get_template
 
-    tpl = get_template(resolution)
+    # nilearn's template whatever TemplateFlow holds: the cohort is the same everywhere.
+    tpl = get_template(resolution, source="nilearn")
     shape, affine = tpl.shape, tpl.affine
     gm = np.asarray(tpl.gm.get_fdata(dtype=np.float32))
     t1 = np.asarray(tpl.t1.get_fdata(dtype=np.float32))

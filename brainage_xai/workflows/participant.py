@@ -144,14 +144,10 @@ def process_subject(config, subject: str, source: Path, entities: dict, template
         LOGGER.info("sub-%s: registration check passed (%s)", subject, check.summary())
         normalised, norm_info = normalise_intensity(resampled, template, config.map)
         qc = check.to_dict()
-        shape = list(template.shape)
         meta = {
             "Sources": [_bids_uri(source, config)],
             "SpatialReference": {"Template": template.name, "TemplateSource": template.description},
-            "Resolution": (
-                f"{config.resolution} mm isotropic model grid, {shape[0]}x{shape[1]}x{shape[2]} "
-                f"voxels, origin {[float(v) for v in template.affine[:3, 3]]} mm"
-            ),
+            "Resolution": template.grid,
             "SkullStripped": _skull_stripped(resampled, template),
             "Interpolation": INTERPOLATION,
             "IntensityNormalization": norm_info,

@@ -24,12 +24,12 @@ from ...explain.rois import (
     CONSENSUS_SIDECAR,
     RELATION_SIDECAR,
     ROIS_SIDECAR,
-    atlas_overlap,
     combined_dseg,
+    name_rois,
     roi_components,
     roi_masks,
 )
-from ...imaging.atlas import load_atlas
+from ...imaging.atlas import naming_atlas_names, naming_atlases
 from ...model.activations import feature_geometry, layer_modules
 from ...model.training import resolve_precision
 from ...report.figures import plot_loadings, plot_occlusion, save_figure
@@ -44,7 +44,8 @@ N_RANDOM_BLOBS = occlusion.MIN_DRAWS
 #: Raised when the explanations' outputs change, so that an earlier run redoes them (and
 #: the report) on its next run. 2: cv_r2 and target_related in rois.tsv. 3: RoI columns
 #: of loadings.tsv named as the RoIs; the loadings and occlusion figures are files.
-EXPLANATIONS_OUTPUTS = 3
+#: 4: the atlas column of rois.tsv.
+EXPLANATIONS_OUTPUTS = 4
 #: Subjects per GradCAM pass (forward and backward, so memory grows fast with it) and
 #: per forward pass of the occlusion test (no gradients: larger batches are faster).
 GRADCAM_BATCH, PREDICT_BATCH = 4, 16
@@ -99,7 +100,8 @@ def outputs(ctx: GroupContext) -> list:
 
 def explanations_key(ctx: GroupContext) -> str:
     return ctx.key(selection=ctx.selection_key, consensus=ctx.consensus_key if ctx.consensus else None,
-                   template=ctx.template.source, blobs=N_RANDOM_BLOBS, volume_ratio=occlusion.VOLUME_RATIO,
+                   template=ctx.template.source,
+                   atlas=naming_atlas_names(ctx.config.resolution), blobs=N_RANDOM_BLOBS, volume_ratio=occlusion.VOLUME_RATIO,
                    backprojection=int(ctx.config.backprojection), outputs=EXPLANATIONS_OUTPUTS)
 
 
@@ -134,7 +136,7 @@ def consensus_columns(ctx: GroupContext, names, occ_table: pd.DataFrame) -> pd.D
     })
 
 
-def _back_projection(ctx: GroupContext, template_img, mask, rois_img, atlas_img, labels):
+def _back_projection(ctx: GroupContext, template_img, mask, rois_img, atlases):
     """Each RoI's loading back-projected to the input (:mod:`brainage_xai.explain.backprojection`)."""
     rows = ctx.split_rows().train
     parts = {}
@@ -153,7 +155,7 @@ def _back_projection(ctx: GroupContext, template_img, mask, rois_img, atlas_img,
         dtype=resolve_precision("auto", ctx.device),
     )  # fmt: skip
     img = bp.backprojection_image(result.maps, template_img, mask)
-    table = bp.backprojection_table(img, rois_img, mask=mask, atlas_img=atlas_img, atlas_labels=labels)
+    table = bp.backprojection_table(img, rois_img, mask=mask, atlases=atlases)
     return img, table
 
 
@@ -169,6 +171,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         for path in (out.backprojected, sidecar_path(out.backprojected)):
             path.unlink(missing_ok=True)
     template_img, mask, _ = template_grid(ctx)
+    grid = ctx.template.grid if mask is not None else f"{config.resolution} mm, the preprocessed maps' grid"
     model, layer = ctx.model, ctx.activations.layer
     x = ctx.standardised_inputs().numpy()[:, 0]
     table = roi_loadings(ctx)
@@ -178,14 +181,13 @@ def stage_explanations(ctx: GroupContext) -> None:
     geometry = feature_geometry(model, model.activation_module(layer), x.shape[1:])
     if mask is None:
         mask = np.ones(x.shape[1:], dtype=bool)
-    # The package ships its atlas, so RoIs are always named, offline too.
-    atlas_img, atlas_names = load_atlas(template_img)
-    labels = dict(zip(atlas_names["index"].astype(int), atlas_names["name"].astype(str)))
+    # TemplateFlow's atlas when on disk; the package ships its own, so RoIs are always named.
+    atlases = naming_atlases(template_img)
 
     # where the RoIs are
     rois_img = roi_components(source["U3"], geometry, template_img, mask=mask)
     dseg_img, dseg_table = combined_dseg(rois_img)
-    rois_table = atlas_overlap(rois_img, atlas_img, labels)
+    rois_table = name_rois(rois_img, atlases)
     # how much of each RoI is the target: per-RoI coefficients in target units per unit
     # loading (the selection's are on the standardised target)
     fits = loadings.describe_loadings(table, table[target], roi_columns=names,
@@ -215,7 +217,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         rois_table = rois_table.merge(consensus_columns(ctx, names, occ_table), on="name", how="left")
         sidecar.update(CONSENSUS_SIDECAR)
     if config.backprojection:
-        bp_img, bp_table = _back_projection(ctx, template_img, mask, rois_img, atlas_img, labels)
+        bp_img, bp_table = _back_projection(ctx, template_img, mask, rois_img, atlases)
         rois_table = rois_table.merge(bp_table, on="name", how="left")
         sidecar.update(bp.BACKPROJECTION_SIDECAR)
     model.cpu()
@@ -231,7 +233,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         "Description": "Each voxel labelled with its strongest RoI (RoIs scaled to their peak; "
         "background where none reaches 0.2 of its peak); labels in the _dseg.tsv",
         "Sources": [out.components.name], "SpatialReference": out.space,
-        "Resolution": f"{config.resolution} mm, the model grid",
+        "Resolution": grid,
     })  # fmt: skip
     write_tsv(out.dseg_tsv, dseg_table)
     write_tsv(out.loading_fits(target), fits, sidecar=loadings.FITS_SIDECAR)
@@ -243,7 +245,7 @@ def stage_explanations(ctx: GroupContext) -> None:
         "averaged over all subjects and upsampled with the layer's stride geometry; at the last "
         "layer of a network with global average pooling and a linear head it equals CAM",
         "Layer": layer, "Sources": [out.model.name], "SpatialReference": out.space,
-        "Resolution": f"{config.resolution} mm, the model grid",
+        "Resolution": grid,
     })  # fmt: skip
     write_tsv(out.occlusion, occ_table, sidecar={c: occlusion.TABLE_SIDECAR[c] for c in occ_table.columns})
     write_tsv(out.occlusion_null, null, sidecar={c: occlusion.NULL_SIDECAR[c] for c in null.columns})
