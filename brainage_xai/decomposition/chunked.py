@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import operator
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -339,5 +339,22 @@ def as_chunked(A, chunk: int | None = None):
     return A
 
 
-__all__: Sequence[str] = ["ChunkedTensor", "Rows", "StoreWriter", "as_chunked", "chunk_name",
-                          "read_meta", "row_ranges"]
+
+
+def store_to_dask(path):
+    """A store as a ``dask.array`` with one block per chunk (each read by ``numpy.load``).
+
+    For a fit on a Dask cluster whose workers see the store's directory.
+    """
+    import dask
+    import dask.array as da
+
+    path = Path(path)
+    meta = read_meta(path)
+    if not all(meta["complete"]):
+        raise ValueError(f"store {path} is incomplete")
+    _, c, v = meta["shape"]
+    blocks = [da.from_delayed(dask.delayed(np.load)(str(path / chunk_name(k)), allow_pickle=False),
+                              shape=(hi - lo, c, v), dtype=meta["dtype"])
+              for k, (lo, hi) in enumerate(meta["chunks"])]
+    return da.concatenate(blocks, axis=0)
