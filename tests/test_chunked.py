@@ -51,6 +51,10 @@ def test_store_round_trip_and_format(tmp_path, planted):
     T = ChunkedTensor.from_store(tmp_path / "s")
     assert (T.shape, T.dtype, T.n_chunks) == (A.shape, np.float32, 5)
     np.testing.assert_array_equal(T.to_numpy(), A)
+    # the fit takes the store's path too
+    by_path = fit_constrained_tucker(str(tmp_path / "s"), 3, n_iter_max=3)
+    by_tensor = fit_constrained_tucker(T, 3, n_iter_max=3)
+    np.testing.assert_array_equal(by_path.factors[2], by_tensor.factors[2])
 
 
 def test_interrupted_store_resumes_and_equals_the_uninterrupted_one(tmp_path, planted):

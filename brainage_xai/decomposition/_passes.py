@@ -132,7 +132,8 @@ class Passes:
 
     def stats(self):
         """``(||A||^2 in float64, smallest entry, number of NaNs)`` in one pass."""
-        return _reduce_stats(self.stream(lambda a: _stats(self.bk, a))[0])
+        bk = self.bk  # the chunk functions capture small things only: dask sends them
+        return _reduce_stats(self.stream(lambda a: _stats(bk, a))[0])
 
 
 def _stats(bk, a):
