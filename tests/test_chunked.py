@@ -12,7 +12,13 @@ from distributed import Client, LocalCluster
 
 from brainage_xai.decomposition import _solver, fit_constrained_tucker
 from brainage_xai.decomposition._testing import factor_match_score, make_planted
-from brainage_xai.decomposition.chunked import ChunkedTensor, StoreWriter, chunk_name, read_meta
+from brainage_xai.decomposition.chunked import (
+    ChunkedTensor,
+    StoreWriter,
+    chunk_name,
+    read_meta,
+    store_to_dask,
+)
 
 SHAPE = (45, 6, 120)
 
@@ -73,6 +79,7 @@ def test_interrupted_store_resumes_and_equals_the_uninterrupted_one(tmp_path, pl
     assert w.missing == [3, 4, 5]
     _write_store(tmp_path / "cut", A, chunk=8)
     assert (tmp_path / "cut" / chunk_name(0)).stat().st_mtime_ns == written  # not rewritten
+    assert not list((tmp_path / "cut").glob(".*tmp*"))  # the dead writer's file is gone
     for k in range(6):
         assert (tmp_path / "cut" / chunk_name(k)).read_bytes() == \
             (tmp_path / "whole" / chunk_name(k)).read_bytes()
@@ -184,14 +191,18 @@ def test_bad_chunked_input_gives_clear_error(planted):
         ChunkedTensor.from_array(A, 0)
 
 
-def test_dask_array_fit_on_a_local_cluster_agrees_with_the_local_fit(planted):
+def test_dask_array_fit_on_a_local_cluster_agrees_with_the_local_fit(tmp_path, planted):
     A = planted[0]
-    kw = dict(init="sketch", tol=1e-8, n_iter_max=40)
-    local = fit_constrained_tucker(ChunkedTensor.from_array(A, 15), (4, 4), **kw)
+    _write_store(tmp_path / "s", A, chunk=15)
+    kw = dict(init="sketch", tol=1e-8, n_iter_max=20)
+    local = fit_constrained_tucker(ChunkedTensor.from_store(tmp_path / "s"), (4, 4), **kw)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                       dashboard_address=None) as cluster, Client(cluster):
-        remote = fit_constrained_tucker(da.from_array(A, chunks=(15, -1, -1)), (4, 4), **kw)
-    assert remote.n_passes == local.n_passes
-    assert abs(remote.rel_error - local.rel_error) < 1e-10
-    for a, b in zip(local.factors, remote.factors):
-        np.testing.assert_allclose(a, b, atol=1e-8)
+        darr = store_to_dask(tmp_path / "s")  # the workers read the store's chunks
+        remote = fit_constrained_tucker(darr, (4, 4), **kw)
+        from_array = fit_constrained_tucker(da.from_array(A, chunks=(15, -1, -1)), (4, 4), **kw)
+    for res in (remote, from_array):
+        assert res.n_passes == local.n_passes
+        assert abs(res.rel_error - local.rel_error) < 1e-10
+        for a, b in zip(local.factors, res.factors):
+            np.testing.assert_allclose(a, b, atol=1e-8)

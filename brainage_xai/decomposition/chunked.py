@@ -268,7 +268,8 @@ class StoreWriter:
         Subjects per chunk.
 
     Reopening a store with other ``shape``, ``dtype`` or ``chunk`` is an error (the
-    chunks written so far would not fit). :attr:`missing` lists the chunks still to
+    chunks written so far would not fit); reopening it removes the temporary files of a
+    writer that died. One writer at a time per store. :attr:`missing` lists the chunks still to
     write; :meth:`write` writes one atomically and marks it complete.
     """
 
@@ -289,6 +290,8 @@ class StoreWriter:
                     f"{self.dtype} in {len(rows)} chunks"
                 )
             self.meta = meta
+            for stale in self.path.glob(".chunk-*.npy.tmp-*"):  # left by a writer that died
+                stale.unlink(missing_ok=True)
         else:
             self.meta = {"format": FORMAT, "version": VERSION, "shape": list(self.shape),
                          "dtype": self.dtype.name, "chunks": [list(r) for r in rows],
