@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import TINY, Backend
+from ._passes import Passes
 
 #: Inner HALS sweeps per factor update. Cheap next to the two passes over the
 #: tensor, and they make each outer iteration worth much more (Gillis & Glineur 2012).
@@ -142,22 +143,22 @@ def mode2_reduced(bk, U2, D, M2, H2, nonneg, rounds=MODE2_ROUNDS, steps=FISTA_ST
     return U2, D
 
 
-def iterate(bk, A2, shape, st: State, reduced, nonneg, lam, normA2):
+def iterate(bk, passes: Passes, shape, st: State, reduced, nonneg, lam, normA2):
     """One outer iteration: two passes over the tensor.
 
     Pass 1 contracts mode 3 once (``T = A x3 U3``), which serves the mode-1 and
     mode-2 MTTKRPs; pass 2 is the mode-3 MTTKRP. The fit comes from Gram
-    identities, never from a dense reconstruction.
+    identities, never from a dense reconstruction. ``st.U1`` may be ``None`` (a
+    start that gives ``W`` and ``U3`` only): the first update is then least squares.
 
     Returns the new state, the objective ``F`` and the data term
     ``||A - Ahat||^2`` (backend scalars).
     """
-    n, c, _ = shape
     U1, W, U3, U2, D = st.U1, st.W, st.U3, st.U2, st.D
     R1 = U3.shape[1]
 
     # pass 1
-    T = (A2 @ U3).reshape(n, c, R1)
+    T = passes.mode3(U3)
     G3 = U3.T @ U3
     l1_3 = bk.col_l1(U3) if lam > 0 else None
     M1 = bk.sum(T * W[None, :, :], axis=1)
@@ -190,9 +191,7 @@ def iterate(bk, A2, shape, st: State, reduced, nonneg, lam, normA2):
     U3 = U3 * (n1 * nw)[None, :]
 
     # pass 2
-    KR = (U1[:, None, :] * W[None, :, :]).reshape(-1, R1)
-    M3 = A2.T @ KR
-    del KR
+    M3 = passes.mttkrp3(U1, W)
     H3 = (U1.T @ U1) * (W.T @ W)
     shrink = lam * bk.col_norms(U1) * bk.col_norms(W) if lam > 0 else None
     U3 = hals(bk, U3, M3, H3, SWEEPS_U3, nonneg=True, shrink=shrink)
@@ -226,7 +225,7 @@ def _extrapolate(bk, X: State, P: State, beta, reduced, nonneg):
 BETA0, BETA_GROW, BETA_CAP_GROW, BETA_SHRINK = 0.5, 1.05, 1.01, 1.5
 
 
-def run(bk, A2, shape, st, *, reduced, nonneg, lam, normA2, n_iter_max, tol, log=None,
+def run(bk, passes, shape, st, *, reduced, nonneg, lam, normA2, n_iter_max, tol, log=None,
         accelerate=True):
     """Outer iterations until the relative decrease of ``F`` falls below ``tol``.
 
@@ -245,7 +244,7 @@ def run(bk, A2, shape, st, *, reduced, nonneg, lam, normA2, n_iter_max, tol, log
     floor = 1e-28 * normA2
     it = 0
     while it < n_iter_max:
-        Z, F, data = iterate(bk, A2, shape, Y, reduced, nonneg, lam, normA2)
+        Z, F, data = iterate(bk, passes, shape, Y, reduced, nonneg, lam, normA2)
         F = bk.item(F)
         it += 1
         if extrapolated and not F <= F_X:
@@ -319,38 +318,33 @@ def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=None, oversample=10):
     subspace iterations (Halko et al. 2011; default :data:`SVD_POWER_ITER`, read at
     call time) so that the result is the SVD's, not the seed's. Like TensorLy's ``'svd'`` init for non-negative CP, each vector is
     sign-fixed and replaced by its absolute value (``U3`` always; ``U1``, ``W`` with
-    ``nonneg``).
+    ``nonneg``). ``A`` is the tensor or its :class:`Passes`; ``A2`` is not used (the
+    passes reshape ``A`` themselves) and stays for callers that pass it.
     """
     n, c, v = shape
     if power_iter is None:
         power_iter = SVD_POWER_ITER
+    ops = A if isinstance(A, Passes) else Passes(bk, A, shape)
 
     def gauss(*dims):
         return bk.asarray(rng.standard_normal(dims))
 
-    def mttkrp1(Oc, Ov):  # A_(1) (Ov kr Oc): (n, k)
-        return bk.sum((A2 @ Ov).reshape(n, c, -1) * Oc[None, :, :], axis=1)
-
     # mode 1: A_(1) = A.reshape(n, c v)
     k = min(R1 + oversample, n, c * v)
-    A1 = A.reshape(n, c * v)
-    U1 = _range_svd(bk, lambda X: A1 @ X, lambda Q: A1.T @ Q, mttkrp1(gauss(c, k), gauss(v, k)),
-                    R1, power_iter)
+    U1 = _range_svd(bk, ops.a1, ops.t1, ops.mttkrp1(gauss(c, k), gauss(v, k)), R1, power_iter)
 
     # mode 2: A_(2) is c x nv; products through batched matmuls over subjects
     k = min(R1 + oversample, c, n * v)
-    At = bk.swap_last(A)
     Oa, Ov = gauss(n, k), gauss(v, k)
-    Y = bk.sum((A2 @ Ov).reshape(n, c, k) * Oa[:, None, :], axis=0)
+    Y = ops.mttkrp2(Oa, Ov)
     # A_(2) A_(2)^T (c x c), subject by subject: A_(2)^T Q would be n v x k, as large as A.
-    G2 = bk.sum(bk.batched_matmul(A, At), axis=0)
-    W = _range_svd(bk, lambda X: bk.sum(bk.batched_matmul(A, X), axis=0),
-                   lambda Q: bk.batched_matmul(At, Q), Y, R1, power_iter, gram=G2)
+    G2 = ops.gram2()
+    W = _range_svd(bk, None, None, Y, R1, power_iter, gram=G2)
 
     # mode 3: A_(3) = A2.T  (v x nc)
     k = min(R1 + oversample, v, n * c)
     Om = (gauss(n, k)[:, None, :] * gauss(c, k)[None, :, :]).reshape(n * c, k)
-    U3 = _range_svd(bk, lambda X: A2.T @ X, lambda Q: A2 @ Q, A2.T @ Om, R1, power_iter)
+    U3 = _range_svd(bk, ops.t3, ops.a3, ops.t3(Om), R1, power_iter)
     del Om
 
     fix = _nonneg_columns if nonneg else _sign_fix
@@ -359,6 +353,52 @@ def svd_init(bk, A, A2, shape, R1, nonneg, rng, power_iter=None, oversample=10):
         _pad_random(bk, fix(bk, W), R1, rng),
         _pad_random(bk, _nonneg_columns(bk, U3), R1, rng),
     )
+
+
+#: Subspace iterations of the sketch start, one pass over the tensor each.
+SKETCH_POWER_ITER = 2
+
+
+def sketch_init(bk, passes: Passes, shape, R1, rng, power_iter=None, oversample=10,
+                check=None):
+    """A start in ``1 + power_iter`` passes: ``W`` and ``U3`` from the SVD, ``U1`` left out.
+
+    The first pass gives the channels' Gram matrix ``A_(2) A_(2)^T`` (``c x c``, so
+    ``W`` is its leading eigenvectors, exactly) and a Khatri-Rao sketch of the mode-3
+    unfolding. Each subspace iteration of mode 3 is one pass, because with subject
+    chunks ``A_(3) A_(3)^T Q = sum_k A2_k^T (A2_k Q)`` needs each chunk once; the
+    last pass also gives ``Q^T A_(3) A_(3)^T Q`` for a Rayleigh-Ritz step, and its
+    product moves the Ritz vectors by one more iteration. ``U1`` is not estimated:
+    the first update of the fit solves for it by least squares from ``W`` and
+    ``U3``, which the SVD start's ``U1`` (ten passes of its own) only seeds.
+    Columns are sign-fixed and made non-negative as in :func:`svd_init`.
+
+    With ``check``, the first pass also gives ``(||A||^2, min, NaN count)`` and
+    ``check`` is called on it before anything else is computed. Returns the state and
+    what ``check`` returned (``None`` without it).
+    """
+    n, c, v = shape
+    if power_iter is None:
+        power_iter = SKETCH_POWER_ITER
+    if power_iter < 1:
+        raise ValueError(f"the sketch start needs power_iter >= 1; got {power_iter}")
+    k = min(R1 + oversample, v, n * c)
+    Oa = bk.asarray(rng.standard_normal((n, k)))
+    Oc = bk.asarray(rng.standard_normal((c, k)))
+    G2, Y, stats = passes.sketch(Oa, Oc, stats=check is not None)
+    checked = check(stats) if check is not None else None
+    _, V2 = bk.eigh(G2)
+    W = bk.take_cols(V2, np.arange(c - 1, c - 1 - min(R1, c), -1))
+    for _ in range(power_iter):
+        Q = bk.qr_q(Y)
+        Y, B = passes.power3(Q)
+    _, V = bk.eigh(B)
+    V = bk.take_cols(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - min(R1, V.shape[1]), -1))
+    U3 = Y @ V
+    U3 = U3 / bk.clamp_min(bk.col_norms(U3), TINY)[None, :]
+    st = State(None, _pad_random(bk, _nonneg_columns(bk, W), R1, rng),
+               _pad_random(bk, _nonneg_columns(bk, U3), R1, rng))
+    return st, checked
 
 
 def _sign_fix(bk, X):

@@ -18,6 +18,8 @@ import numpy as np
 
 from . import _solver
 from ._backend import TINY, Backend, is_torch
+from ._passes import Passes, check_stats
+from .chunked import ChunkedTensor, as_chunked
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +46,11 @@ _PARAMS_DOC = """
         rank-``R1`` CP warm-up, which may use as many again.
     tol : float, default=1e-6
         Stop when the objective decreases by less than ``tol`` times its value.
-    init : {'svd', 'random'} or ConstrainedTuckerResult or fitted ConstrainedTucker
+    init : {'svd', 'sketch', 'random'} or ConstrainedTuckerResult or fitted ConstrainedTucker
         ``'svd'``: leading singular vectors of the unfoldings (randomised, made
-        non-negative); ``'random'``: uniform factors; a previous result: warm start,
+        non-negative; about 22 passes over ``A``); ``'sketch'``: the channel and
+        spatial factors' singular vectors in three passes, the loadings from the
+        first update; ``'random'``: uniform factors; a previous result: warm start,
         ranks may differ (the strongest components are kept, new ones start
         random; the channel factor is refactorised to rank ``R2``). A warm start
         whose subjects differ from ``A``'s keeps ``U2``, ``U3`` and the core only.
@@ -68,6 +72,13 @@ def _fill_doc(func):
 
 # --------------------------------------------------------------------------- checks
 def _as_array(A, name):
+    A = as_chunked(A)
+    if isinstance(A, ChunkedTensor):
+        if A.dtype not in (np.float32, np.float64):
+            raise ValueError(f"{name} must be float32 or float64; got {A.dtype}")
+        if min(A.shape) == 0:
+            raise ValueError(f"{name} must not be empty; got shape {A.shape}")
+        return A
     if not (is_torch(A) or isinstance(A, np.ndarray)):
         try:
             A = np.asarray(A)
@@ -101,6 +112,8 @@ def _as_array(A, name):
 
 def _check_finite_and_sign(bk, A, name, nonneg):
     """Squared norm of ``A``, after checking it is finite (and non-negative)."""
+    if isinstance(A, ChunkedTensor):
+        return check_stats(Passes(bk, A, A.shape).stats(), name, nonneg)
     normA2 = bk.sq_norm(A)
     if not math.isfinite(normA2):
         n_nan = int(bk.item(bk.sum(A != A))) if bk.is_torch else int(np.isnan(A).sum())
@@ -193,11 +206,13 @@ class ConstrainedTuckerResult:
         ``constraints='paper'``; 0 otherwise.
     converged : bool
         Whether the stopping rule on ``tol`` was met before ``n_iter_max``.
+    n_passes : int or None
+        Passes over ``A`` the fit made (the start, every iteration, the input check).
     rank, constraints, l1 : the settings of the fit.
     """
 
     def __init__(self, core, factors, faces, rel_error, errors, n_iter, n_iter_init,
-                 converged, rank, constraints, l1):
+                 converged, rank, constraints, l1, n_passes=None):
         self.core = core
         self.factors = list(factors)
         self.faces = faces
@@ -209,6 +224,7 @@ class ConstrainedTuckerResult:
         self.rank = tuple(rank)
         self.constraints = constraints
         self.l1 = float(l1)
+        self.n_passes = n_passes
 
     def __repr__(self):
         U1, U2, U3 = self.factors
@@ -234,13 +250,16 @@ class ConstrainedTuckerResult:
                 f"{name} must have shape (n_subjects, {c}, {v}) to match the fitted "
                 f"factors; got {tuple(A.shape)}"
             )
-        bk = Backend(A)
+        bk = Backend(np.empty(0, A.dtype) if isinstance(A, ChunkedTensor) else A)
         return A, bk
 
     def _mode1(self, A, bk):
         W, U3 = self._on(bk)
         n, c, v = A.shape
-        T = (A.reshape(n * c, v) @ U3).reshape(n, c, U3.shape[1])
+        if isinstance(A, ChunkedTensor):
+            T = Passes(bk, A, A.shape).mode3(U3)
+        else:
+            T = (A.reshape(n * c, v) @ U3).reshape(n, c, U3.shape[1])
         M1 = bk.sum(T * W[None, :, :], axis=1)
         H1 = (W.T @ W) * (U3.T @ U3)
         return M1, H1
@@ -325,7 +344,7 @@ class ConstrainedTuckerResult:
         return ConstrainedTuckerResult(
             conv(self.core), [conv(f) for f in self.factors], conv(self.faces),
             self.rel_error, self.errors, self.n_iter, self.n_iter_init, self.converged,
-            self.rank, self.constraints, self.l1,
+            self.rank, self.constraints, self.l1, self.n_passes,
         )
 
 
@@ -437,11 +456,13 @@ def fit_constrained_tucker(A, rank, *, constraints="nonneg", l1=0.0, n_iter_max=
 
     Parameters
     ----------
-    A : numpy.ndarray or torch.Tensor, shape (n, c, v)
+    A : numpy.ndarray, torch.Tensor, ChunkedTensor or dask.array, shape (n, c, v)
         Subjects x channels x voxels, float32 or float64, finite; non-negative for
         ``constraints='nonneg'``. Torch tensors stay on their device (CPU or CUDA);
         no dense temporaries of ``A``'s size are made (``A`` should be C-contiguous,
-        else reshaping it copies it once).
+        else it is copied once). A :class:`~brainage_xai.decomposition.chunked.ChunkedTensor`
+        (or a dask array, or the path of a chunked store) is streamed: every pass reads
+        one subject chunk at a time, so memory is a chunk plus the factors.
     %(params)s
 
     Returns
@@ -460,13 +481,30 @@ def fit_constrained_tucker(A, rank, *, constraints="nonneg", l1=0.0, n_iter_max=
     shape = tuple(int(s) for s in A.shape)
     R1, R2 = _check_rank(rank, shape)
     nonneg = constraints == "nonneg"
-    bk = Backend(A)
-    normA2 = _check_finite_and_sign(bk, A, "A", nonneg)
-    if normA2 == 0:
-        raise ValueError("A is all zeros: there is nothing to decompose")
+    chunked = isinstance(A, ChunkedTensor)
+    if not chunked:
+        A = A.contiguous() if is_torch(A) else np.ascontiguousarray(A)
+    bk = Backend(np.empty(0, A.dtype) if chunked else A)
+    passes = Passes(bk, A, shape)
     rng = np.random.default_rng(random_state)
-    n, c, v = shape
-    A2 = A.reshape(n * c, v)
+    sketch = isinstance(init, str) and init == "sketch"
+
+    def check(stats=None):
+        if chunked:
+            normA2 = check_stats(stats, "A", nonneg)
+        else:
+            passes.count += 1
+            normA2 = _check_finite_and_sign(bk, A, "A", nonneg)
+        if normA2 == 0:
+            raise ValueError("A is all zeros: there is nothing to decompose")
+        return normA2
+
+    if sketch and chunked:  # the start's first pass checks the input too
+        st, normA2 = _solver.sketch_init(bk, passes, shape, R1, rng, check=check)
+    else:
+        normA2 = check(passes.stats() if chunked else None)
+        if sketch:
+            st, _ = _solver.sketch_init(bk, passes, shape, R1, rng)
     reduced = R2 < R1
     lam = float(l1)
 
@@ -481,12 +519,13 @@ def fit_constrained_tucker(A, rank, *, constraints="nonneg", l1=0.0, n_iter_max=
     n_iter_init = 0
     if isinstance(init, str):
         if init == "svd":
-            st = _solver.svd_init(bk, A, A2, shape, R1, True, rng)
+            st = _solver.svd_init(bk, passes, None, shape, R1, True, rng)
         elif init == "random":
             st = _solver.random_init(bk, shape, R1, rng)
-        else:
+        elif not sketch:
             raise ValueError(
-                f"'init' must be one of ['svd', 'random'] or a previous result. {init!r} was provided."
+                "'init' must be one of ['svd', 'sketch', 'random'] or a previous result. "
+                f"{init!r} was provided."
             )
         # A fresh start first fits the plain non-negative rank-R1 CP model when the
         # target is harder: with free signs from the start components die (U3 >= 0
@@ -496,7 +535,7 @@ def fit_constrained_tucker(A, rank, *, constraints="nonneg", l1=0.0, n_iter_max=
         # the 'paper' constraints, so 'paper' does not fit worse than 'nonneg'.
         if reduced or not nonneg or lam > 0:
             warm = dict(common, nonneg=True, lam=0.0)
-            st, objs0, _, _, it0 = _solver.run(bk, A2, shape, st, reduced=False, **warm)
+            st, objs0, _, _, it0 = _solver.run(bk, passes, shape, st, reduced=False, **warm)
             n_iter_init += it0
         if reduced:
             st = _solver.reduce_mode2(bk, st, R2, True)
@@ -510,9 +549,10 @@ def fit_constrained_tucker(A, rank, *, constraints="nonneg", l1=0.0, n_iter_max=
             f"ConstrainedTucker; got {type(init).__name__}"
         )
 
-    st, objs, data, converged, n_it = _solver.run(bk, A2, shape, st, reduced=reduced, **common)
+    st, objs, data, converged, n_it = _solver.run(bk, passes, shape, st, reduced=reduced, **common)
     core, factors, faces = _finalise(bk, st, shape, R1, R2, reduced)
     rel = math.sqrt(max(data, 0.0) / normA2)
     errors = [math.sqrt(max(2.0 * F, 0.0) / normA2) for F in objs]
     return ConstrainedTuckerResult(core, factors, faces, rel, errors, n_it, n_iter_init,
-                                   converged, (R1, R2), constraints, lam)
+                                   converged, (R1, R2), constraints, lam,
+                                   n_passes=passes.count)
