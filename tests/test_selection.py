@@ -675,8 +675,11 @@ def test_run_selection_on_a_torch_device_gives_the_hosts_choice(cohort, tmp_path
     U3 = [np.load(tmp_path / d / "decomposition.npz")["U3"] for d in ("host", "dev")]
     r = [np.corrcoef(U3[0][:, k], U3[1][:, k])[0, 1] for k in range(U3[0].shape[1])]
     assert min(r) > 0.999, r
-    np.testing.assert_allclose(host["final"].loadings["test"], dev["final"].loadings["test"],
-                               rtol=1e-3, atol=1e-4)
+    # the loadings: to a fraction of their scale (the final fit stops at a finite tolerance; on some
+    # CPUs single loadings differ by 0.2 % of the largest)
+    a, b = host["final"].loadings["test"], dev["final"].loadings["test"]
+    np.testing.assert_allclose(a, b, rtol=0, atol=5e-3 * np.abs(a).max())
+    assert min(np.corrcoef(a[:, k], b[:, k])[0, 1] for k in range(a.shape[1])) > 0.999
     # Resume: the host's tables are this run's (same data, same fingerprint on either side).
     for name in ("rank_sweep.tsv", "rank_sweep.json", "lambda_sweep.tsv", "lambda_sweep.json"):
         (tmp_path / "resume" / name).parent.mkdir(exist_ok=True)
