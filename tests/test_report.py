@@ -553,20 +553,22 @@ def test_citation_boilerplate_cites_what_ran():
                                               template_source="templateflow", grid_shape=(97, 115, 97))
     run = {"target": "<b>age</b>", "subjects": {"train": 60, "val": 20, "test": 20}, "networks": 3, "tuned": 20,
            "layer": "block4", "channels": 64, "grid": [6, 7, 6], "tensor": "deviations", "ranks": (4, 6),
-           "lambda": 0.01, "method": "consensus", "consensus": {"networks": 3, "resamples": 4}}
+           "lambda": 0.01, "method": "consensus", "consensus": {"networks": 3, "resamples": 4},
+           "atlases": ["HOSPA", "Lobes"]}
     bp = methods.boilerplate(participant, {"methods": methods.methods_text(target="age", tensor="deviations"),
                                            "settings": methods.settings_sentence(run), "consensus": True,
-                                           "tuned": True})
+                                           "tuned": True, "atlases": run["atlases"]})
     md = bp.markdown()
     for said in ("block4 (64 channels on a 6 x 7 x 6 feature grid)", "R1 = 4", "λ = 0.01", "--method consensus",
                  "3 networks x 4 resamples", "Interpreting age predictions from brain maps via deep neural",
                  "MNI152NLin2009cAsym", "TemplateFlow (Ciric et al., 2022)", "Optuna", "PyTorch", "scikit-learn",
-                 "PyBIDS", "NiBabel", "nilearn", "U1", "proportional scaling"):
+                 "PyBIDS", "NiBabel", "nilearn", "U1", "proportional scaling",
+                 "Harvard-Oxford subcortical atlas (Makris et al., 2006"):
         assert said in md, said
     bib = bp.bibtex()
     for key in ("brainagexai_method", "paszke2019pytorch", "pedregosa2011sklearn", "ciric2022templateflow",
                 "yarkoni2019pybids", "brett_nibabel", "abraham2014nilearn", "akiba2019optuna", "fonov2011",
-                "brunet2004consensus"):
+                "brunet2004consensus", "makris2006harvardoxford", "desikan2006"):
         assert bib.count("{" + key + ",") == 1, key
     assert bib.count("\n@") + 1 == len(bp.references) == md.count("\n- ")
     html = bp.html()
@@ -575,7 +577,9 @@ def test_citation_boilerplate_cites_what_ran():
     paper = methods.boilerplate(
         methods.participant_methods(map_name="stiffness", resolution="2", space="MNI152NLin2009cAsym"),
         {"methods": methods.methods_text(target="age", tensor="activations", method="paper"),
-         "settings": methods.settings_sentence({"method": "paper", "layer": "block5"}), "tuned": False})
+         "settings": methods.settings_sentence({"method": "paper", "layer": "block5", "atlases": ["Lobes"]}),
+         "tuned": False, "atlases": ["Lobes"]})
     md = paper.markdown()
     assert "--method paper" in md and "As in the original method" in md and "stiffness" in md
     assert "Optuna" not in md and "Ciric" not in md and "Brunet" not in md
+    assert "lobe atlas that ships with brainage-xai" in md and "Harvard-Oxford" not in md and "Makris" not in md

@@ -270,12 +270,22 @@ def group_boilerplate(out: GroupOutputs, config, template, *, backprojection: bo
         "ranks": (choice["ranks"]["R1"], choice["ranks"]["R2"]), "rank_rule": choice["ranks"].get("rule"),
         "lambda": choice["lambda"]["lambda"], "lambda_rule": choice["lambda"].get("rule"),
         "method": about.get("method", config.method), "consensus": consensus,
+        "atlases": _naming_atlases(out),
     }
     text = methods_text(target=target, tensor=tensor, backprojection=backprojection,
                         method=about.get("method", config.method), consensus=consensus)
     return boilerplate(preprocessing_methods(config, template),
                        {"methods": text, "settings": settings_sentence(run),
-                        "consensus": consensus is not None, "tuned": bool(tuned)})
+                        "consensus": consensus is not None, "tuned": bool(tuned),
+                        "atlases": run["atlases"]})
+
+
+def _naming_atlases(out: GroupOutputs) -> list[str]:
+    """The atlases that named the RoIs (``rois.tsv``'s ``atlas`` column), in order of use."""
+    if not out.rois.is_file():
+        return []
+    table = read_tsv(out.rois)
+    return list(dict.fromkeys(table["atlas"].astype(str))) if "atlas" in table else []
 
 
 def read_context(out: GroupOutputs, config, *, input_shape, template_name: str,

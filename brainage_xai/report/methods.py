@@ -115,6 +115,8 @@ NOTATION = (
 _GROUP_KEYS = ("brainagexai_method", "he2016identity", "kossaifi2016tensorly", "zhou2015nntucker",
                "cichocki2007hals", "satopaa2011kneedle", "selvaraju2017gradcam", "zhou2016cam")
 _CONSENSUS_KEYS = ("brunet2004consensus", "himberg2004icasso")
+#: The Harvard-Oxford atlas, when it named RoIs.
+_HOSPA_KEYS = ("makris2006harvardoxford", "desikan2006")
 #: The libraries the group level runs on, with the works that describe them.
 _GROUP_LIBRARIES = (("PyTorch", "torch", "paszke2019pytorch"), ("scikit-learn", "scikit-learn", "pedregosa2011sklearn"),
                     ("nilearn", "nilearn", "abraham2014nilearn"), ("NiBabel", "nibabel", "brett_nibabel"),
@@ -230,8 +232,8 @@ def settings_sentence(run: dict) -> str:
     ``run`` holds what the stages wrote: ``target``, ``subjects`` (``{split: n}``),
     ``networks``, ``epochs``, ``tuned`` (trials, 0: none), ``layer``, ``channels``,
     ``grid`` (feature grid shape), ``tensor``, ``constraints``, ``ranks`` (R1, R2),
-    ``rank_rule``, ``lambda``, ``lambda_rule``, ``method`` and ``consensus`` (``consensus.json``);
-    missing keys are left out.
+    ``rank_rule``, ``lambda``, ``lambda_rule``, ``method``, ``consensus`` (``consensus.json``) and
+    ``atlases`` (those that named the RoIs); missing keys are left out.
     """
     parts = []
     if run.get("consensus"):
@@ -271,6 +273,14 @@ def settings_sentence(run: dict) -> str:
                      + (f" ({run['rank_rule']})" if run.get("rank_rule") else "")
                      + (f", and the l1 penalty λ = {run['lambda']:.4g}" if run.get("lambda") is not None else "")
                      + (f" ({run['lambda_rule']})" if run.get("lambda_rule") else "") + ".")
+    atlases = run.get("atlases") or []
+    if "HOSPA" in atlases:
+        parts.append("The RoIs were named by their overlap with the Harvard-Oxford subcortical atlas "
+                     "(Makris et al., 2006; Desikan et al., 2006; from TemplateFlow) where it names them "
+                     "by more than a hemisphere's cortex or white matter, and otherwise with the lobe "
+                     "atlas that ships with brainage-xai.")
+    elif atlases:
+        parts.append("The RoIs were named by their overlap with the lobe atlas that ships with brainage-xai.")
     return " ".join(parts)
 
 
@@ -323,5 +333,6 @@ def boilerplate(participant: tuple[str, list[str]], group: dict | None = None) -
         paragraphs = [group["methods"], group["settings"] + f" Software: {libs}.", NOTATION]
         sections.append(("Brain-age model and its explanation (group level)", [p for p in paragraphs if p.strip()]))
         keys += [*_GROUP_KEYS, *(_CONSENSUS_KEYS if group.get("consensus") else ()),
-                 *(("akiba2019optuna",) if group.get("tuned") else ()), *lib_keys]
+                 *(("akiba2019optuna",) if group.get("tuned") else ()),
+                 *(_HOSPA_KEYS if "HOSPA" in (group.get("atlases") or ()) else ()), *lib_keys]
     return Boilerplate(sections, keys)

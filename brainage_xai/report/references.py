@@ -42,6 +42,24 @@ _ALL = (
          author="Gorgolewski, Krzysztof J. and others",
          journal="PLoS Computational Biology", volume="13", number="3", pages="e1005209",
          year="2017", doi="10.1371/journal.pcbi.1005209"),
+    _ref("makris2006harvardoxford",
+         "Makris N, Goldstein JM, Kennedy D et al. (2006). Decreased volume of left and total "
+         "anterior insular lobule in schizophrenia. Schizophr Res 83(2-3):155-171.",
+         "article",
+         title="Decreased volume of left and total anterior insular lobule in schizophrenia",
+         author="Makris, Nikos and Goldstein, Jill M. and Kennedy, David and others",
+         journal="Schizophrenia Research", volume="83", number="2-3", pages="155--171",
+         year="2006", doi="10.1016/j.schres.2005.11.020"),
+    _ref("desikan2006",
+         "Desikan RS, Segonne F, Fischl B et al. (2006). An automated labeling system for "
+         "subdividing the human cerebral cortex on MRI scans into gyral based regions of "
+         "interest. NeuroImage 31(3):968-980.",
+         "article",
+         title="An automated labeling system for subdividing the human cerebral cortex on {MRI} "
+               "scans into gyral based regions of interest",
+         author="Desikan, Rahul S. and S{\\'e}gonne, Florent and Fischl, Bruce and others",
+         journal="NeuroImage", volume="31", number="3", pages="968--980", year="2006",
+         doi="10.1016/j.neuroimage.2006.01.021"),
     _ref("fonov2011",
          "Fonov V, Evans AC, Botteron K, Almli CR, McKinstry RC, Collins DL (2011). Unbiased "
          "average age-appropriate atlases for pediatric studies. NeuroImage 54(1):313-327.",
