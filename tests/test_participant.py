@@ -276,3 +276,63 @@ def test_with_model_writes_activations(sim_bids, tmp_path):
     assert len(activations) == 1
     img = nib.load(activations[0])
     assert img.ndim == 4 and img.shape[-1] == 4 and np.isfinite(img.get_fdata()).all()
+
+
+def _outputs(root):
+    """Every output file's bytes, the logs left out (they name the run)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "logs" not in p.relative_to(root).parts
+    }
+
+
+def test_subjects_in_parallel_give_the_serial_outputs(sim_bids_copy, tmp_path, capsys):
+    """``--n-cpus 2``: the same files byte for byte as ``--n-cpus 1``, the same failure and
+    exit code for a bad subject, and the workers' messages in the log and on the console."""
+    anat = sim_bids_copy / "derivatives" / "simulated" / "sub-003" / "anat"
+    bad = next(anat.glob("*_label-GM_probseg.nii.gz"))
+    img = nib.load(bad)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[10, 10, 10] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine, img.header), bad)
+    labels = ["--participant-label", "001", "002", "003", "004", "005"]
+    args = ["--skip-bids-validation", "--resolution", "4"]
+    runs, errors = {}, {}
+    for n in (1, 2):
+        out = tmp_path / f"n{n}"
+        capsys.readouterr()
+        assert main([str(sim_bids_copy), str(out), "participant", *labels, *args, "--n-cpus", str(n)]) == 65
+        errors[n] = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        runs[n] = out
+    assert errors[1] == errors[2] and len(errors[2]) == 1
+    assert errors[2][0].startswith("brainage-xai: error: 1 of 5 subject(s) failed: sub-003")
+    made = _outputs(runs[1])
+    assert len([k for k in made if k.endswith("desc-preproc_probseg.nii.gz")]) == 4
+    assert _outputs(runs[2]) == made
+    (log,) = (runs[2] / "logs").glob("brainage-xai_participant_*.log")
+    text = log.read_text()
+    assert "5 subjects on 2 worker processes" in text
+    for subject in ("001", "002", "004", "005"):
+        assert f"sub-{subject}: registration check passed" in text
+        assert f"sub-{subject}: wrote sub-{subject}/anat/" in text
+    assert "failed: sub-003" in text
+    # A rerun on the pool skips every finished subject, and says so on the console.
+    capsys.readouterr()
+    assert main([str(sim_bids_copy), str(runs[2]), "participant", *labels[:3], *args, "--n-cpus", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "sub-001: outputs up to date, skipped" in err and "sub-002: outputs up to date, skipped" in err
+    assert not [p for p in runs[2].rglob(".*") if p.is_file() and p.name != ".bidsignore"]
+
+
+def test_n_cpus_defaults_to_the_available_cpus(sim_bids, tmp_path, monkeypatch):
+    """Without ``--n-cpus`` the subjects share the CPUs the job may use (as fMRIPrep's
+    ``--nprocs``), never more workers than subjects."""
+    from brainage_xai.workflows import pool
+
+    monkeypatch.setattr(pool, "available_cpus", lambda: 3)
+    out = tmp_path / "out"
+    assert main([str(sim_bids), str(out), "participant", "--participant-label", "010", "011", *ARGS]) == 0
+    (log,) = (out / "logs").glob("brainage-xai_participant_*.log")
+    assert "2 subjects on 2 worker processes" in log.read_text()
+    assert [s for s, _ in collect_preprocessed(out, "volume")] == ["010", "011"]
