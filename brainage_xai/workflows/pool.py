@@ -20,6 +20,7 @@ import logging.handlers
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -76,6 +77,13 @@ def _on_signal(signum, frame) -> None:
         raise Interrupted(signum)
 
 
+def _unraisable(info) -> None:
+    # The handler's exception raised inside a finaliser (a weak reference's callback):
+    # Python would print it and go on; the subject then runs to its end, written whole.
+    if not isinstance(info.exc_value, Interrupted):
+        sys.__unraisablehook__(info)
+
+
 def _watch(stop) -> None:
     stop.wait()
     if _WORKER["running"]:
@@ -93,7 +101,11 @@ def _init_worker(log_queue, stop, threads: int, torch_threads: bool) -> None:
     root.setLevel(logging.DEBUG)  # the run's handlers choose what they show
     logging.captureWarnings(True)
     # The job's CPUs are shared out between the workers: no BLAS (or torch) thread pool
-    # of one worker may take them all.
+    # of one worker may take them all. The variables hold for libraries loaded later,
+    # threadpoolctl for those already loaded.
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    import numpy  # noqa: F401  (its BLAS, loaded now under the limit)
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=threads)
@@ -104,6 +116,7 @@ def _init_worker(log_queue, stop, threads: int, torch_threads: bool) -> None:
     _WORKER["stop"] = stop
     for sig in STOP_SIGNALS:
         signal.signal(sig, _on_signal)
+    sys.unraisablehook = _unraisable
     threading.Thread(target=_watch, args=(stop,), daemon=True).start()
     # Blocked since the run started this process (a Ctrl-C to the process group while it
     # was starting waited here, and is now ignored: no subject runs yet).
