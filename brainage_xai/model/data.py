@@ -137,6 +137,11 @@ class MapDataset(torch.utils.data.Dataset):
         return MapDataset(self.paths, normalisation, workers=self.workers, grid=(self.shape, self.affine))
 
 
+def spans(n: int, batch_size: int) -> list[range]:
+    """The rows ``0..n-1`` in consecutive batches of ``batch_size`` (the last may be short)."""
+    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
 def batches(x, rows, device: torch.device | str = "cpu"):
     """Yield the inputs of each batch of ``rows`` (a sequence of index sequences): rows of
     an in-memory tensor, or read from a :class:`MapDataset` through a DataLoader (its

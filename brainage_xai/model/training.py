@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import BrainAgeXAIError, DataError, UsageError
 from ..utils.io import atomic_path
-from .data import batches
+from .data import batches, spans
 from .io import state_tensors
 from .network import model_mode
 
@@ -272,15 +272,11 @@ def predict_batches(
     fmt = place(model, device, dtype)
     out = []
     with model_mode(model), torch.inference_mode():
-        for xb in batches(x, _spans(len(x), batch_size), device):
+        for xb in batches(x, spans(len(x), batch_size), device):
             xb = xb.to(device).contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out.append(model(xb).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "n_outputs", 1)), np.float32)
-
-
-def _spans(n: int, batch_size: int) -> list[range]:
-    return [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
 def recalibrate_batchnorm(
@@ -307,10 +303,10 @@ def recalibrate_batchnorm(
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    spans = [s for s in _spans(len(x), batch_size) if len(s) > 1 or not s.start]
+    kept = [s for s in spans(len(x), batch_size) if len(s) > 1 or not s.start]
     try:
         with model_mode(model, training=True), torch.no_grad():
-            for xb in batches(x, spans, device):
+            for xb in batches(x, kept, device):
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     model(xb.to(device).contiguous(memory_format=fmt))
     finally:
