@@ -122,19 +122,24 @@ def assert_same_outputs(out: Path, ref: Path, under: str = "") -> None:
 # -- signals and killed runs --------------------------------------------------------------
 
 
-def _start_and_stop(cmd, out: Path, level: str, sig: int, seed: int, lines: int):
+def _start_and_stop(cmd, out: Path, level: str, sig: int, seed: int, lines: int, group: bool = False):
     """Start ``cmd`` and send ``sig`` at a random point of the run: once its log has a
     random share (10-80 %) of the ``lines`` an uninterrupted run logs, and a random
     fraction of a second later. A point counted in log lines, not seconds, falls inside
-    the run however busy the machine is."""
+    the run however busy the machine is. ``group``: to every process of the run (as
+    Ctrl-C in a terminal or ``scancel`` send it), not only to the run's own."""
     rng = random.Random(seed)
     point = max(1, int(rng.uniform(0.1, 0.8) * lines))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=group)
     while proc.poll() is None and (not (out / "logs").is_dir() or _log_lines(out, level) < point):
         time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.3))
     assert proc.poll() is None, f"the run ended before the stop point (log line {point} of {lines})"
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
 
@@ -171,6 +176,23 @@ def test_group_run_killed_and_rerun(cohort, reference, tmp_path, sig, seed):
         assert len(_lines(stderr)) == 1, stderr
     assert_same_outputs(out, reference["finished"], "group")
     assert not _temporaries(out / ".work")
+
+
+@pytest.mark.parametrize("sig, group, seed", [(signal.SIGTERM, False, 4), (signal.SIGINT, True, 5)])
+def test_participant_pool_stopped_and_rerun(cohort, reference, tmp_path, sig, group, seed):
+    """Subjects on two worker processes, stopped by a signal to the run (``docker stop``)
+    or to every process (Ctrl-C): the workers stop too, no temporary file is left, and a
+    rerun gives the outputs of the uninterrupted serial run."""
+    out = tmp_path / "out"
+    cmd = _cli(cohort, out, "participant", "--quiet", "--n-cpus", "2")
+    code, stderr = _start_and_stop(cmd, out, "participant", sig, seed, reference["participant_lines"], group)
+    assert code == 128 + sig, stderr
+    assert _lines(stderr)[-1].startswith(f"brainage-xai: stopped by {signal.Signals(sig).name}"), stderr
+    assert "Traceback" not in stderr
+    assert not _temporaries(out)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_same_outputs(out, reference["prepared"])
 
 
 def test_sigint_is_130_with_one_line(cohort, reference, tmp_path):

@@ -271,7 +271,7 @@ def build_parser(show_all: bool = False) -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("resources and reproducibility")
     g.add_argument("-w", "--work-dir", type=Path, metavar="DIR", help="work directory (default: OUTPUT_DIR/.work)")
-    g.add_argument("--n-cpus", "--nprocs", dest="n_cpus", type=_positive_int, metavar="N", help="CPUs to use")
+    g.add_argument("--n-cpus", "--nprocs", dest="n_cpus", type=_positive_int, metavar="N", help="CPUs to use (default: all the job may use); the participant level runs this many subjects at once")
     g.add_argument("--device", type=_device, default="auto", help=DEVICES_HELP)
     g.add_argument("--random-seed", type=_non_negative_int, default=0, metavar="N", help="seed of splits, initialisation and training")
     g.add_argument(

@@ -20,7 +20,7 @@ two can be compared voxel for voxel.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def _batches(inputs, batch_size: int):
         yield np.stack(batch)
 
 
-def gradcam_maps(model, layer, inputs: Sequence, *, target: int = 0, relu: bool = True,
+def gradcam_maps(model, layer, inputs: Iterable, *, target: int = 0, relu: bool = True,
                  batch_size: int = 4, device="cpu") -> np.ndarray:
     """GradCAM of every input on the feature grid of ``layer``.
 
@@ -62,8 +62,10 @@ def gradcam_maps(model, layer, inputs: Sequence, *, target: int = 0, relu: bool 
         (an ensemble's members, :meth:`~brainage_xai.model.network.EnsembleNet.activation_modules`):
         GradCAM of their channels side by side, i.e. the sum of each module's map before
         the ReLU, every gradient taken of ``model``'s own output.
-    inputs : sequence
-        Input maps: arrays ``(X, Y, Z)`` or ``(1, X, Y, Z)``, or nibabel images.
+    inputs : iterable
+        Input maps: arrays or tensors ``(X, Y, Z)`` or ``(1, X, Y, Z)``, or nibabel
+        images; read one batch at a time, so a generator over maps on disk (e.g. the
+        items of a :class:`~brainage_xai.model.data.MapDataset`) holds one batch only.
     target : int
         Output column (target) to explain.
     relu : bool
@@ -97,7 +99,7 @@ def gradcam_maps(model, layer, inputs: Sequence, *, target: int = 0, relu: bool 
     return np.concatenate(maps)
 
 
-def cam_maps(model, layer, head_weight, inputs: Sequence, *, relu: bool = True,
+def cam_maps(model, layer, head_weight, inputs: Iterable, *, relu: bool = True,
              batch_size: int = 4, device="cpu") -> np.ndarray:
     """Class activation maps ``sum_c w_c A_c`` (Zhou et al. 2016) for GAP + linear heads.
 
@@ -130,7 +132,7 @@ def cam_maps(model, layer, head_weight, inputs: Sequence, *, relu: bool = True,
     return np.concatenate(maps)
 
 
-def average_gradcam(model, layer, inputs: Sequence, geometry: FeatureGeometry, template_img,
+def average_gradcam(model, layer, inputs: Iterable, geometry: FeatureGeometry, template_img,
                     *, target: int = 0, relu: bool = True, batch_size: int = 4,
                     device="cpu", mask=None):
     """The dataset-level GradCAM baseline: subject maps averaged, on the template grid.

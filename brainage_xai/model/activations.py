@@ -33,7 +33,7 @@ from ..bids.derivatives import participant_activations_path
 from ..errors import DataError, UsageError
 from ..imaging.geometry import FeatureGeometry
 from ..utils.io import atomic_path, save_nifti, write_json
-from .data import check_grid, standardise_inputs
+from .data import batches, check_grid, spans, standardise_inputs
 from .io import load_model, model_sha256, weights_path
 from .network import PreActResNet3d, model_mode
 from .training import place
@@ -102,7 +102,8 @@ def iter_activations(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
 ) -> Iterator[np.ndarray]:
-    """Yield the activation of ``layer`` for batches of inputs ``(n, 1, *grid)``.
+    """Yield the activation of ``layer`` for batches of inputs ``(n, 1, *grid)`` (a tensor,
+    or a :class:`~brainage_xai.model.data.MapDataset` read one batch at a time).
 
     The activation is captured by a forward hook on the BN-ReLU module that produces it
     (one per member of an ensemble, side by side along the channels).
@@ -125,8 +126,8 @@ def iter_activations(
         with model_mode(model):
             fmt = place(model, device)  # outside inference mode: the weights stay normal tensors
             with torch.inference_mode():
-                for start in range(0, x.shape[0], batch_size):
-                    model(x[start : start + batch_size].to(device).contiguous(memory_format=fmt))
+                for xb in batches(x, spans(len(x), batch_size), device):
+                    model(xb.to(device).contiguous(memory_format=fmt))
                     out = captured[0] if len(captured) == 1 else torch.cat(captured, dim=1)
                     yield out.contiguous().numpy()
     finally:
@@ -156,7 +157,8 @@ def gradient_rms(
 
     For every channel and feature voxel of the activation ``layer``, how strongly the
     prediction (output column ``target``) moves when that activation moves, averaged
-    over the inputs ``x`` ``(n, 1, *grid)`` (the training subjects) as
+    over the inputs ``x`` ``(n, 1, *grid)`` (the training subjects; a tensor or a
+    :class:`~brainage_xai.model.data.MapDataset`) as
     ``sqrt(mean_n (d y_n / d A_n[c, v])²)``. Computed with Captum's
     ``LayerGradientXActivation(multiply_by_inputs=False)`` (the layer gradient) on the
     network in eval mode, one batch at a time; accumulated in float64.
@@ -169,7 +171,7 @@ def gradient_rms(
     from captum.attr import LayerGradientXActivation
 
     layer = check_layer(model, layer)
-    if x.shape[0] == 0:
+    if len(x) == 0:
         raise DataError("no inputs to take the gradient over")
     device = torch.device(device)
     modules = layer_modules(model, layer)
@@ -180,13 +182,13 @@ def gradient_rms(
     total = None
     with model_mode(model):
         fmt = place(model, device)
-        for start in range(0, x.shape[0], batch_size):
-            batch = x[start : start + batch_size].to(device).contiguous(memory_format=fmt)
+        for batch in batches(x, spans(len(x), batch_size), device):
+            batch = batch.to(device).contiguous(memory_format=fmt)
             grad = explainer.attribute(batch, target=target)
             grad = torch.cat(list(grad), dim=1) if len(modules) > 1 else grad
             square = (grad.detach().double() ** 2).sum(dim=0).cpu().numpy()
             total = square if total is None else total + square
-    return np.sqrt(total / x.shape[0])
+    return np.sqrt(total / len(x))
 
 
 def write_activation_tensor(

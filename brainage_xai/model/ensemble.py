@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import input_normalisation, standardise_inputs
+from .data import MapDataset, dataset_normalisation, input_normalisation, standardise_inputs
 from .network import PAPER_DEPTHS, PAPER_WIDTHS, EnsembleNet, build_network
 from .training import TrainSettings, fit, resolve_precision, tune
 
@@ -80,8 +80,10 @@ def train_networks(maps: np.ndarray, y: np.ndarray, train, val, arch: dict,
 
     Parameters
     ----------
-    maps : ndarray, shape (n, 1, *grid)
-        Every subject's preprocessed map.
+    maps : ndarray, shape (n, 1, *grid), or MapDataset
+        Every subject's preprocessed map: in memory, or on disk and read one batch at a
+        time (training memory then does not grow with the cohort). Both give the same
+        normalisation and, on the CPU, the same weights to the bit.
     y : ndarray, shape (n, targets)
         Every subject's targets.
     train, val : array of int
@@ -101,12 +103,18 @@ def train_networks(maps: np.ndarray, y: np.ndarray, train, val, arch: dict,
         The network (an :class:`EnsembleNet` for several members, on the CPU), the input
         and target normalisation and the training record for ``model.json``.
     """
-    norm = input_normalisation(maps[train])
+    on_disk = isinstance(maps, MapDataset)
+    norm = dataset_normalisation(maps.subset(train)) if on_disk else input_normalisation(maps[train])
     y_mean, y_std = target_normalisation(y[train])
     norm.update(target_mean=y_mean.tolist(), target_std=y_std.tolist())
-    x = standardise_inputs(maps, norm)
     y_t = torch.from_numpy(((y - y_mean) / y_std).astype(np.float32))
     tr, va = torch.from_numpy(np.asarray(train)), torch.from_numpy(np.asarray(val))
+    if on_disk:
+        x = maps.standardised(norm)
+        x_tr, x_va = x.subset(train), x.subset(val)
+    else:
+        x = standardise_inputs(maps, norm)
+        x_tr, x_va = x[tr], x[va]
     single = {k: v for k, v in arch.items() if k != "ensemble"}
     n_members = int(arch.get("ensemble", 1))
     seed0 = train_settings.seed
@@ -118,7 +126,7 @@ def train_networks(maps: np.ndarray, y: np.ndarray, train, val, arch: dict,
     tuning = None
     if n_trials:
         LOGGER.info("tuning: %d TPE trials of %d epochs", n_trials, train_settings.epochs)
-        tuning = tune(build, x[tr], y_t[tr], x[va], y_t[va], train_settings, n_trials,
+        tuning = tune(build, x_tr, y_t[tr], x_va, y_t[va], train_settings, n_trials,
                       storage=Path(run_dir) / "tune.db", device=device, quiet=quiet)
         train_settings = dataclasses.replace(train_settings, **tuning["best_params"])
         LOGGER.info("tuning: best %s", tuning["best_params"])
@@ -133,7 +141,7 @@ def train_networks(maps: np.ndarray, y: np.ndarray, train, val, arch: dict,
         seed = seed0 + i
         member = build(seed)
         result = fit(
-            member, x[tr], y_t[tr], x[va], y_t[va], dataclasses.replace(train_settings, seed=seed),
+            member, x_tr, y_t[tr], x_va, y_t[va], dataclasses.replace(train_settings, seed=seed),
             y_scale=y_std, device=device, quiet=quiet,
             checkpoint=Path(run_dir) / ("checkpoint.safetensors" if i == 0 else f"checkpoint-{i + 1}.safetensors"),
         )  # fmt: skip

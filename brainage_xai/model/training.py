@@ -1,8 +1,8 @@
 """Training of the 3D ResNet: split, SGD, schedule, early stopping, resume, tuning.
 
-Everything here works on in-memory tensors (inputs already standardised, targets
-standardised), so it is testable without files; :mod:`brainage_xai.workflows.group` wires it to
-the maps on disk.
+Everything here works on standardised inputs, an in-memory tensor or the maps on disk
+(:class:`~brainage_xai.model.data.MapDataset`, read one batch at a time), and standardised
+targets in memory; :mod:`brainage_xai.workflows.group` wires it to the maps on disk.
 
 Determinism: the network is initialised from ``seed``, and every epoch draws its
 shuffling and augmentation from a generator seeded by ``(seed, epoch)``, so a run that
@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import BrainAgeXAIError, DataError, UsageError
 from ..utils.io import atomic_path
+from .data import batches, spans
 from .io import state_tensors
 from .network import model_mode
 
@@ -260,7 +261,8 @@ def predict_batches(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Network outputs ``(n, n_outputs)`` for inputs ``(n, 1, *grid)``, in evaluation mode.
+    """Network outputs ``(n, n_outputs)`` for inputs ``(n, 1, *grid)`` (a tensor or a
+    :class:`~brainage_xai.model.data.MapDataset`), in evaluation mode.
 
     The model is moved to ``device`` and put in the inputs' memory format (:func:`place`,
     in place, like :meth:`torch.nn.Module.to`): a model loaded from its safetensors file
@@ -270,8 +272,8 @@ def predict_batches(
     fmt = place(model, device, dtype)
     out = []
     with model_mode(model), torch.inference_mode():
-        for start in range(0, x.shape[0], batch_size):
-            xb = x[start : start + batch_size].to(device).contiguous(memory_format=fmt)
+        for xb in batches(x, spans(len(x), batch_size), device):
+            xb = xb.to(device).contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out.append(model(xb).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(model, "n_outputs", 1)), np.float32)
@@ -301,12 +303,10 @@ def recalibrate_batchnorm(
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
+    kept = [s for s in spans(len(x), batch_size) if len(s) > 1 or not s.start]
     try:
         with model_mode(model, training=True), torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start : start + batch_size]
-                if len(xb) < 2 and start:
-                    continue
+            for xb in batches(x, kept, device):
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     model(xb.to(device).contiguous(memory_format=fmt))
     finally:
@@ -369,8 +369,10 @@ def fit(
     ----------
     model : torch.nn.Module
         Freshly initialised (or any) network; trained in place.
-    x_train, x_val : torch.Tensor
-        Standardised inputs ``(n, 1, *grid)`` on the CPU.
+    x_train, x_val : torch.Tensor or MapDataset
+        Standardised inputs ``(n, 1, *grid)`` on the CPU, or the maps on disk read one
+        batch at a time (:class:`~brainage_xai.model.data.MapDataset`): the same batches,
+        augmentation draws and weights.
     y_train, y_val : torch.Tensor
         Standardised targets ``(n, n_targets)``.
     settings : TrainSettings
@@ -429,7 +431,7 @@ def fit(
             else:
                 LOGGER.info("checkpoint %s has other settings; training from scratch", checkpoint)
                 optimizer.state.clear()
-    n = x_train.shape[0]
+    n = len(x_train)
     bar = tqdm(total=settings.epochs, initial=start, disable=quiet, desc="training", unit="epoch", leave=False)
     try:
         for epoch in range(start, settings.epochs):
@@ -441,11 +443,12 @@ def fit(
             order = torch.randperm(n, generator=generator)
             model.train()
             total, seen = 0.0, 0
-            for begin in range(0, n, settings.batch_size):
-                idx = order[begin : begin + settings.batch_size]
-                if len(idx) < 2 and seen:
-                    continue  # batch norm needs two samples; the next epoch reshuffles
-                xb = augment(x_train[idx], generator, settings.max_shift, settings.intensity_jitter)
+            # batch norm needs two samples: a last batch of one is left out (the next
+            # epoch reshuffles)
+            rows = [order[b : b + settings.batch_size] for b in range(0, n, settings.batch_size)]
+            rows = [idx for b, idx in enumerate(rows) if len(idx) > 1 or not b]
+            for idx, xb in zip(rows, batches(x_train, rows, device)):
+                xb = augment(xb, generator, settings.max_shift, settings.intensity_jitter)
                 xb = xb.to(device).contiguous(memory_format=fmt)
                 yb = y_train[idx].to(device)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):

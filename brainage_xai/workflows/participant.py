@@ -6,7 +6,9 @@ a JSON sidecar), a registration QC figure and ``sub-X.html`` into OUTPUT_DIR. Wi
 ``--model`` the subject's activations are written as well.
 
 Subjects are independent: a subject that fails is reported and the others go on; the run
-then exits with the failure's code. Every file is written atomically and the sidecar last,
+then exits with the failure's code. With ``--n-cpus`` above 1 (by default, the CPUs the job
+may use) the subjects run on that many worker processes (:mod:`.pool`), with the same
+files, logs and exit codes as one after the other. Every file is written atomically and the sidecar last,
 so an interrupted run leaves no half-written map, and a re-run skips subjects whose
 sidecar records the same input and settings.
 """
@@ -25,6 +27,7 @@ from ..errors import BrainAgeXAIError, DataError, MissingInputError, raise_if_st
 from ..report.methods import boilerplate, preprocessing_methods
 from ..report.subject import INTERPOLATION, subject_page
 from ..utils.io import damage, save_nifti, write_json, write_text
+from . import pool
 from .outputs import init_output_dir, write_citation
 
 LOGGER = logging.getLogger("brainage_xai.participant")
@@ -179,6 +182,25 @@ def process_subject(config, subject: str, source: Path, entities: dict, template
     return out_path
 
 
+def _process_in_worker(config, subject: str, source: Path, entities: dict) -> Path:
+    """:func:`process_subject` in a worker process, with the template loaded (and cached)
+    there rather than sent with every subject."""
+    from ..imaging.templates import get_template
+
+    return process_subject(config, subject, source, entities, get_template(config.resolution))
+
+
+def _serial(config, todo, template, bar):
+    """Subjects one after the other in this process: ``(subject, map or error)`` each."""
+    for subject, (source, entities) in todo:
+        raise_if_stopped()
+        bar.set_postfix_str(f"sub-{subject}")
+        try:
+            yield subject, process_subject(config, subject, source, entities, template)
+        except BrainAgeXAIError as exc:
+            yield subject, exc
+
+
 def _combined_error(failures: dict[str, BrainAgeXAIError], total: int) -> BrainAgeXAIError:
     """One exception (class and exit code of the first failure) that says how many of the
     subjects failed and names every failure."""
@@ -268,19 +290,30 @@ def run(config) -> int:
     for subject, exc in ambiguous.items():
         failures[subject] = exc
         LOGGER.info("failed: %s", exc)
-    bar = tqdm(
-        sorted(found.items()), desc="participants", unit="subject",
-        disable=config.quiet, file=sys.stderr,
-    )
-    for subject, (source, entities) in bar:
-        raise_if_stopped()
-        bar.set_postfix_str(f"sub-{subject}")
-        try:
-            process_subject(config, subject, source, entities, template)
-        except BrainAgeXAIError as exc:
-            failures[subject] = exc
-            LOGGER.info("failed: %s", exc)
-    bar.close()
+    todo = sorted(found.items())
+    n_workers = min(config.n_cpus or pool.available_cpus(), len(todo))
+    bar = tqdm(total=len(todo), desc="participants", unit="subject", disable=config.quiet, file=sys.stderr)
+    if n_workers > 1:
+        LOGGER.info("%d subjects on %d worker processes", len(todo), n_workers)
+        tasks = [(subject, (config, subject, source, entities)) for subject, (source, entities) in todo]
+        threads = max(1, (config.n_cpus or pool.available_cpus()) // n_workers)
+        results = pool.run_pool(_process_in_worker, tasks, n_workers, threads=threads,
+                           torch_threads=config.model is not None)
+    else:
+        results = _serial(config, todo, template, bar)
+    try:
+        for subject, result in results:
+            if isinstance(result, str) and result == pool.STOPPED:
+                result = BrainAgeXAIError(
+                    f"sub-{subject}: its worker process was stopped by a signal before it finished"
+                )
+            if isinstance(result, BrainAgeXAIError):
+                failures[subject] = result
+                LOGGER.info("failed: %s", result)
+            bar.set_postfix_str(f"sub-{subject}")
+            bar.update()
+    finally:
+        bar.close()  # before the command line's last line, also when the run is stopped
     if failures:
         raise _combined_error(dict(sorted(failures.items())), len(subjects))
     return 0

@@ -12,6 +12,7 @@ from ...model.activations import (
     read_participant_activations,
     write_activation_tensor,
 )
+from ...model.data import batches as load_batches
 from .runner import GroupContext
 
 LOGGER = logging.getLogger("brainage_xai.group")
@@ -26,7 +27,7 @@ def stage_activations(ctx: GroupContext) -> None:
     key = ctx.key(model=ctx.model_sha, layer=layer, inputs=ctx.inputs_sha, split=ctx.split_sha)
     paths = ctx.out.activations(layer)
     if not ctx.is_done("activations", key, paths):
-        x = ctx.standardised_inputs()
+        x = ctx.map_dataset(workers=0)  # read in this process: the batches are few here
         reused = 0
 
         def batches():
@@ -38,7 +39,8 @@ def stage_activations(ctx: GroupContext) -> None:
                     reused += len(stored)
                     yield np.stack(stored)
                 else:
-                    yield from iter_activations(ctx.model, x[start:stop], layer, batch_size=BATCH, device=ctx.device)
+                    (inputs,) = load_batches(x, [range(start, stop)], ctx.device)
+                    yield from iter_activations(ctx.model, inputs, layer, batch_size=BATCH, device=ctx.device)
 
         write_activation_tensor(
             paths, batches(), subjects=ctx.subjects, split=list(ctx.split.loc[ctx.subjects]),

@@ -68,15 +68,16 @@ def _given(ctx: GroupContext) -> pd.DataFrame:
 
 
 def _choose(ctx: GroupContext) -> pd.DataFrame:
-    """Probe the candidates with the first network (all subjects' activations in memory)."""
+    """Probe the candidates with the first network (all subjects' activations in memory;
+    the maps read from disk for each layer)."""
     config = ctx.config
     net = member(ctx.model, 0)
-    x = ctx.standardised_inputs()
+    x = ctx.map_dataset()
     rows = Splits(ctx.rows("train"), ctx.rows("val"), ctx.rows("test"))
     mean, std = ctx.target_scale()
     y_true = ctx.targets.to_numpy(np.float64)[:, :1]
     y = rows.map(lambda r: (y_true[r] - mean[0]) / std[0])
-    raw = predict_batches(net, x[rows.val], device=ctx.device)[:, :1]
+    raw = predict_batches(net, x.subset(rows.val), device=ctx.device)[:, :1]
     network_mae = float(np.mean(np.abs(raw * std[0] + mean[0] - y_true[rows.val])))
     rank = _probe_rank(ctx)
     free = env.available_memory()
@@ -103,7 +104,7 @@ def _choose(ctx: GroupContext) -> pd.DataFrame:
         A = activations(cand.layer)
         gradient = None
         if cand.tensor == "relevance":
-            g = gradient_rms(net, x[rows.train], cand.layer, device=ctx.device, target=0)
+            g = gradient_rms(net, x.subset(rows.train), cand.layer, device=ctx.device, target=0)
             gradient = g.reshape(g.shape[0], -1)
         tensors, _, _ = prepare_tensor(A, rows, cand.tensor, gradient_rms=gradient)
         return tensors

@@ -119,7 +119,7 @@ def stage_model(ctx: GroupContext) -> None:
     if _reuse_trained(ctx, key):
         return
     trained = ensemble.train_networks(
-        ctx.maps, ctx.targets.to_numpy(np.float64), ctx.rows("train"), ctx.rows("val"), arch, settings,
+        ctx.map_dataset(standardised=False), ctx.targets.to_numpy(np.float64), ctx.rows("train"), ctx.rows("val"), arch, settings,
         run_dir=ctx.out.training_dir(key), n_trials=config.tune, device=ctx.device, quiet=config.quiet,
     )  # fmt: skip
     model = trained.model
@@ -165,7 +165,7 @@ def stage_predictions(ctx: GroupContext) -> None:
             write_json(model_json, {**ctx.model_meta, "metrics": ctx.metrics["metrics"]})
         return
     norm = ctx.model_meta["normalisation"]
-    raw = predict_batches(ctx.model, ctx.standardised_inputs(), device=ctx.device)
+    raw = predict_batches(ctx.model, ctx.map_dataset(), device=ctx.device)
     predicted = raw * np.asarray(norm["target_std"]) + np.asarray(norm["target_mean"])
     table, metrics = evaluate_predictions(ctx.split, ctx.targets, predicted)
     write_tsv(out.predictions, table, sidecar=data_dictionary(ctx.targets.columns))

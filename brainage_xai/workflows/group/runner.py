@@ -119,6 +119,18 @@ class GroupContext:
             self._maps, _ = load_maps(self.paths)
         return self._maps
 
+    def map_dataset(self, standardised: bool = True, workers: int | None = None):
+        """The maps on disk, read one batch at a time by a DataLoader
+        (:class:`~brainage_xai.model.data.MapDataset`; loader processes from ``--n-cpus``
+        unless ``workers`` is given): the same inputs as :meth:`standardised_inputs` (or
+        :attr:`maps`) without holding the cohort."""
+        from ...model.data import MapDataset, loader_workers
+
+        norm = self.model_meta["normalisation"] if standardised else None
+        if workers is None:
+            workers = loader_workers(self.config.n_cpus, self.device)
+        return MapDataset(self.paths, norm, workers=workers)
+
     def standardised_inputs(self) -> torch.Tensor:
         """The maps as the network sees them (its input normalisation)."""
         from ...model.data import standardise_inputs

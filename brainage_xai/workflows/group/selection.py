@@ -119,7 +119,7 @@ def _check_memory(shape, tensor: str, layer: str) -> None:
 def network_gradient(ctx: GroupContext, train_rows, k: int | None = None) -> np.ndarray:
     """The training subjects' output gradient at the decomposed layer, ``(c, v)``
     (``--tensor relevance``): of the model, or of its network ``k``."""
-    x = ctx.standardised_inputs()[np.asarray(train_rows)]
+    x = ctx.map_dataset().subset(np.asarray(train_rows))
     net = ctx.model if k is None else member(ctx.model, k)
     # The first target's output: the one the report explains.
     LOGGER.info("selection: output gradient (%s) at %s over %d training subjects",
