@@ -6,7 +6,8 @@ tensors), chosen per array, without global state, so that fits on numpy and on t
 inputs can run side by side in threads. :class:`Backend` adds only what the standard
 lacks: creation in a reference array's dtype and device, the symmetric
 pseudo-inverse, column selection by host indices, host copies of small ``R x R`` /
-``R``-sized quantities and the float64 squared norm. Nothing large leaves the device.
+``R``-sized quantities, the float64 squared norm, and the cheaper of ``maximum`` and
+``clip`` for the inner loops. Nothing large leaves the device.
 """
 
 from __future__ import annotations
