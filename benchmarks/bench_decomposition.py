@@ -20,14 +20,24 @@ Usage::
     .venv/bin/python benchmarks/bench_decomposition.py            # paper case
     .venv/bin/python benchmarks/bench_decomposition.py --large    # + large cases
     .venv/bin/python benchmarks/bench_decomposition.py --quick    # smaller, for CI
+    # this tree against another checkout of the package (e.g. an earlier commit):
+    .venv/bin/python benchmarks/bench_decomposition.py --baseline-tree DIR [--repeats 5] [--threads 1]
+
+``--baseline-tree`` times fixed-length fits (numpy f64/f32, torch CPU f64, a chunked
+tensor; CUDA with ``--device``) of the package in ``DIR`` and of this tree, each in
+its own process, alternating, and prints the medians and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 
@@ -184,16 +194,85 @@ def large_case(shape, rank, n_iter, device=None):
           "(tracemalloc for numpy, torch.cuda.max_memory_allocated for CUDA)")
 
 
+def _fit_times(shape, rank, n_iter, device=None):
+    """Seconds of one fixed-length fit per input kind, from an SVD start."""
+    import torch
+
+    import brainage_xai
+    from brainage_xai.decomposition.chunked import ChunkedTensor
+
+    A, _ = make_planted(shape, rank, noise=0.1, random_state=0)
+    inputs = {"numpy f64": A, "numpy f32": A.astype(np.float32),
+              "torch cpu f64": torch.from_numpy(A), "chunked f64": ChunkedTensor.from_array(A, 32)}
+    if device is not None and device.startswith("cuda") and torch.cuda.is_available():
+        inputs["torch cuda f32"] = torch.from_numpy(A.astype(np.float32)).to(device)
+    times = {}
+    for label, X in inputs.items():
+        fit_constrained_tucker(X, rank, n_iter_max=2, tol=0)  # warm-up: first calls, kernels
+        t = time.perf_counter()
+        fit_constrained_tucker(X, rank, n_iter_max=n_iter, tol=0)
+        if label.startswith("torch cuda"):
+            torch.cuda.synchronize()
+        times[label] = time.perf_counter() - t
+    return {"package": str(Path(brainage_xai.__file__).parent), "times": times}
+
+
+def compare(baseline, shape, rank, n_iter, repeats, device=None, threads=None):
+    """Medians of :func:`_fit_times` for the package in ``baseline`` and in this tree.
+
+    ``threads`` caps the BLAS and torch threads of the child processes: on a loaded
+    machine a multithreaded BLAS makes single calls up to 100x slower, at random,
+    which swamps what the comparison is about.
+    """
+    limits = {} if threads is None else {
+        k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    trees = {"baseline": Path(baseline).resolve(), "this tree": Path(__file__).resolve().parents[1]}
+    runs = {name: [] for name in trees}
+    spec = json.dumps([list(shape), list(rank), n_iter, device])
+    for _ in range(repeats):
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(tree), **limits)
+            out = subprocess.run([sys.executable, __file__, "--fit-times", spec], env=env,
+                                 capture_output=True, text=True, check=True).stdout
+            got = json.loads(out.splitlines()[-1])
+            if not Path(got["package"]).is_relative_to(tree):
+                raise RuntimeError(f"{name}: imported {got['package']}, not the package in {tree}")
+            runs[name].append(got["times"])
+    print(f"\n## solver against a baseline tree: {shape[0]} x {shape[1]} x {shape[2]}, "
+          f"rank {tuple(rank)}, {n_iter} iterations, median of {repeats} alternating runs, "
+          f"{threads or 'default'} BLAS/torch threads")
+    print(f"baseline: the package in {trees['baseline']}")
+    print(f"{'input':15s} {'baseline s':>11s} {'this tree s':>12s} {'ratio':>7s}")
+    for label in runs["baseline"][0]:
+        b = float(np.median([r[label] for r in runs["baseline"]]))
+        h = float(np.median([r[label] for r in runs["this tree"]]))
+        print(f"{label:15s} {b:11.3f} {h:12.3f} {h / b:7.3f}")
+    print("ratio = this tree / baseline (below 1: this tree is faster)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     p.add_argument("--large", action="store_true", help="also the large float32 cases")
     p.add_argument("--device", default=None, help="e.g. cuda: also run on this device")
     p.add_argument("--tl-iters", type=int, default=100)
+    p.add_argument("--baseline-tree", default=None,
+                   help="time this tree's solver against the package in this directory")
+    p.add_argument("--repeats", type=int, default=5, help="runs per tree with --baseline-tree")
+    p.add_argument("--threads", type=int, default=None,
+                   help="BLAS/torch threads of the --baseline-tree runs (default: unchanged)")
+    p.add_argument("--fit-times", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.fit_times is not None:
+        print(json.dumps(_fit_times(*json.loads(args.fit_times))))
+        return 0
+    if args.baseline_tree is not None:
+        shape, rank, n_iter = ((40, 32, 60), (4, 8), 20) if args.quick else ((166, 128, 252), (7, 20), 50)
+        compare(args.baseline_tree, shape, rank, n_iter, args.repeats, args.device, args.threads)
+        return 0
     if args.quick:
         paper_case((40, 32, 60), (4, 8), 20, args.device)
         if args.large:

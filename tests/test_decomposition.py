@@ -208,6 +208,23 @@ def test_torch_backend_matches_numpy(planted_reduced):
     assert res.reconstruct().shape == A.shape
 
 
+def test_numpy_and_torch_fits_side_by_side_in_threads(planted_reduced):
+    # The array namespace is taken from each input, with no global backend: fits on
+    # numpy and torch inputs running at once in threads (as the sweeps run them) give
+    # what they give alone.
+    from concurrent.futures import ThreadPoolExecutor
+
+    A, _ = planted_reduced
+    inputs = [A, torch.from_numpy(A.copy()), A.astype(np.float32), torch.from_numpy(A.astype(np.float32))]
+    alone = [fit_constrained_tucker(X, (4, 2), n_iter_max=30) for X in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda X: fit_constrained_tucker(X, (4, 2), n_iter_max=30), inputs * 2))
+    for X, a, b in zip(inputs * 2, alone * 2, together):
+        assert type(b.factors[2]) is type(X) and b.factors[2].dtype == X.dtype
+        for fa, fb in zip(a.factors, b.factors):
+            np.testing.assert_array_equal(_np(fa), _np(fb))
+
+
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_float32_stays_float32(planted_full, backend):
     A, _ = planted_full

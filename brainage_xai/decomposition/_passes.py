@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from ._backend import namespace, sq_norm, to_numpy
 from .chunked import ChunkedTensor, Rows, _split
 
 
@@ -74,28 +75,24 @@ class Passes:
 
     def mttkrp1(self, Oc, Ov):
         """``A_(1) (Ov kr Oc)``: ``(n, k)``."""
-        bk = self.bk
         c, v = self.shape[1:]
         return self.stream(
-            lambda a, Oc, Ov: bk.sum((a.reshape(-1, v) @ Ov).reshape(-1, c, Ov.shape[1])
-                                     * Oc[None, :, :], axis=1), Oc, Ov)[0]
+            lambda a, Oc, Ov: namespace(a).sum((a.reshape(-1, v) @ Ov).reshape(-1, c, Ov.shape[1])
+                                               * Oc[None, :, :], axis=1), Oc, Ov)[0]
 
     def mttkrp2(self, Oa, Ov):
         """``A_(2) (Ov kr Oa)``: ``(c, k)``."""
-        bk = self.bk
         c, v = self.shape[1:]
 
         def f(a, Oa, Ov):
             k = Ov.shape[1]
-            return None, (bk.sum((a.reshape(-1, v) @ Ov).reshape(-1, c, k) * Oa[:, None, :], axis=0),)
+            return None, (namespace(a).sum((a.reshape(-1, v) @ Ov).reshape(-1, c, k) * Oa[:, None, :], axis=0),)
 
         return self.stream(f, Rows(Oa), Ov)[1][0]
 
     def gram2(self):
         """``A_(2) A_(2)^T`` (``c x c``), subject by subject."""
-        bk = self.bk
-        return self.stream(
-            lambda a: (None, (bk.sum(bk.batched_matmul(a, bk.swap_last(a)), axis=0),)))[1][0]
+        return self.stream(lambda a: (None, (_gram(a),)))[1][0]
 
     def sketch(self, Oa, Oc, stats=False):
         """One pass for the sketch start: ``A_(2) A_(2)^T`` and ``A_(3) (Oc kr Oa)``.
@@ -103,13 +100,11 @@ class Passes:
         Returns ``(G2, Y3, stats)``; with ``stats`` the pass also gives what
         :meth:`stats` gives (else ``None``), so the input check costs no pass of its own.
         """
-        bk = self.bk
         v = self.shape[2]
 
         def f(a, Oa, Oc):
             Om = (Oa[:, None, :] * Oc[None, :, :]).reshape(-1, Oc.shape[1])
-            G2 = bk.sum(bk.batched_matmul(a, bk.swap_last(a)), axis=0)
-            return (_stats(bk, a) if stats else None), (G2, a.reshape(-1, v).T @ Om)
+            return (_stats(a) if stats else None), (_gram(a), a.reshape(-1, v).T @ Om)
 
         rows, (G2, Y3) = self.stream(f, Rows(Oa), Oc)
         return G2, Y3, (_reduce_stats(rows) if stats else None)
@@ -132,13 +127,20 @@ class Passes:
 
     def stats(self):
         """``(||A||^2 in float64, smallest entry, number of NaNs)`` in one pass."""
-        bk = self.bk  # the chunk functions capture small things only: dask sends them
-        return _reduce_stats(self.stream(lambda a: _stats(bk, a))[0])
+        return _reduce_stats(self.stream(_stats)[0])
 
 
-def _stats(bk, a):
-    a = bk.to_numpy(a)
-    return np.array([[bk.sq_norm(a), float(a.min()), float(np.isnan(a).sum())]])
+# The chunk functions take their namespace from the chunk and capture small things
+# only: dask sends them to its workers.
+def _gram(a):
+    """``sum_i a_i a_i^T`` over the subjects of a chunk."""
+    xp = namespace(a)
+    return xp.sum(xp.matmul(a, xp.matrix_transpose(a)), axis=0)
+
+
+def _stats(a):
+    a = to_numpy(a)
+    return np.array([[sq_norm(a), float(a.min()), float(np.isnan(a).sum())]])
 
 
 def _reduce_stats(rows):

@@ -57,25 +57,26 @@ def hals(bk: Backend, U, M, H, sweeps, nonneg=True, shrink=None, group=None):
     ``shrink`` (an l1 weight, only with ``nonneg``) is soft-thresholding,
     ``group`` a column-norm penalty, i.e. group soft-thresholding.
     """
-    U = bk.copy(U)
+    xp = bk.xp
+    U = xp.asarray(U, copy=True)
     R = U.shape[1]
-    dg = bk.diag(H)
+    dg = xp.linalg.diagonal(H)
     # A column whose Gram diagonal vanishes (another factor of its component is
     # zero) carries no information: it is kept as is rather than zeroed, so that the
     # component can come back when the other factors move.
-    alive = dg > 1e-20 * bk.clamp_min(dg.max(), TINY)
-    dg = bk.clamp_min(dg, TINY)
+    alive = dg > 1e-20 * bk.at_least(dg.max(), TINY)
+    dg = bk.at_least(dg, TINY)
     for _ in range(sweeps):
         for r in range(R):
             num = M[:, r] - U @ H[:, r] + U[:, r] * H[r, r]
             if shrink is not None:
                 num = num - shrink[r]
             if nonneg:
-                num = bk.clip0(num)
+                num = bk.at_least(num, 0)
             if group is not None:
-                nrm = bk.sqrt(bk.sum(num * num))
-                num = num * bk.clip0(1.0 - group[r] / bk.clamp_min(nrm, TINY))
-            U[:, r] = bk.where(alive[r], num / dg[r], U[:, r])
+                nrm = xp.sqrt(xp.sum(num * num))
+                num = num * bk.at_least(1.0 - group[r] / bk.at_least(nrm, TINY), 0)
+            U[:, r] = xp.where(alive[r], num / dg[r], U[:, r])
     return U
 
 
@@ -90,7 +91,7 @@ def update_factor(bk, U, M, H, nonneg, group, sweeps):
         U_ls = M @ bk.pinvh(H)
         if not nonneg and group is None:
             return U_ls
-        U = bk.clip0(U_ls) if nonneg else U_ls
+        U = bk.at_least(U_ls, 0) if nonneg else U_ls
     return hals(bk, U, M, H, sweeps, nonneg=nonneg, group=group)
 
 
@@ -101,21 +102,22 @@ def nn_sylvester(bk, D, H, P, B, steps):
     (Beck & Teboulle's MFISTA), so the result is never worse than ``D``. Only small
     ``R1 x R2`` products; no host synchronisation.
     """
-    L = bk.clamp_min(bk.max_eig(H) * bk.max_eig(P), TINY)
+    xp = bk.xp
+    L = bk.at_least(xp.linalg.eigvalsh(H)[-1] * xp.linalg.eigvalsh(P)[-1], TINY)
 
     def f(X):
-        return 0.5 * bk.sum(X * (H @ X @ P)) - bk.sum(X * B)
+        return 0.5 * xp.sum(X * (H @ X @ P)) - xp.sum(X * B)
 
     x = D
     fx = f(x)
     y = x
     t = 1.0
     for _ in range(steps):
-        z = bk.clip0(y - (H @ y @ P - B) / L)
+        z = bk.at_least(y - (H @ y @ P - B) / L, 0)
         fz = f(z)
         better = fz <= fx
-        x_new = bk.where(better, z, x)
-        fx = bk.where(better, fz, fx)
+        x_new = xp.where(better, z, x)
+        fx = xp.where(better, fz, fx)
         t_new = 0.5 * (1.0 + (1.0 + 4.0 * t * t) ** 0.5)
         y = x_new + (t / t_new) * (z - x_new) + ((t - 1.0) / t_new) * (x_new - x)
         x, t = x_new, t_new
@@ -129,6 +131,7 @@ def mode2_reduced(bk, U2, D, M2, H2, nonneg, rounds=MODE2_ROUNDS, steps=FISTA_ST
     free) and monotone FISTA on ``D``; columns of ``U2`` are rebalanced to unit norm
     in between (the product is unchanged).
     """
+    xp = bk.xp
     for _ in range(rounds):
         Q = D.T @ H2 @ D
         N = M2 @ D
@@ -136,8 +139,8 @@ def mode2_reduced(bk, U2, D, M2, H2, nonneg, rounds=MODE2_ROUNDS, steps=FISTA_ST
             U2 = hals(bk, U2, N, Q, SWEEPS_W)
         else:
             U2 = N @ bk.pinvh(Q)
-        s = bk.col_norms(U2)
-        U2 = U2 / bk.clamp_min(s, TINY)
+        s = xp.linalg.vector_norm(U2, axis=0)
+        U2 = U2 / xp.clip(s, min=TINY)
         D = D * s[None, :]
         D = nn_sylvester(bk, D, H2, U2.T @ U2, M2.T @ U2, steps)
     return U2, D
@@ -154,53 +157,53 @@ def iterate(bk, passes: Passes, shape, st: State, reduced, nonneg, lam, normA2):
     Returns the new state, the objective ``F`` and the data term
     ``||A - Ahat||^2`` (backend scalars).
     """
+    xp = bk.xp
     U1, W, U3, U2, D = st.U1, st.W, st.U3, st.U2, st.D
-    R1 = U3.shape[1]
 
     # pass 1
     T = passes.mode3(U3)
     G3 = U3.T @ U3
-    l1_3 = bk.col_l1(U3) if lam > 0 else None
-    M1 = bk.sum(T * W[None, :, :], axis=1)
+    l1_3 = xp.sum(xp.abs(U3), axis=0) if lam > 0 else None
+    M1 = xp.sum(T * W[None, :, :], axis=1)
     H1 = (W.T @ W) * G3
-    g1 = lam * bk.col_norms(W) * l1_3 if lam > 0 else None
+    g1 = lam * xp.linalg.vector_norm(W, axis=0) * l1_3 if lam > 0 else None
     U1 = update_factor(bk, U1, M1, H1, nonneg, g1, SWEEPS_U1)
 
-    M2 = bk.sum(T * U1[:, None, :], axis=0)
+    M2 = xp.sum(T * U1[:, None, :], axis=0)
     del T
     H2 = (U1.T @ U1) * G3
     if not reduced:
-        g2 = lam * bk.col_norms(U1) * l1_3 if lam > 0 else None
+        g2 = lam * xp.linalg.vector_norm(U1, axis=0) * l1_3 if lam > 0 else None
         W = update_factor(bk, W, M2, H2, nonneg, g2, SWEEPS_W)
     else:
         if lam > 0:
             # Majorise the column-norm penalty by a quadratic that touches it at the
             # current W (AM-GM): the mode-2 problem stays a plain quadratic.
-            beta = lam * bk.col_norms(U1) * l1_3 / bk.clamp_min(bk.col_norms(W), TINY)
-            H2 = H2 + bk.einsum("i,ij->ij", beta, bk.eye(R1))
+            beta = lam * xp.linalg.vector_norm(U1, axis=0) * l1_3 / xp.clip(xp.linalg.vector_norm(W, axis=0), min=TINY)
+            H2 = H2 + bk.diag_matrix(beta)
         U2, D = mode2_reduced(bk, U2, D, M2, H2, nonneg)
         W = U2 @ D.T
 
     # Unit columns for U1 and W, scale into U3: F is invariant (see module docstring).
-    n1 = bk.col_norms(U1)
-    nw = bk.col_norms(W)
-    U1 = U1 / bk.clamp_min(n1, TINY)
-    W = W / bk.clamp_min(nw, TINY)
+    n1 = xp.linalg.vector_norm(U1, axis=0)
+    nw = xp.linalg.vector_norm(W, axis=0)
+    U1 = U1 / xp.clip(n1, min=TINY)
+    W = W / xp.clip(nw, min=TINY)
     if reduced:
-        D = D / bk.clamp_min(nw, TINY)[:, None]
+        D = D / xp.clip(nw, min=TINY)[:, None]
     U3 = U3 * (n1 * nw)[None, :]
 
     # pass 2
     M3 = passes.mttkrp3(U1, W)
     H3 = (U1.T @ U1) * (W.T @ W)
-    shrink = lam * bk.col_norms(U1) * bk.col_norms(W) if lam > 0 else None
+    shrink = lam * xp.linalg.vector_norm(U1, axis=0) * xp.linalg.vector_norm(W, axis=0) if lam > 0 else None
     U3 = hals(bk, U3, M3, H3, SWEEPS_U3, nonneg=True, shrink=shrink)
 
     # float64 accumulation: the identity subtracts numbers close to ||A||^2
-    data = normA2 - 2.0 * bk.sum64(M3 * U3) + bk.sum64(H3 * (U3.T @ U3))
+    data = normA2 - 2.0 * xp.sum(M3 * U3, dtype=xp.float64) + xp.sum(H3 * (U3.T @ U3), dtype=xp.float64)
     F = 0.5 * data
     if lam > 0:
-        F = F + lam * bk.sum64(bk.col_norms(U1) * bk.col_norms(W) * bk.col_l1(U3))
+        F = F + lam * xp.sum(xp.linalg.vector_norm(U1, axis=0) * xp.linalg.vector_norm(W, axis=0) * xp.sum(xp.abs(U3), axis=0), dtype=xp.float64)
     return State(U1, W, U3, U2, D), F, data
 
 
@@ -209,7 +212,7 @@ def _extrapolate(bk, X: State, P: State, beta, reduced, nonneg):
 
     def step(x, p, clip):
         y = x + beta * (x - p)
-        return bk.clip0(y) if clip else y
+        return bk.xp.clip(y, min=0) if clip else y
 
     U1 = step(X.U1, P.U1, nonneg)
     U3 = step(X.U3, P.U3, True)
@@ -273,7 +276,7 @@ def _nonneg_columns(bk, X):
     """A non-negative start from singular vectors: sign-fix each column, take |x|."""
     Xn = bk.to_numpy(X)
     signs = np.where(np.sum(Xn, axis=0) < 0, -1.0, 1.0)
-    return bk.abs(X * bk.asarray(signs)[None, :])
+    return bk.xp.abs(X * bk.asarray(signs)[None, :])
 
 
 def _range_svd(bk, apply, apply_t, Y, k, power_iter, gram=None):
@@ -285,18 +288,19 @@ def _range_svd(bk, apply, apply_t, Y, k, power_iter, gram=None):
     small, replaces ``apply(apply_t(.))``: ``Z = apply_t(Q)`` is then never formed,
     which matters when it is as large as the tensor (few channels: mode 2).
     """
+    xp = bk.xp
     for _ in range(power_iter):
-        Q = bk.qr_q(Y)
+        Q = xp.linalg.qr(Y, mode="reduced")[0]
         Y = gram @ Q if gram is not None else apply(apply_t(Q))
-    Q = bk.qr_q(Y)
+    Q = xp.linalg.qr(Y, mode="reduced")[0]
     if gram is not None:
         ZtZ = Q.T @ (gram @ Q)  # = Z^T Z for Z = A^T Q
     else:
         Z = apply_t(Q).reshape(-1, Q.shape[1])
         ZtZ = Z.T @ Z
         del Z
-    _, V = bk.eigh(ZtZ)
-    V = bk.take_cols(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - min(k, V.shape[1]), -1))
+    _, V = xp.linalg.eigh(ZtZ)
+    V = bk.take(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - min(k, V.shape[1]), -1))
     return Q @ V
 
 
@@ -377,6 +381,7 @@ def sketch_init(bk, passes: Passes, shape, R1, rng, power_iter=None, oversample=
     ``check`` is called on it before anything else is computed. Returns the state and
     what ``check`` returned (``None`` without it).
     """
+    xp = bk.xp
     n, c, v = shape
     if power_iter is None:
         power_iter = SKETCH_POWER_ITER
@@ -387,15 +392,15 @@ def sketch_init(bk, passes: Passes, shape, R1, rng, power_iter=None, oversample=
     Oc = bk.asarray(rng.standard_normal((c, k)))
     G2, Y, stats = passes.sketch(Oa, Oc, stats=check is not None)
     checked = check(stats) if check is not None else None
-    _, V2 = bk.eigh(G2)
-    W = bk.take_cols(V2, np.arange(c - 1, c - 1 - min(R1, c), -1))
+    _, V2 = xp.linalg.eigh(G2)
+    W = bk.take(V2, np.arange(c - 1, c - 1 - min(R1, c), -1))
     for _ in range(power_iter):
-        Q = bk.qr_q(Y)
+        Q = xp.linalg.qr(Y, mode="reduced")[0]
         Y, B = passes.power3(Q)
-    _, V = bk.eigh(B)
-    V = bk.take_cols(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - min(R1, V.shape[1]), -1))
+    _, V = xp.linalg.eigh(B)
+    V = bk.take(V, np.arange(V.shape[1] - 1, V.shape[1] - 1 - min(R1, V.shape[1]), -1))
     U3 = Y @ V
-    U3 = U3 / bk.clamp_min(bk.col_norms(U3), TINY)[None, :]
+    U3 = U3 / xp.clip(xp.linalg.vector_norm(U3, axis=0), min=TINY)[None, :]
     st = State(None, _pad_random(bk, _nonneg_columns(bk, W), R1, rng),
                _pad_random(bk, _nonneg_columns(bk, U3), R1, rng))
     return st, checked
@@ -413,9 +418,7 @@ def _pad_random(bk, X, R, rng):
         return X
     extra = rng.random((X.shape[0], R - X.shape[1]))
     extra /= np.linalg.norm(extra, axis=0, keepdims=True)
-    if bk.is_torch:
-        return bk.torch.cat([X, bk.asarray(extra)], dim=1)
-    return np.concatenate([X, bk.asarray(extra)], axis=1)
+    return bk.xp.concat([X, bk.asarray(extra)], axis=1)
 
 
 def random_init(bk, shape, R1, rng):
@@ -436,31 +439,29 @@ def reduce_mode2(bk, st: State, R2, nonneg, hint=None, rounds=20):
     clipped least squares and refines by weighted alternating least squares, the
     weights being the component energies, so that strong components are kept best.
     """
+    xp = bk.xp
     W, U3 = st.W, st.U3
-    g = bk.col_norms(U3) * bk.col_norms(W)
+    g = xp.linalg.vector_norm(U3, axis=0) * xp.linalg.vector_norm(W, axis=0)
     gn = bk.to_numpy(g)
     order = np.argsort(-gn, kind="stable")
     if hint is None or hint.shape[1] == 0:
-        U2 = bk.take_cols(W, order[:R2])
+        U2 = bk.take(W, order[:R2])
     else:
         U2 = hint
         if U2.shape[1] > R2:
-            U2 = bk.take_cols(U2, np.arange(R2))
+            U2 = bk.take(U2, np.arange(R2))
         while U2.shape[1] < R2:
-            D = bk.clip0(W.T @ U2 @ bk.pinvh(U2.T @ U2))
-            res = bk.to_numpy(bk.col_norms(W - U2 @ D.T) * g)
+            D = xp.clip(W.T @ U2 @ bk.pinvh(U2.T @ U2), min=0)
+            res = bk.to_numpy(xp.linalg.vector_norm(W - U2 @ D.T, axis=0) * g)
             worst = int(np.argmax(res))
-            if bk.is_torch:
-                U2 = bk.torch.cat([U2, W[:, worst : worst + 1]], dim=1)
-            else:
-                U2 = np.concatenate([U2, W[:, worst : worst + 1]], axis=1)
+            U2 = xp.concat([U2, W[:, worst : worst + 1]], axis=1)
     if nonneg:
-        U2 = bk.clip0(U2)
-    U2 = U2 / bk.clamp_min(bk.col_norms(U2), TINY)
-    D = bk.clip0(W.T @ U2 @ bk.pinvh(U2.T @ U2))
-    Hw = bk.einsum("i,ij->ij", g * g, bk.eye(W.shape[1]))
+        U2 = xp.clip(U2, min=0)
+    U2 = U2 / xp.clip(xp.linalg.vector_norm(U2, axis=0), min=TINY)
+    D = xp.clip(W.T @ U2 @ bk.pinvh(U2.T @ U2), min=0)
+    Hw = bk.diag_matrix(g * g)
     U2, D = mode2_reduced(bk, U2, D, W @ Hw, Hw, nonneg, rounds=rounds)
     Wr = U2 @ D.T
-    nw = bk.clamp_min(bk.col_norms(Wr), TINY)
+    nw = xp.clip(xp.linalg.vector_norm(Wr, axis=0), min=TINY)
     # Unit columns of W again, norms into U3: the model itself is unchanged.
     return State(st.U1, Wr / nw[None, :], U3 * nw[None, :], U2, D / nw[:, None])

@@ -15,9 +15,10 @@ import math
 import numbers
 
 import numpy as np
+from array_api_compat import is_torch_array
 
 from . import _solver
-from ._backend import TINY, Backend, is_torch
+from ._backend import TINY, Backend, to_numpy
 from ._passes import Passes, check_stats
 from .chunked import ChunkedTensor, as_chunked
 
@@ -79,7 +80,7 @@ def _as_array(A, name):
         if min(A.shape) == 0:
             raise ValueError(f"{name} must not be empty; got shape {A.shape}")
         return A
-    if not (is_torch(A) or isinstance(A, np.ndarray)):
+    if not (is_torch_array(A) or isinstance(A, np.ndarray)):
         try:
             A = np.asarray(A)
         except Exception as exc:  # noqa: BLE001 - report the type we could not read
@@ -93,7 +94,7 @@ def _as_array(A, name):
         )
     if min(A.shape) == 0:
         raise ValueError(f"{name} must not be empty; got shape {tuple(A.shape)}")
-    if is_torch(A):
+    if is_torch_array(A):
         import torch
 
         if A.dtype not in (torch.float32, torch.float64):
@@ -112,11 +113,12 @@ def _as_array(A, name):
 
 def _check_finite_and_sign(bk, A, name, nonneg):
     """Squared norm of ``A``, after checking it is finite (and non-negative)."""
+    xp = bk.xp
     if isinstance(A, ChunkedTensor):
         return check_stats(Passes(bk, A, A.shape).stats(), name, nonneg)
     normA2 = bk.sq_norm(A)
     if not math.isfinite(normA2):
-        n_nan = int(bk.item(bk.sum(A != A))) if bk.is_torch else int(np.isnan(A).sum())
+        n_nan = int(bk.item(xp.sum(xp.isnan(A))))
         if n_nan:
             raise ValueError(f"{name} must be finite; it contains {n_nan} NaN value(s)")
         raise ValueError(
@@ -260,7 +262,7 @@ class ConstrainedTuckerResult:
             T = Passes(bk, A, A.shape).mode3(U3)
         else:
             T = (A.reshape(n * c, v) @ U3).reshape(n, c, U3.shape[1])
-        M1 = bk.sum(T * W[None, :, :], axis=1)
+        M1 = bk.xp.sum(T * W[None, :, :], axis=1)
         H1 = (W.T @ W) * (U3.T @ U3)
         return M1, H1
 
@@ -287,16 +289,17 @@ class ConstrainedTuckerResult:
             In the scale of ``factors[0]`` (unit-norm columns on the training set).
         """
         A_new, bk = self._check_new(A_new, "A_new")
+        xp = bk.xp
         _check_finite_and_sign(bk, A_new, "A_new", nonneg=False)
         M1, H1 = self._mode1(A_new, bk)
         U1 = M1 @ bk.pinvh(H1)
         if self.constraints != "nonneg" or bk.item(U1.min()) >= 0:
             return U1  # the unconstrained solution is feasible, hence optimal
-        U1 = bk.clip0(U1)
+        U1 = xp.clip(U1, min=0)
         for _ in range(0, n_iter_max, 10):
             U1_new = _solver.hals(bk, U1, M1, H1, 10)
-            change = bk.item(bk.abs(U1_new - U1).max())
-            scale = bk.item(bk.abs(U1_new).max())
+            change = bk.item(xp.abs(U1_new - U1).max())
+            scale = bk.item(xp.abs(U1_new).max())
             U1 = U1_new
             if change <= tol * max(scale, TINY):
                 break
@@ -318,6 +321,7 @@ class ConstrainedTuckerResult:
         float
         """
         A, bk = self._check_new(A, "A")
+        xp = bk.xp
         U1 = bk.asarray(self.factors[0] if U1 is None else U1)
         if tuple(U1.shape) != (A.shape[0], self.rank[0]):
             raise ValueError(
@@ -328,19 +332,18 @@ class ConstrainedTuckerResult:
         if normA2 == 0:
             raise ValueError("A is all zeros: the relative error is undefined")
         M1, H1 = self._mode1(A, bk)
-        fit = normA2 - 2.0 * bk.item(bk.sum(M1 * U1)) + bk.item(bk.sum(H1 * (U1.T @ U1)))
+        fit = normA2 - 2.0 * bk.item(xp.sum(M1 * U1)) + bk.item(xp.sum(H1 * (U1.T @ U1)))
         return math.sqrt(max(fit, 0.0) / normA2)
 
     def reconstruct(self):
         """Dense ``G x1 U1 x2 U2 x3 U3`` (small tensors only: it is ``n x c x v``)."""
         U1, U2, U3 = self.factors
-        bk = Backend(U1)
         W = U2 @ self.faces.T
-        return bk.einsum("ar,br,cr->abc", U1, W, U3)
+        return (U1[:, None, :] * W[None, :, :]) @ U3.T
 
     def to_numpy(self):
         """A copy of this result with numpy arrays (for saving)."""
-        conv = Backend.to_numpy
+        conv = to_numpy
         return ConstrainedTuckerResult(
             conv(self.core), [conv(f) for f in self.factors], conv(self.faces),
             self.rel_error, self.errors, self.n_iter, self.n_iter_init, self.converged,
@@ -360,6 +363,7 @@ def relative_error(A, res, U1=None):
 # --------------------------------------------------------------------------- fitting
 def _from_result(bk, prev, shape, R1, R2, nonneg, rng):
     """Warm-start state from an earlier result; ranks may differ."""
+    xp = bk.xp
     if hasattr(prev, "result_"):
         prev = prev.result_
     n, c, v = shape
@@ -370,13 +374,13 @@ def _from_result(bk, prev, shape, R1, R2, nonneg, rng):
             f"A has shape {shape}"
         )
     W = U2p @ bk.asarray(prev.faces).T
-    nw = bk.col_norms(W)
-    g = bk.to_numpy(nw * bk.col_norms(U3p))
+    nw = xp.linalg.vector_norm(W, axis=0)
+    g = bk.to_numpy(nw * xp.linalg.vector_norm(U3p, axis=0))
     order = np.argsort(-g, kind="stable")[:R1]
     keep = order[g[order] > 0] if np.any(g[order] > 0) else order
-    W = bk.take_cols(W / bk.clamp_min(nw, TINY)[None, :], keep)
-    U3 = bk.take_cols(U3p * nw[None, :], keep)
-    U1 = bk.take_cols(U1p, keep) if U1p.shape[0] == n else None
+    W = bk.take(W / xp.clip(nw, min=TINY)[None, :], keep)
+    U3 = bk.take(U3p * nw[None, :], keep)
+    U1 = bk.take(U1p, keep) if U1p.shape[0] == n else None
     n_new = R1 - len(keep)
     if n_new > 0:
         # New components start small and random; HALS grows them where the residual is.
@@ -386,16 +390,16 @@ def _from_result(bk, prev, shape, R1, R2, nonneg, rng):
         if U1 is not None:
             U1 = _solver._pad_random(bk, U1, R1, rng)
     if nonneg:  # e.g. from a 'paper' fit: start from the nearest feasible point
-        W = bk.clip0(W)
-        U1 = bk.clip0(U1) if U1 is not None else None
-        U2p = bk.clip0(U2p)
+        W = xp.clip(W, min=0)
+        U1 = xp.clip(U1, min=0) if U1 is not None else None
+        U2p = xp.clip(U2p, min=0)
     st = _solver.State(U1, W, U3)
     if R2 < R1:
         D_prev = bk.to_numpy(prev.faces)
         energy = np.linalg.norm(D_prev, axis=0)
         cols = np.argsort(-energy, kind="stable")
         cols = cols[energy[cols] > 0]
-        hint = bk.take_cols(U2p, cols[:R2]) if len(cols) else None
+        hint = bk.take(U2p, cols[:R2]) if len(cols) else None
         st = _solver.reduce_mode2(bk, st, R2, nonneg, hint=hint)
     return st
 
@@ -405,37 +409,38 @@ def _unit(x):
 
 
 def _cat(bk, a, b):
-    return bk.torch.cat([a, b], dim=1) if bk.is_torch else np.concatenate([a, b], axis=1)
+    return bk.xp.concat([a, b], axis=1)
 
 
 def _finalise(bk, st, shape, R1, R2, reduced):
     """Unit-norm factors sorted by component size, scale into the core faces."""
+    xp = bk.xp
     c = shape[1]
-    n1 = bk.col_norms(st.U1)
-    n3 = bk.col_norms(st.U3)
-    U1 = st.U1 / bk.clamp_min(n1, TINY)[None, :]
-    U3 = st.U3 / bk.clamp_min(n3, TINY)[None, :]
+    n1 = xp.linalg.vector_norm(st.U1, axis=0)
+    n3 = xp.linalg.vector_norm(st.U3, axis=0)
+    U1 = st.U1 / xp.clip(n1, min=TINY)[None, :]
+    U3 = st.U3 / xp.clip(n3, min=TINY)[None, :]
     if reduced:
-        n2 = bk.col_norms(st.U2)
-        U2 = st.U2 / bk.clamp_min(n2, TINY)[None, :]
+        n2 = xp.linalg.vector_norm(st.U2, axis=0)
+        U2 = st.U2 / xp.clip(n2, min=TINY)[None, :]
         D = st.D * (n1 * n3)[:, None] * n2[None, :]
     else:
-        nw = bk.col_norms(st.W)
-        U2 = st.W / bk.clamp_min(nw, TINY)[None, :]
-        D = bk.einsum("i,ij->ij", n1 * nw * n3, bk.eye(R1))
-    size = bk.to_numpy(bk.col_norms(U2 @ D.T))
+        nw = xp.linalg.vector_norm(st.W, axis=0)
+        U2 = st.W / xp.clip(nw, min=TINY)[None, :]
+        D = bk.diag_matrix(n1 * nw * n3)
+    size = bk.to_numpy(xp.linalg.vector_norm(U2 @ D.T, axis=0))
     order = np.argsort(-size, kind="stable")
-    U1, U3, D = bk.take_cols(U1, order), bk.take_cols(U3, order), bk.take_rows(D, order)
+    U1, U3, D = bk.take(U1, order), bk.take(U3, order), bk.take(D, order, axis=0)
     if reduced:
-        jorder = np.argsort(-bk.to_numpy(bk.col_norms(D)), kind="stable")
-        U2, D = bk.take_cols(U2, jorder), bk.take_cols(D, jorder)
+        jorder = np.argsort(-bk.to_numpy(xp.linalg.vector_norm(D, axis=0)), kind="stable")
+        U2, D = bk.take(U2, jorder), bk.take(D, jorder)
     else:
-        U2 = bk.take_cols(U2, order)
-        D = bk.take_cols(D, order)
+        U2 = bk.take(U2, order)
+        D = bk.take(D, order)
         if R2 > R1:
             U2 = _cat(bk, U2, bk.zeros((c, R2 - R1)))
             D = _cat(bk, D, bk.zeros((R1, R2 - R1)))
-    core = bk.einsum("rj,rk->rjk", D, bk.eye(R1))
+    core = D[:, :, None] * bk.eye(R1)[:, None, :]
     return core, [U1, U2, U3], D
 
 
@@ -483,7 +488,7 @@ def fit_constrained_tucker(A, rank, *, constraints="nonneg", l1=0.0, n_iter_max=
     nonneg = constraints == "nonneg"
     chunked = isinstance(A, ChunkedTensor)
     if not chunked:
-        A = A.contiguous() if is_torch(A) else np.ascontiguousarray(A)
+        A = A.contiguous() if is_torch_array(A) else np.ascontiguousarray(A)
     bk = Backend(np.empty(0, A.dtype) if chunked else A)
     passes = Passes(bk, A, shape)
     rng = np.random.default_rng(random_state)
