@@ -77,3 +77,16 @@ def bids_validator() -> str:
     found = find_validator()
     assert found, "bids-validator-deno not found: pip install -e '.[test]' installs it"
     return found
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of tiny networks: they gain nothing from threads, and
+    on a loaded machine OpenMP workers that spin waiting for each other make them many times
+    slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

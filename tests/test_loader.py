@@ -27,12 +27,7 @@ SHAPE = (12, 14, 11)
 AFFINE = np.diag([4.0, 4.0, 4.0, 1.0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_maps(root, n, shape=SHAPE, seed=0):

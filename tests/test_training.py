@@ -25,14 +25,7 @@ from brainage_xai.model.training import (
 SHAPE = (12, 14, 11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny networks gain nothing from threads, and on a loaded machine OpenMP workers
-    # that spin waiting for each other make them many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
